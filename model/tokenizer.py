@@ -1,0 +1,68 @@
+"""Byte-level BPE tokenizer (GPT-2 style), trained locally with the `tokenizers` package.
+
+Byte-level means the base alphabet is the 256 bytes, so any text (any Unicode, any control
+character) encodes and decodes back exactly; nothing is ever unknown. No file I/O here: the
+orchestrator stores `tokenizer_to_json(tok)` through its storage layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Joins documents in the token stream, and pads short sequences (with their targets set to
+# IGNORE_INDEX, so padding never counts in the loss); hence no separate pad token.
+EOT_TOKEN = "<|endoftext|>"
+
+# 256 byte symbols + EOT: the smallest vocabulary that can still encode any text.
+_MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`; EOT_TOKEN gets id 0.
+
+    The result has at most `vocab_size` tokens (fewer when the corpus runs out of pairs seen at
+    least `min_frequency` times).
+    """
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE: "
+            f"set the tokenizer vocab_size to at least {_MIN_VOCAB_SIZE} (256 bytes + {EOT_TOKEN})"
+        )
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency={min_frequency} must be >= 1")
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False: a document's first word is not silently changed into " word", so
+    # decode(encode(text)) == text. The GPT-2 regex splits words/numbers/punctuation first.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT_TOKEN],  # first special token -> id 0
+        # Seed with all 256 byte symbols, not just those in the corpus, so unseen characters
+        # still encode (as their bytes).
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def tokenizer_to_json(tok: Tokenizer) -> str:
+    """The whole tokenizer (model, merges, pre-tokenizer, decoder, special tokens) as a JSON string."""
+    return tok.to_str()
+
+
+def tokenizer_from_json(s: str) -> Tokenizer:
+    """Inverse of tokenizer_to_json."""
+    return Tokenizer.from_str(s)
+
+
+def eot_id(tok: Tokenizer) -> int:
+    """Id of EOT_TOKEN in `tok`."""
+    i = tok.token_to_id(EOT_TOKEN)
+    if i is None:
+        raise ValueError(f"tokenizer has no {EOT_TOKEN!r} token: train it with train_bpe_tokenizer")
+    return i

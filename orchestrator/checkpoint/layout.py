@@ -1,0 +1,75 @@
+"""Where a run's checkpoints and export live in the store, and which of them are committed.
+
+    <run>/checkpoints/step-<N>/<DeepSpeed files of every rank>
+    <run>/checkpoints/step-<N>/trainer_state.json
+    <run>/checkpoints/step-<N>/COMMITTED.json   <- written last; lists every file, size, sha256
+    <run>/export/model.safetensors, config.json, tokenizer.json, export.json (written last)
+
+A checkpoint exists only once its commit marker does. Pure helpers over an ObjectStore; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from orchestrator.constants import CHECKPOINTS_DIR, COMMIT_MARKER, EXPORT_DIR, EXPORT_MANIFEST, RUNS_PREFIX
+from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
+
+_STEP_DIR = re.compile(r"/step-(\d+)/")
+
+
+def run_uri(storage_root: str, job_id: str) -> str:
+    return join_uri(storage_root, RUNS_PREFIX, job_id)
+
+
+def checkpoints_uri(run: str) -> str:
+    return join_uri(run, CHECKPOINTS_DIR)
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def checkpoint_uri(run: str, step: int) -> str:
+    return join_uri(checkpoints_uri(run), checkpoint_tag(step))
+
+
+def export_uri(run: str) -> str:
+    return join_uri(run, EXPORT_DIR)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    uri: str  # the step-<N> folder
+    committed: bool
+
+
+def list_checkpoints(store: ObjectStore, run: str) -> list[CheckpointRef]:
+    """Every checkpoint folder of a run, oldest first, with whether its marker exists."""
+    steps: dict[int, bool] = {}
+    for obj in store.list(checkpoints_uri(run) + "/"):
+        m = _STEP_DIR.search(obj.uri[len(checkpoints_uri(run)) :])
+        if m:
+            step = int(m.group(1))
+            steps[step] = steps.get(step, False) or obj.uri.endswith("/" + COMMIT_MARKER)
+    return [CheckpointRef(s, checkpoint_uri(run, s), c) for s, c in sorted(steps.items())]
+
+
+def latest_committed(store: ObjectStore, run: str) -> CheckpointRef | None:
+    committed = [c for c in list_checkpoints(store, run) if c.committed]
+    return committed[-1] if committed else None
+
+
+def read_marker(store: ObjectStore, ckpt: CheckpointRef) -> dict:
+    return json.loads(store.get(join_uri(ckpt.uri, COMMIT_MARKER)))
+
+
+def read_export(store: ObjectStore, run: str) -> dict | None:
+    """The export manifest of a run, or None if the run has not exported."""
+    try:
+        return json.loads(store.get(join_uri(export_uri(run), EXPORT_MANIFEST)))
+    except ObjectNotFound:
+        return None

@@ -1,0 +1,61 @@
+"""Connect to a Ray cluster, or start the embedded local one for the duration of a command."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from orchestrator.config.schema import ClusterConfig
+from orchestrator.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+def _code_runtime_env() -> dict:
+    """Ship this checkout's packages to a remote cluster's workers (no secrets: env vars stay on the nodes)."""
+    import model
+    import orchestrator
+
+    return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(model.__file__).parent)]}
+
+
+@contextmanager
+def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = False):
+    """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
+    import ray
+
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
+    started = False
+    try:
+        if address:
+            try:
+                ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
+                         logging_level=logging.INFO if verbose else logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ClusterError(
+                    f"cannot reach the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
+                    f"check cluster.address / RAY_ADDRESS or start it with `ray start --head`"
+                ) from None
+        else:
+            num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
+            # address="local" always starts a new cluster, even if a stale one's file is left behind.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=None,
+                     log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                     configure_logging=True)
+            started = True
+        yield ray
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if started:
+            log.debug("embedded Ray cluster stopped")
+
+
+def capacity() -> dict[str, float]:
+    """Total CPU/GPU of the connected cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {k: float(v) for k, v in res.items() if k in ("CPU", "GPU")}

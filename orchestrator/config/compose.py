@@ -1,0 +1,183 @@
+"""Compose `conf/` with the user's overrides into typed configs, once, at submit time.
+
+Hydra errors are multi-line and carry tracebacks; each is turned into one `ConfigError` line that
+names the key or group, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.config.schema import DataConfig, JobConfig, RootConfig, TrainerConfig
+from orchestrator.config.typed import build, to_dict
+from orchestrator.constants import CONF_DIR_ENV
+from orchestrator.errors import ConfigError
+
+CONFIG_NAME = "config"
+
+
+def conf_dir() -> Path:
+    """The `conf/` folder: $ORCH_CONF_DIR, else the one beside the installed package."""
+    env = os.environ.get(CONF_DIR_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise ConfigError(f"config folder {path} has no {CONFIG_NAME}.yaml; set {CONF_DIR_ENV} to the project's conf/ folder")
+    return path
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (the YAML files in conf/<group>/)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _groups() -> list[str]:
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+
+
+def _check_override_syntax(overrides: Sequence[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(
+                f"malformed override {ov!r}: expected key=value (e.g. trainer.max_steps=40 or model=gpt_tiny)"
+            )
+        try:
+            parser.parse_override(ov)
+        except Exception as e:  # hydra's OverrideParseException, multi-line
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"malformed override {ov!r}: {detail}") from None
+
+
+def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigError:
+    msg = str(e)
+    m = re.search(r"Could not find '([^']+)/([^']*)'", msg)
+    if m:
+        group, option = m.group(1).split("/")[-1], m.group(2)
+        if group in _groups():
+            return ConfigError(
+                f"unknown option {option!r} for config group '{group}'; valid choices: {', '.join(group_options(group))}"
+            )
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _valid_keys(parent)
+        where = f"under '{parent}'" if parent else "at the top level"
+        choices = f"valid keys {where}: {', '.join(valid)}" if valid else "see `orch run --dry-run` for the valid keys"
+        return ConfigError(f"unknown config key '{key}'; {choices}")
+    m = re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        return ConfigError(f"unknown config key '{m.group(1)}'; see `orch run --dry-run` for the valid keys")
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return ConfigError(f"cannot compose the configuration: {first}")
+
+
+def _valid_keys(path: str) -> list[str]:
+    """The field names of the schema dataclass at a dotted path of RootConfig, if there is one."""
+    import dataclasses
+    import typing
+
+    cls: object = RootConfig
+    for part in [p for p in path.split(".") if p]:
+        if not dataclasses.is_dataclass(cls):
+            return []
+        tp = typing.get_type_hints(cls).get(part)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if tp is not None else []
+        cls = next((a for a in args if dataclasses.is_dataclass(a)), tp)
+    return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+
+
+def compose_dict(overrides: Sequence[str] = ()) -> dict:
+    """Compose conf/ + overrides into a resolved plain dict (state_dir made absolute first)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    _check_override_syntax(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+    except ConfigError:
+        raise
+    except Exception as e:  # hydra raises several unrelated classes here
+        raise _translate_hydra_error(e, overrides) from None
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.set_struct(cfg, False)
+    try:
+        cfg.state_dir = os.path.abspath(os.path.expanduser(str(cfg.state_dir)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}' cannot be resolved: {str(e).strip().splitlines()[0]}") from None
+    return data  # type: ignore[return-value]
+
+
+def compose_root(overrides: Sequence[str] = ()) -> RootConfig:
+    """Compose and build the typed root config."""
+    return build(RootConfig, compose_dict(overrides))
+
+
+def resolve_jobs(root: RootConfig) -> list[JobConfig]:
+    """Each job of the pipeline as a self-contained, validated `JobConfig`, in dependency order."""
+    jobs = []
+    base_trainer = to_dict(root.trainer)
+    for name in _topological(root):
+        spec = root.pipeline.jobs[name]
+        merged = dict(base_trainer)
+        merged.update(spec.trainer)
+        trainer = build(TrainerConfig, merged, f"pipeline.jobs.{name}.trainer")
+        data: DataConfig = spec.data or root.data
+        fields = dict(
+            name=name,
+            kind=spec.kind,
+            pipeline=root.pipeline.name,
+            depends_on=spec.depends_on,
+            workers=spec.workers,
+            priority=spec.priority,
+            max_failures=spec.max_failures,
+            state_dir=root.state_dir,
+            model=root.model,
+            deepspeed=root.deepspeed,
+            data=data,
+            trainer=trainer,
+            checkpoint=root.checkpoint,
+            storage=root.storage,
+            tracking=root.tracking,
+            cluster=root.cluster,
+        )
+        try:
+            jobs.append(JobConfig(**fields))
+        except ValueError as e:
+            raise ConfigError(f"job '{name}': {e}") from None
+    return jobs
+
+
+def _topological(root: RootConfig) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for d in root.pipeline.jobs[n].depends_on:
+            visit(d)
+        order.append(n)
+
+    for n in root.pipeline.jobs:
+        visit(n)
+    return order
+
+
+def job_config_from_dict(data: dict) -> JobConfig:
+    """Rebuild a frozen job config from its record (JSON)."""
+    return build(JobConfig, data, "job")

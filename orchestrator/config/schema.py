@@ -1,0 +1,300 @@
+"""Typed configuration: one frozen dataclass per component, validated when built.
+
+Hydra composes `conf/` into a tree that `orchestrator.config.compose` turns into a `RootConfig`
+once, at submit time; each job of the pipeline is then resolved into a self-contained `JobConfig`
+that is frozen into the job record. Everything past the entry points receives these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+JobKind = Literal["pretrain", "finetune"]
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT architecture (GPT-2 layout); see model/gpt.py."""
+
+    name: str  # preset name, e.g. gpt_tiny
+    vocab_size: int  # embedding rows; must cover the dataset tokenizer's vocabulary
+    block_size: int  # maximum sequence length (learned positions)
+    n_layer: int  # transformer blocks
+    n_head: int  # attention heads per block
+    n_embd: int  # model width
+    dropout: float = 0.0  # dropout on embeddings, attention and residuals
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    def gpt_config(self):
+        from model.gpt import GPTConfig
+
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        return GPTConfig(**kw)
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings; the batch sizes come from the trainer and the worker count."""
+
+    stage: Literal[1, 2, 3]  # ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 on GPUs that have it
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO-Offload of optimizer states
+    offload_param: Literal["none", "cpu"] = "none"  # ZeRO-Infinity parameter offload (stage 3)
+    overlap_comm: bool = False  # overlap gradient reduction with backward
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather bucket (stages 1-2)
+
+    def __post_init__(self):
+        if self.offload_param != "none" and self.stage != 3:
+            raise ValueError(f"offload_param={self.offload_param!r} needs stage=3 (got stage={self.stage})")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The optimisation loop of one job."""
+
+    max_steps: int  # optimizer steps
+    global_batch_size: int  # sequences per optimizer step; fixed whatever the worker count
+    micro_batch_size: int  # sequences per worker per forward/backward
+    lr: float  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    warmup_steps: int = 0  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
+    log_interval: int = 1  # steps between metric logs
+    eval_interval: int = 0  # steps between evaluations (0: only at the end)
+    eval_batches: int = 2  # global batches of the validation split per evaluation
+    seed: int = 1337  # seeds init, dropout and the data order
+    threads_per_worker: int = 1  # torch intra-op threads in each worker
+
+    def __post_init__(self):
+        _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval", "threads_per_worker")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} must be divisible by micro_batch_size={self.micro_batch_size}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be <= lr={self.lr}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save and how many to keep."""
+
+    interval: int = 0  # steps between checkpoints (0: only the final one)
+    keep_last: int = 2  # committed checkpoints kept (the newest is never deleted)
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise ValueError(f"interval={self.interval} must be >= 0")
+        _positive(self, "keep_last")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A tokenized dataset in the object store and how to make it if it is missing."""
+
+    name: str  # dataset name; the prepared dataset lives at `uri`
+    kind: Literal["text", "sft"]  # text: pretraining tokens; sft: prompt/response with a loss mask
+    uri: str  # where the prepared shards and manifest live (s3://... or file://...)
+    source: str  # what to prepare from: "generated:stories", "generated:qa", or a URI of .txt/.jsonl files
+    seq_len: int  # tokens per training sample
+    vocab_size: int = 512  # tokenizer vocabulary (text datasets train their own tokenizer)
+    tokenizer_uri: Optional[str] = None  # sft: the dataset whose tokenizer to reuse (its URI)
+    num_documents: int = 2000  # generated sources: documents (or examples) to generate
+    shard_tokens: int = 65536  # tokens per shard (text) / approx. tokens per shard (sft)
+    val_fraction: float = 0.05  # documents held out for evaluation
+    seed: int = 0  # seed of generated sources and of the train/val split
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
+        if self.kind == "sft" and not self.tokenizer_uri:
+            raise ValueError("an sft dataset needs tokenizer_uri (the URI of the dataset whose tokenizer it reuses)")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The object store: a local directory (embedded default) or S3 through boto3."""
+
+    backend: Literal["local", "s3"]
+    root: str  # URI under which datasets and runs live: file:///abs/path or s3://bucket/prefix
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, R2, ...); null for AWS
+    region: Optional[str] = None  # S3 region; null uses the AWS default chain
+
+    def __post_init__(self):
+        if self.backend == "s3" and not self.root.startswith("s3://"):
+            raise ValueError(f"root={self.root!r} must start with s3:// when backend='s3' (set storage.root=s3://BUCKET/PREFIX)")
+        if self.backend == "local" and self.root.startswith("s3://"):
+            raise ValueError(f"root={self.root!r} is an S3 URI but backend='local'; choose storage=s3")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases. Keys come from WANDB_API_KEY in the environment, never from here."""
+
+    backend: Literal["wandb", "none"] = "wandb"
+    project: str = "orch"
+    entity: Optional[str] = None
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline runs upload later with `wandb sync`
+    dir: Optional[str] = None  # where W&B writes its files (default: <state_dir>)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where jobs run and what each worker asks for."""
+
+    name: str  # cluster preset name
+    address: Optional[str] = None  # Ray address (ray://, auto, host:port); null: start an embedded local cluster
+    num_cpus: Optional[int] = None  # embedded cluster only: logical CPUs (null: enough for the largest job)
+    backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend
+    accelerator: Literal["cpu", "cuda"] = "cpu"  # what DeepSpeed runs on
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self):
+        if self.accelerator == "cuda" and self.gpus_per_worker <= 0:
+            raise ValueError("accelerator='cuda' needs gpus_per_worker > 0 (one worker per GPU: 1)")
+        if self.accelerator == "cpu" and self.backend == "nccl":
+            raise ValueError("backend='nccl' needs accelerator='cuda'; use backend=gloo on CPU")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job of a pipeline, as written in conf/pipeline/*.yaml (before resolution)."""
+
+    kind: JobKind
+    depends_on: tuple[str, ...] = ()  # names of jobs in the same pipeline that must succeed first
+    workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    priority: int = 0  # higher runs first among queued jobs
+    max_failures: int = 0  # worker-group restarts Ray Train may make before the job fails
+    data: Optional[DataConfig] = None  # null: the top-level `data`
+    trainer: dict = field(default_factory=dict)  # overrides of the top-level `trainer` for this job
+
+    def __post_init__(self):
+        _positive(self, "workers")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures={self.max_failures} must be >= 0")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A named set of jobs with dependencies (pretraining, then fine-tuning)."""
+
+    name: str
+    jobs: dict[str, JobSpec]
+
+    def __post_init__(self):
+        if not self.jobs:
+            raise ValueError("a pipeline needs at least one job")
+        for name, spec in self.jobs.items():
+            for dep in spec.depends_on:
+                if dep not in self.jobs:
+                    raise ValueError(f"job '{name}' depends on '{dep}', which is not a job of this pipeline ({', '.join(self.jobs)})")
+        _check_acyclic({n: s.depends_on for n, s in self.jobs.items()})
+
+
+def _check_acyclic(deps: dict[str, tuple[str, ...]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = trail[trail.index(node):] + [node]
+            raise ValueError(f"dependency cycle: {' -> '.join(cycle)}")
+        state[node] = 1
+        for dep in deps[node]:
+            visit(dep, trail + [node])
+        state[node] = 2
+
+    for n in deps:
+        visit(n, [])
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    """The whole composed configuration of one submission."""
+
+    state_dir: str  # job records, W&B offline files, local staging (absolute after compose)
+    model: ModelConfig
+    deepspeed: DeepSpeedConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    storage: StorageConfig
+    tracking: TrackingConfig
+    cluster: ClusterConfig
+    pipeline: PipelineConfig
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A fully resolved job: everything a worker needs, frozen into the job record at submit."""
+
+    name: str
+    kind: JobKind
+    pipeline: str  # pipeline name (W&B group is the pipeline id)
+    depends_on: tuple[str, ...]
+    workers: int
+    priority: int
+    max_failures: int
+    state_dir: str
+    model: ModelConfig
+    deepspeed: DeepSpeedConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    storage: StorageConfig
+    tracking: TrackingConfig
+    cluster: ClusterConfig
+
+    def __post_init__(self):
+        per_step = self.trainer.micro_batch_size * self.workers
+        if self.trainer.global_batch_size % per_step:
+            raise ValueError(
+                f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
+                f"workers x trainer.micro_batch_size = {self.workers} x {self.trainer.micro_batch_size}; "
+                f"change one of them"
+            )
+        if self.data.seq_len > self.model.block_size:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}; "
+                f"lower data.seq_len or pick a larger model"
+            )
+        if self.kind == "finetune" and self.data.kind != "sft":
+            raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
+        if self.kind == "pretrain" and self.data.kind != "text":
+            raise ValueError(f"a pretrain job needs a text dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * world_size)
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cluster.cpus_per_worker}
+        if self.cluster.gpus_per_worker:
+            res["GPU"] = self.cluster.gpus_per_worker
+        return res

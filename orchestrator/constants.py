@@ -1,0 +1,32 @@
+"""Environment variable names and defaults, in one place."""
+
+CONF_DIR_ENV = "ORCH_CONF_DIR"  # where conf/ lives (default: beside the package)
+STATE_DIR_ENV = "ORCH_STATE_DIR"  # the state folder (default: ./.orch)
+DEFAULT_STATE_DIR = ".orch"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+JOBS_DB = "jobs.db"  # SQLite file of job records inside the state folder
+
+# Layout of a run in the object store: <storage.root>/runs/<job id>/...
+RUNS_PREFIX = "runs"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+COMMIT_MARKER = "COMMITTED.json"  # written last; a checkpoint exists only once this does
+TRAINER_STATE = "trainer_state.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_MANIFEST = "export.json"  # written last in an export folder
+
+# Dataset layout: <dataset uri>/manifest.json (written last), tokenizer.json, <split>/shard-*.bin
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+DATASET_FORMAT_VERSION = 1
+
+# Environment variables that may carry secrets: never logged, saved or forwarded into configs.
+SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "WANDB_API_KEY",
+)
+
+LOCAL_DIR_ENV = "ORCH_LOCAL_DIR"  # node-local scratch for staging, restores and the shard cache (default: $TMPDIR/orch)

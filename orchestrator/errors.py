@@ -1,0 +1,53 @@
+"""One exception class per failure mode.
+
+Each carries a one-line, user-facing message: what failed, the value, the fix. The CLI prints
+that line and exits with `exit_code`; a traceback only with `--debug`.
+"""
+
+
+class OrchError(Exception):
+    """Base class. `exit_code` 2 is a usage/config/input error; 1 is a runtime failure."""
+
+    exit_code = 1
+
+
+class ConfigError(OrchError):
+    """A config key, value or override is invalid."""
+
+    exit_code = 2
+
+
+class StorageError(OrchError):
+    """The object store cannot be reached or used (missing bucket, bad credentials, missing object)."""
+
+    exit_code = 2
+
+
+class DatasetError(OrchError):
+    """A dataset is missing, corrupt, or does not match the job (tokenizer, sequence length)."""
+
+    exit_code = 2
+
+
+class CheckpointError(OrchError):
+    """A checkpoint is missing, partial or corrupt."""
+
+    exit_code = 2
+
+
+class JobNotFound(OrchError):
+    """A job id names no job in the state folder."""
+
+    exit_code = 2
+
+
+class JobFailed(OrchError):
+    """A job ended in FAILED (or was BLOCKED by a failed dependency)."""
+
+    exit_code = 1
+
+
+class ClusterError(OrchError):
+    """The Ray cluster cannot be reached or cannot fit what was asked for."""
+
+    exit_code = 2

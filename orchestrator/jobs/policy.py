@@ -1,0 +1,86 @@
+"""Scheduling policy: pure functions from job records (and free resources) to decisions.
+
+Policies decide, the controller acts. Nothing here touches Ray, files or the clock, so every rule
+is tested on plain records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
+
+_FAILED_DEPS = (JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED)
+
+
+@dataclass(frozen=True)
+class Decision:
+    job_id: str
+    state: JobState
+    reason: str
+
+
+def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
+    """PENDING jobs whose dependencies all SUCCEEDED become QUEUED; any failed, cancelled or
+    blocked dependency makes them BLOCKED (they never run)."""
+    by_id = {j.id: j for j in jobs}
+    out = []
+    for job in jobs:
+        if job.state is not JobState.PENDING:
+            continue
+        deps = [by_id[d] for d in job.depends_on if d in by_id]
+        missing = [d for d in job.depends_on if d not in by_id]
+        bad = [d for d in deps if d.state in _FAILED_DEPS]
+        if missing:
+            out.append(Decision(job.id, JobState.BLOCKED, f"dependency {missing[0]} does not exist"))
+        elif bad:
+            out.append(Decision(job.id, JobState.BLOCKED, f"dependency {bad[0].id} is {bad[0].state.value}"))
+        elif all(d.state is JobState.SUCCEEDED for d in deps):
+            why = "dependencies succeeded" if deps else "no dependencies"
+            out.append(Decision(job.id, JobState.QUEUED, why))
+    return out
+
+
+def job_demand(job: JobRecord) -> dict[str, float]:
+    """All the resources a job's workers need at once (gang)."""
+    cluster = job.config["cluster"]
+    per = {"CPU": float(cluster["cpus_per_worker"])}
+    if cluster.get("gpus_per_worker"):
+        per["GPU"] = float(cluster["gpus_per_worker"])
+    return {k: v * job.workers for k, v in per.items()}
+
+
+def fits(demand: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
+
+
+def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float]) -> list[Decision]:
+    """Which QUEUED jobs start now: highest priority first, FIFO among equals, each only if all of
+    its workers fit in what the active jobs leave free. A job that does not fit does not let a
+    lower-priority job overtake it (no starvation of big jobs)."""
+    free = dict(capacity)
+    for job in jobs:
+        if job.state.active:
+            for k, v in job_demand(job).items():
+                free[k] = free.get(k, 0.0) - v
+    queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq))
+    out = []
+    for job in queued:
+        demand = job_demand(job)
+        if not fits(demand, free):
+            break
+        for k, v in demand.items():
+            free[k] -= v
+        out.append(Decision(job.id, JobState.STARTING, "admitted: all workers fit"))
+    return out
+
+
+def never_fits(job: JobRecord, capacity: dict[str, float]) -> str | None:
+    """Why a job can never run on a cluster of `capacity`, or None."""
+    demand = job_demand(job)
+    for k, v in demand.items():
+        if capacity.get(k, 0.0) + 1e-9 < v:
+            return (f"job {job.name} needs {v:g} {k} ({job.workers} workers) but the cluster has "
+                    f"{capacity.get(k, 0.0):g}; lower pipeline.jobs.{job.name}.workers or add nodes")
+    return None

@@ -1,0 +1,43 @@
+"""A job's durable record: identity, frozen config, state, history and latest progress."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from orchestrator.jobs.state import JobState
+
+
+@dataclass
+class JobRecord:
+    id: str
+    pipeline_id: str
+    name: str  # the job's name inside its pipeline (pretrain, finetune, ...)
+    kind: str  # pretrain | finetune
+    state: JobState
+    priority: int
+    depends_on: list[str]  # job ids
+    config: dict  # the frozen, resolved JobConfig (no secrets: it is built from conf/ alone)
+    created_at: float
+    seq: int = 0  # submission order (FIFO among equal priorities)
+    metrics: dict = field(default_factory=dict)  # latest step, loss, first loss, eval loss, tokens
+    checkpoint: str | None = None  # URI of the latest committed checkpoint
+    export: str | None = None  # URI of the exported weights (set when the job succeeded)
+    failure_reason: str | None = None
+    restarts: int = 0
+    history: list[dict] = field(default_factory=list)  # [{"state", "at", "reason"}]
+    wandb: dict = field(default_factory=dict)  # run id, group, offline dir
+
+    @property
+    def workers(self) -> int:
+        return int(self.config["workers"])
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    def started_at(self) -> float | None:
+        return next((h["at"] for h in self.history if h["state"] == JobState.STARTING.value), None)
+
+    def ended_at(self) -> float | None:
+        return next((h["at"] for h in self.history if JobState(h["state"]).terminal), None)

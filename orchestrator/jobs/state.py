@@ -1,0 +1,46 @@
+"""The job state machine: states, which are terminal, and which transitions are legal."""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"  # waiting on dependencies
+    QUEUED = "QUEUED"  # dependencies met, waiting for resources
+    STARTING = "STARTING"  # admitted: preparing data, starting the worker group
+    RUNNING = "RUNNING"
+    RESTARTING = "RESTARTING"  # the worker group failed and is being restarted from a checkpoint
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    BLOCKED = "BLOCKED"  # a dependency failed or was cancelled: this job will never run
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def active(self) -> bool:
+        """Holding (or about to hold) cluster resources."""
+        return self in (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED})
+
+_ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.QUEUED, JobState.BLOCKED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.STARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED}),
+    JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED}),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_transition(current: JobState, new: JobState) -> None:
+    if new not in _ALLOWED.get(current, frozenset()):
+        raise IllegalTransition(f"job cannot go from {current.value} to {new.value}")

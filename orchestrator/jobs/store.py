@@ -1,0 +1,128 @@
+"""Durable job records in SQLite (one file in the state folder).
+
+Every state change is written (and committed) before the controller acts on it, so a restarted
+controller, or `orch status` from another process, sees exactly what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from orchestrator.constants import JOBS_DB
+from orchestrator.errors import JobNotFound
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState, check_transition
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    pipeline_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+
+_COLUMNS = ("id", "seq", "pipeline_id", "name", "kind", "state", "priority", "created_at")
+
+
+class JobStore:
+    def __init__(self, state_dir: str | os.PathLike):
+        self.path = Path(state_dir) / JOBS_DB
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+            db.commit()
+        finally:
+            db.close()
+
+    @staticmethod
+    def _row(record: JobRecord) -> tuple:
+        body = record.to_json()
+        return tuple(body[c] for c in _COLUMNS) + (json.dumps(body),)
+
+    @staticmethod
+    def _record(body: str) -> JobRecord:
+        d = json.loads(body)
+        d["state"] = JobState(d["state"])
+        return JobRecord(**d)
+
+    def add(self, records: list[JobRecord]) -> None:
+        """Insert new records (one transaction: a pipeline is submitted whole or not at all)."""
+        with self._lock, self._connect() as db:
+            (top,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+            for i, r in enumerate(records, 1):
+                r.seq = top + i
+                r.history.append({"state": r.state.value, "at": time.time(), "reason": "submitted"})
+                db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._row(r))
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r} in {self.path}; `orch status` lists the jobs")
+        return self._record(row[0])
+
+    def list(self, pipeline_id: str | None = None) -> list[JobRecord]:
+        with self._connect() as db:
+            if pipeline_id:
+                rows = db.execute("SELECT body FROM jobs WHERE pipeline_id = ? ORDER BY seq", (pipeline_id,)).fetchall()
+            else:
+                rows = db.execute("SELECT body FROM jobs ORDER BY seq").fetchall()
+        return [self._record(r[0]) for r in rows]
+
+    def _write(self, db, record: JobRecord) -> None:
+        db.execute(
+            "UPDATE jobs SET state = ?, priority = ?, body = ? WHERE id = ?",
+            (record.state.value, record.priority, json.dumps(record.to_json()), record.id),
+        )
+
+    def update(self, job_id: str, **fields) -> JobRecord:
+        """Change non-state fields (metrics, checkpoint, ...); merges dicts given for `metrics`/`wandb`."""
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r} in {self.path}")
+            record = self._record(row[0])
+            for k, v in fields.items():
+                if k == "state":
+                    raise ValueError("use transition() to change a job's state")
+                if k in ("metrics", "wandb"):
+                    getattr(record, k).update(v)
+                else:
+                    setattr(record, k, v)
+            self._write(db, record)
+            return record
+
+    def transition(self, job_id: str, new: JobState, reason: str = "", **fields) -> JobRecord:
+        """Move a job to `new` (checked against the state machine) and persist it at once."""
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r} in {self.path}")
+            record = self._record(row[0])
+            check_transition(record.state, new)
+            record.state = new
+            record.history.append({"state": new.value, "at": time.time(), "reason": reason})
+            for k, v in fields.items():
+                setattr(record, k, v)
+            self._write(db, record)
+            return record

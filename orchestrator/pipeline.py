@@ -1,0 +1,31 @@
+"""The embedded pipeline behind `orch run`: connect (or start) Ray, submit the jobs, drive them."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from orchestrator.config.schema import JobConfig, RootConfig
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.store import JobStore
+
+
+def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
+                 verbose: bool = False) -> list[JobRecord]:
+    from orchestrator.cluster import capacity, connect
+    from orchestrator.controller import Controller
+    from orchestrator.launcher import RayLauncher
+    from orchestrator.storage import open_store
+
+    store = open_store(root.storage.root, endpoint_url=root.storage.endpoint_url, region=root.storage.region)
+    store.check(root.storage.root)  # fail fast on a missing bucket or bad credentials
+    needed = max(j.workers * j.cluster.cpus_per_worker for j in jobs)
+    with connect(root.cluster, needed_cpus=needed, verbose=verbose):
+        where = root.cluster.address or "an embedded local Ray cluster"
+        say(f"connected to {where} ({', '.join(f'{k} {v:g}' for k, v in capacity().items())})")
+        controller = Controller(JobStore(root.state_dir), RayLauncher(say=say, ray_storage=os.path.join(root.state_dir, "ray_results")),
+                                capacity=capacity, say=say)
+        records = controller.submit(jobs)
+        say(f"pipeline {records[0].pipeline_id} ({root.pipeline.name}): "
+            + " -> ".join(f"{r.id}" for r in records))
+        return controller.run([r.id for r in records])

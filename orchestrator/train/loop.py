@@ -1,0 +1,252 @@
+"""The training loop that runs on every Ray Train worker: the only place that knows DeepSpeed.
+
+Each worker builds the single-device GPT from `model/`, wraps it in a DeepSpeed ZeRO engine,
+reads its slice of every global batch from the store, and checkpoints through the Checkpointer.
+Rank 0 also tracks the run in W&B and reports progress to the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.config.compose import job_config_from_dict
+from orchestrator.config.schema import JobConfig
+from orchestrator.config.typed import to_dict
+from orchestrator.constants import LOCAL_DIR_ENV
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.order import eval_batch, global_batch, micro_batches, rank_slice
+from orchestrator.data.reader import SplitReader
+from orchestrator.storage import ObjectStore, join_uri, open_store
+
+log = logging.getLogger("orchestrator.train")
+
+
+@dataclass
+class TrainerState:
+    """What, besides DeepSpeed's own state, a resume needs (saved in every checkpoint)."""
+
+    step: int = 0  # optimizer steps done
+    cursor: int = 0  # samples of the global order consumed (the data reader's whole state)
+    tokens_seen: int = 0
+    first_loss: float | None = None
+    world_size: int = 0
+    wandb_run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the launcher hands each worker besides the job's frozen config."""
+
+    job_id: str
+    run_uri: str  # <storage.root>/runs/<job id>
+    group: str  # W&B group: the pipeline id
+    init_from: str | None  # export URI of the dependency whose weights this job starts from
+    reporter: object | None  # Ray actor handle receiving rank 0's progress (or None)
+
+
+def open_job_store(job: JobConfig) -> ObjectStore:
+    return open_store(job.storage.root, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+
+
+def local_scratch(job_id: str) -> Path:
+    """Node-local scratch for staging, restores and the shard cache."""
+    root = Path(os.environ.get(LOCAL_DIR_ENV) or Path(tempfile.gettempdir()) / "orch")
+    return root / job_id
+
+
+def train_worker(args: dict) -> None:
+    """Entry point of each Ray Train worker (`train_loop_per_worker`)."""
+    job = job_config_from_dict(args["job"])
+    spec = RunSpec(**args["spec"])
+    # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
+    os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
+    import torch
+
+    torch.set_num_threads(job.trainer.threads_per_worker)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _Trainer(job, spec).run()
+
+
+class _Trainer:
+    def __init__(self, job: JobConfig, spec: RunSpec):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.job, self.spec = job, spec
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.store = open_job_store(job)
+        self.scratch = local_scratch(spec.job_id)
+
+    # ------------------------------------------------------------------------------ building
+    def _build_engine(self):
+        import deepspeed
+        import torch
+        from torch.optim.lr_scheduler import LambdaLR
+
+        from model.gpt import GPT
+        from orchestrator.checkpoint.manager import load_exported_weights
+        from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
+
+        job = self.job
+        torch.manual_seed(job.trainer.seed)
+        model = GPT(job.model.gpt_config())
+        if self.spec.init_from:
+            state = load_exported_weights(self.store, self.spec.init_from, self.scratch / f"rank-{self.rank}")
+            model.load_state_dict(state)
+            log.info("initialised from %s", self.spec.init_from)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": job.trainer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        tr = job.trainer
+
+        def schedule(optimizer):
+            return LambdaLR(optimizer, lambda s: lr_factor(s, max_steps=tr.max_steps, warmup_steps=tr.warmup_steps, lr=tr.lr, min_lr=tr.min_lr))
+
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                               config=deepspeed_config(job, self.world), lr_scheduler=schedule)
+        return engine
+
+    # ------------------------------------------------------------------------------ helpers
+    def _mean(self, values: list[float]) -> float:
+        """Mean of a per-rank list of floats over all ranks."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
+
+    def _report(self, **fields) -> None:
+        if self.rank == 0 and self.spec.reporter is not None:
+            self.spec.reporter.update.remote(fields)
+
+    def _evaluate(self, engine, val: SplitReader) -> float:
+        import torch
+
+        tr = self.job.trainer
+        engine.eval()
+        losses = []
+        with torch.no_grad():
+            for k in range(tr.eval_batches):
+                mine = rank_slice(eval_batch(val.num_samples, tr.global_batch_size, k), self.rank, self.world)
+                for mb in micro_batches(mine, tr.micro_batch_size):
+                    x, y = val.batch(mb)
+                    _, loss = engine(x.to(self.device), y.to(self.device))
+                    losses.append(float(loss))
+        engine.train()
+        return self._mean(losses)
+
+    # --------------------------------------------------------------------------------- loop
+    def run(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        from orchestrator.checkpoint.manager import Checkpointer
+        from orchestrator.tracking import make_tracker
+
+        job = self.job
+        self._report(event="attempt")
+        self.device = get_accelerator().current_device_name()
+        manifest = load_manifest(self.store, job.data.uri)
+        cache = self.scratch / "cache"
+        train = SplitReader(self.store, job.data.uri, manifest, "train", cache)
+        val = SplitReader(self.store, job.data.uri, manifest, "val", cache)
+
+        engine = self._build_engine()
+        ckpt = Checkpointer(self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint.keep_last)
+        restored = ckpt.restore(engine)
+        state = TrainerState(**restored) if restored else TrainerState()
+        if restored:
+            self._report(event="resumed", step=state.step)
+        state.world_size = self.world
+        wandb_id = state.wandb_run_id or self.spec.job_id
+        tracker = make_tracker(
+            job.tracking, self.rank, run_id=wandb_id, name=f"{job.name}-{self.spec.job_id}", group=self.spec.group,
+            job_type=job.kind, config={"job_id": self.spec.job_id, "world_size": self.world, **to_dict(job)},
+            root_dir=job.tracking.dir or job.state_dir,
+        )
+        state.wandb_run_id = wandb_id
+        if self.rank == 0:
+            self._report(wandb_run_id=wandb_id, wandb_dir=tracker.run_dir)
+        exit_code = 1
+        try:
+            self._loop(engine, state, train, val, ckpt, tracker)
+            exit_code = 0
+        finally:
+            tracker.finish(exit_code)
+
+    def _loop(self, engine, state: TrainerState, train: SplitReader, val: SplitReader, ckpt, tracker) -> None:
+        job, tr = self.job, self.job.trainer
+        tokens_per_step = tr.global_batch_size * job.data.seq_len
+        last_saved = state.step if state.step else None
+        data_wait = 0.0
+        t_last = time.perf_counter()
+        while state.step < tr.max_steps:
+            t0 = time.perf_counter()
+            batch = global_batch(train.num_samples, tr.global_batch_size, tr.seed, state.cursor)
+            micro = [train.batch(mb) for mb in micro_batches(rank_slice(batch, self.rank, self.world), tr.micro_batch_size)]
+            data_wait += time.perf_counter() - t0
+            losses = []
+            for x, y in micro:
+                _, loss = engine(x.to(self.device), y.to(self.device))
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+            state.step += 1
+            state.cursor += tr.global_batch_size
+            state.tokens_seen += tokens_per_step
+            loss_mean = self._mean(losses)
+            if state.first_loss is None:
+                state.first_loss = loss_mean
+            if state.step % tr.log_interval == 0 or state.step == tr.max_steps or state.step == 1:
+                now = time.perf_counter()
+                metrics = {"train/loss": loss_mean, "train/lr": engine.get_lr()[0], "train/tokens": state.tokens_seen,
+                           "perf/step_time_s": (now - t_last) / max(1, tr.log_interval),
+                           "perf/data_wait_s": data_wait / max(1, tr.log_interval)}
+                tracker.log(metrics, step=state.step)
+                self._report(step=state.step, loss=loss_mean, first_loss=state.first_loss, tokens=state.tokens_seen)
+                t_last, data_wait = now, 0.0
+            if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
+                eval_loss = self._evaluate(engine, val)
+                tracker.log({"eval/loss": eval_loss}, step=state.step)
+                self._report(eval_loss=eval_loss)
+            if job.checkpoint.interval and state.step % job.checkpoint.interval == 0 and state.step < tr.max_steps:
+                ref = ckpt.save(engine, state.step, _as_dict(state))
+                last_saved = state.step
+                self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
+
+        eval_loss = self._evaluate(engine, val)
+        tracker.log({"eval/loss": eval_loss}, step=state.step)
+        state.extra["eval_loss"] = eval_loss
+        if last_saved != state.step:
+            ref = ckpt.save(engine, state.step, _as_dict(state))
+        else:
+            from orchestrator.checkpoint.layout import latest_committed
+
+            ref = latest_committed(self.store, self.spec.run_uri)
+        self._report(checkpoint=ref.uri, checkpoint_step=ref.step, eval_loss=eval_loss)
+        if self.rank == 0:
+            from orchestrator.constants import TOKENIZER
+            from orchestrator.data.manifest import load_manifest
+
+            manifest = load_manifest(self.store, job.data.uri)
+            tok = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key)).decode()
+            out = ckpt.export(ref, to_dict(job.model), tok, {"job_id": self.spec.job_id, "kind": job.kind,
+                                                               "tokenizer": TOKENIZER, "eval_loss": eval_loss})
+            tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss, "export": out})
+            self._report(export=out, eval_loss=eval_loss, done=True)
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _as_dict(state: TrainerState) -> dict:
+    from dataclasses import asdict
+
+    return asdict(state)
+

@@ -1,0 +1,241 @@
+"""Unit tests of model/gpt.py on a tiny config (CPU, a few seconds)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, IGNORE_INDEX, GPTConfig, count_parameters, flops_per_token, generate
+
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def random_batch(B=3, T=16, V=64, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return idx, targets
+
+
+def test_forward_shapes_and_finite_scalar_loss():
+    model = tiny_model()
+    idx, targets = random_batch()
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 64)
+    assert loss.shape == ()
+    assert torch.isfinite(loss)
+    # At init the predictions are near uniform, so the loss is close to ln(V).
+    assert abs(loss.item() - math.log(64)) < 0.5
+
+    logits, loss = model(idx[:, :5])
+    assert logits.shape == (3, 5, 64)
+    assert loss is None
+
+
+def test_loss_ignores_masked_targets():
+    model = tiny_model()
+    idx, targets = random_batch()
+    masked = targets.clone()
+    masked[:, :7] = IGNORE_INDEX  # e.g. a prompt
+    masked[1, 10:] = IGNORE_INDEX  # e.g. padding
+    logits, loss = model(idx, masked)
+
+    keep = masked != IGNORE_INDEX
+    manual = F.cross_entropy(logits[keep], targets[keep])  # mean over unmasked positions only
+    torch.testing.assert_close(loss, manual, rtol=1e-6, atol=1e-6)
+    # The masked positions did matter: the unmasked loss differs.
+    _, full = model(idx, targets)
+    assert not torch.allclose(full, loss)
+
+
+def test_loss_with_a_single_unmasked_position():
+    model = tiny_model()
+    idx, targets = random_batch()
+    masked = torch.full_like(targets, IGNORE_INDEX)
+    masked[2, 11] = targets[2, 11]
+    logits, loss = model(idx, masked)
+    manual = -F.log_softmax(logits[2, 11], dim=-1)[targets[2, 11]]
+    torch.testing.assert_close(loss, manual, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=2)
+    t = 6
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 64
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    # ... while positions from t+1 on do see the change.
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    model = tiny_model()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_gpt2_module_names():
+    # The later Hugging Face export maps these names one to one.
+    names = {n for n, _ in tiny_model().named_parameters()}
+    for n in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.1.ln_1.weight",
+        "transformer.h.1.ln_1.bias",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.1.attn.c_attn.bias",
+        "transformer.h.1.attn.c_proj.weight",
+        "transformer.h.1.ln_2.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.bias",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+    ):
+        assert n in names
+    model = tiny_model()
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 32, 32)
+    assert model.transformer.h[0].ln_1.eps == 1e-5
+
+
+def test_init_std_and_scaled_residual_projections():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=256)
+    model = GPT(cfg)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.bias) == 0
+    scaled = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert model.transformer.h[3].attn.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert model.transformer.h[3].mlp.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTConfig(**TINY),
+        GPTConfig(**TINY, bias=False),
+        GPTConfig(vocab_size=101, block_size=7, n_layer=3, n_head=3, n_embd=48),
+        # GPT-2 small at its real vocabulary: the known 124,439,808 including wpe.
+        GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        GPTConfig(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    ],
+    ids=["tiny", "tiny-nobias", "odd", "gpt2", "gpt2-medium"],
+)
+def test_num_parameters_matches_formula(cfg):
+    # The meta device allocates no memory, so the large configs cost nothing to build.
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_parameters() == count_parameters(cfg)
+    if cfg.vocab_size == 50257:
+        assert count_parameters(cfg) == 124_439_808
+
+
+def test_flops_per_token_by_hand():
+    cfg = GPTConfig(**TINY)
+    C, L, V, T = 32, 2, 64, 16
+    # Per block: 12C^2 weights + 13C biases/LayerNorm; plus wte (tied head) and ln_f; no wpe.
+    n = L * (12 * C * C + 13 * C) + V * C + 2 * C
+    assert n == count_parameters(cfg) - T * C
+    expected = 6 * n + 12 * L * C * T
+    assert flops_per_token(cfg, seq_len=T) == pytest.approx(expected)
+    assert flops_per_token(cfg, seq_len=T) > 0
+    # The attention term grows with the context.
+    assert flops_per_token(cfg, seq_len=8) < flops_per_token(cfg, seq_len=T)
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+    ],
+)
+def test_config_validation_names_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**TINY, **bad})
+
+
+def test_overfits_one_batch():
+    model = tiny_model()
+    idx, targets = random_batch(B=4, T=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(300):
+        _, loss = model(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    assert loss.item() < 0.05, f"loss {loss.item():.4f} after {step + 1} steps"
+
+
+def test_dropout_zero_train_equals_eval():
+    model = tiny_model(dropout=0.0)
+    idx, targets = random_batch()
+    _, train_loss = model.train()(idx, targets)
+    _, eval_loss = model.eval()(idx, targets)
+    assert torch.equal(train_loss, eval_loss)
+
+
+def test_dropout_is_active_in_training_only():
+    model = tiny_model(dropout=0.2)
+    idx, targets = random_batch()
+    torch.manual_seed(5)
+    _, a = model.train()(idx, targets)
+    _, b = model.train()(idx, targets)
+    assert not torch.equal(a, b)  # different masks each call
+    _, c = model.eval()(idx, targets)
+    _, d = model.eval()(idx, targets)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_same_loss_and_grads(dropout):
+    idx, targets = random_batch()
+    results = []
+    for ckpt in (False, True):
+        model = tiny_model(dropout=dropout, activation_checkpointing=ckpt).train()
+        torch.manual_seed(7)  # same dropout masks in both runs; the recompute replays the RNG
+        _, loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_generate_appends_tokens_and_crops_context():
+    model = tiny_model().eval()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    out = generate(model, idx, max_new_tokens=20, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 23)  # longer than block_size: the context was cropped
+    assert torch.equal(out[:, :3], idx)
+    assert int(out.min()) >= 0 and int(out.max()) < 64
+    # Greedy decoding is deterministic and picks the argmax.
+    greedy = generate(model, idx, max_new_tokens=1, temperature=0)
+    with torch.no_grad():
+        logits, _ = model(idx)
+    assert torch.equal(greedy[:, -1], logits[:, -1].argmax(-1))

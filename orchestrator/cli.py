@@ -149,6 +149,10 @@ def cmd_data_prepare(args) -> int:
     from orchestrator.train.loop import open_job_store
 
     jobs = resolve_jobs(compose_root(_overrides(args)))
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job.name}: {job.data.kind} dataset '{job.data.name}' from {job.data.source} -> {job.data.uri}")
+        return 0
     done = set()
     for job in jobs:
         if job.data.uri in done:
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="tokenize the pipeline's datasets into shards in the store")
     prep.add_argument("overrides", nargs="*", help="Hydra overrides (data=..., storage=...)")
     prep.add_argument("--state-dir", help="state folder")
+    prep.add_argument("--dry-run", action="store_true", help="print what would be prepared, and where")
     prep.set_defaults(func=cmd_data_prepare)
     return p
 

@@ -21,18 +21,29 @@ def _code_runtime_env() -> dict:
     return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(model.__file__).parent)]}
 
 
+def _use_token_auth_if_available() -> None:
+    """Ray clusters authenticate clients with a token (~/.ray/auth_token or RAY_AUTH_TOKEN[_PATH]);
+    a client must opt in explicitly, so do it when a token is present and the mode is unset."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @contextmanager
 def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = False):
     """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _use_token_auth_if_available()  # before ray reads its config
     import ray
 
-    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     started = False
     try:
         if address:
             try:
                 ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
-                         logging_level=logging.INFO if verbose else logging.WARNING)
+                         logging_level=logging.INFO if verbose else logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ClusterError(
                     f"cannot reach the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
@@ -42,7 +53,7 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
             num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
             # address="local" always starts a new cluster, even if a stale one's file is left behind.
             ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=None,
-                     log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                     log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
                      configure_logging=True)
             started = True
         yield ray

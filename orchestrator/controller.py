@@ -118,6 +118,13 @@ class Controller:
             self.say(f"{record.id}: FAILED: {p.reason}")
             self.handles.pop(record.id, None)
 
+    def abandon(self, job_ids: list[str], reason: str) -> None:
+        """Mark every non-terminal job of `job_ids` CANCELLED (the process driving them is stopping)."""
+        for job_id in job_ids:
+            record = self.store.get(job_id)
+            if not record.state.terminal:
+                self.store.transition(job_id, JobState.CANCELLED, reason, failure_reason=reason)
+
     def run(self, job_ids: list[str], poll_s: float = 1.0) -> list[JobRecord]:
         """Step until every job in `job_ids` is terminal; their final records."""
         while self.step(job_ids):

@@ -28,4 +28,10 @@ def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], N
         records = controller.submit(jobs)
         say(f"pipeline {records[0].pipeline_id} ({root.pipeline.name}): "
             + " -> ".join(f"{r.id}" for r in records))
-        return controller.run([r.id for r in records])
+        ids = [r.id for r in records]
+        try:
+            return controller.run(ids)
+        except BaseException:
+            # The jobs of this command die with it: record that, so no job is left RUNNING forever.
+            controller.abandon(ids, "orch run was interrupted before the job finished")
+            raise

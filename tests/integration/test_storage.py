@@ -28,7 +28,7 @@ from orchestrator.storage import (
     to_uri,
 )
 from orchestrator.storage.local import PARTIAL_SUFFIX
-from tests.fixtures_s3 import S3Server, s3_server  # noqa: F401 - s3_server is a fixture
+from tests.fixtures_s3 import S3Server
 
 MiB = 1024 * 1024
 MULTIPART_CHUNK = 5 * MiB  # the S3 minimum part size

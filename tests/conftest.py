@@ -1,0 +1,55 @@
+"""Shared fixtures: a real S3 endpoint on loopback, and a runner for the real `orch` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_s3 import S3Server, s3_server  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_environment(tmp_path_factory):
+    """W&B offline, node-local scratch under the test's tmp, one thread per worker."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("ORCH_LOCAL_DIR", str(scratch))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("ORCH_STATE_DIR", raising=False)
+        yield
+
+
+@dataclass
+class OrchResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def status(self, state_dir: Path) -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--json", "--state-dir", str(state_dir)],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+def run_orch(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict | None = None) -> OrchResult:
+    """Run the real CLI in a child process (`python -m orchestrator ...`)."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
+    return OrchResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def orch():
+    return run_orch

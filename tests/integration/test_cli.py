@@ -1,0 +1,84 @@
+"""The `orch` command line on bad input: one clear line, exit code 2, no traceback (unless --debug).
+These run the real CLI in a child process; none of them gets as far as starting Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _one_line_error(result, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("model=nope", ["'nope'", "model", "gpt_tiny", "gpt_small"]),
+        ("trainer.max_steps=abc", ["trainer.max_steps", "'abc'", "integer"]),
+        ("trainer.max_steps", ["trainer.max_steps", "key=value"]),
+        ("deepspeed.stage=4", ["deepspeed.stage", "1, 2, 3", "4"]),
+        ("trainer.bogus=1", ["trainer.bogus", "max_steps"]),
+        ("+trainer.bogus=1", ["trainer.bogus", "max_steps"]),
+        ("deepspeed=zero9", ["zero9", "zero1", "zero3"]),
+        ("pipeline.jobs.pretrain.workers=3", ["global_batch_size", "3"]),
+        ("data.seq_len=1000", ["data.seq_len=1000", "block_size"]),
+        ("storage=s3 storage.root=/tmp/x", ["root", "s3://"]),
+    ],
+)
+def test_bad_overrides_fail_in_one_line(orch, tmp_path, override, needles):
+    result = orch("run", *override.split(), "--state-dir", str(tmp_path / "state"))
+    _one_line_error(result, *needles)
+    assert not (tmp_path / "state" / "jobs.db").exists()  # nothing was submitted
+
+
+def test_debug_shows_the_traceback(orch, tmp_path):
+    result = orch("--debug", "run", "model=nope", "--state-dir", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_dry_run_prints_config_and_resources_and_starts_nothing(orch, tmp_path):
+    result = orch("run", "model=gpt_tiny", "trainer.max_steps=40", "deepspeed=zero3", "--dry-run",
+                  "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "name: gpt_tiny" in out and "max_steps: 40" in out and "stage: 3" in out
+    assert "pretrain: pretrain, 2 workers x {CPU: 1} = {CPU: 2}" in out
+    assert "ZeRO-3" in out and "after pretrain" in out
+    assert not (tmp_path / "state").exists()
+
+
+def test_status_without_records_and_unknown_job(orch, tmp_path):
+    _one_line_error(orch("status", "--state-dir", str(tmp_path / "none")), "no job records", "--state-dir")
+
+
+def test_version_and_module_entry_point(orch):
+    result = orch("--version")
+    assert result.returncode == 0 and result.stdout.startswith("orch ")
+
+
+def test_unknown_command_is_a_usage_error(orch):
+    result = orch("frobnicate")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_missing_bucket_fails_fast(orch, tmp_path, s3_server):
+    result = orch("run", "storage=s3", "storage.root=s3://no-such-bucket-xyz/orch",
+                  f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"))
+    _one_line_error(result, "no-such-bucket-xyz", "storage.root")
+
+
+def test_missing_credentials_named_without_values(orch, tmp_path, s3_server):
+    bucket = s3_server.make_bucket("creds")
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+           "AWS_CONFIG_FILE": str(empty)}
+    result = orch("run", "storage=s3", f"storage.root=s3://{bucket}/orch",
+                  f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"), env=env)
+    _one_line_error(result, "AWS_ACCESS_KEY_ID")

@@ -1,0 +1,185 @@
+"""The embedded pipeline end to end: `orch run` on a real local Ray cluster with real DeepSpeed
+engines (gloo on CPU), a real object store (local folder, or S3 over HTTP on loopback), and W&B
+offline files read back from disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.gpt import GPT, GPTConfig
+from orchestrator.checkpoint.layout import list_checkpoints, read_marker
+from orchestrator.checkpoint.manager import load_exported_weights
+from orchestrator.constants import COMMIT_MARKER
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.order import global_batch, micro_batches, rank_slice
+from orchestrator.data.reader import SplitReader
+from orchestrator.storage import join_uri, open_store
+from tests import wandb_files
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model=gpt_tiny",
+    "trainer.max_steps=30",
+    "trainer.log_interval=5",
+    "checkpoint.interval=10",
+    "checkpoint.keep_last=2",
+    "data.num_documents=600",
+    "pipeline.jobs.finetune.trainer.max_steps=10",
+    "pipeline.jobs.finetune.data.num_documents=300",
+]
+
+
+def _history(record: dict) -> dict[str, float]:
+    return {h["state"]: h["at"] for h in record["history"]}
+
+
+def _first_loss_from(weights: dict, cfg: dict, store, data_uri: str, workers: int, scratch: Path) -> float:
+    """The loss a fine-tuning job starting from `weights` reports at step 1: the mean over ranks and
+    micro-batches of the micro-batch losses of global batch 0 (computed before any update)."""
+    model = GPT(GPTConfig(**{k: v for k, v in cfg["model"].items() if k != "name"}))
+    model.load_state_dict(weights)
+    model.eval()
+    manifest = load_manifest(store, data_uri)
+    reader = SplitReader(store, data_uri, manifest, "train", scratch)
+    tr = cfg["trainer"]
+    batch = global_batch(reader.num_samples, tr["global_batch_size"], tr["seed"], 0)
+    losses = []
+    with torch.no_grad():
+        for rank in range(workers):
+            for mb in micro_batches(rank_slice(batch, rank, workers), tr["micro_batch_size"]):
+                x, y = reader.batch(mb)
+                losses.append(float(model(x, y)[1]))
+    return float(np.mean(losses))
+
+
+def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state_dir = tmp_path / "state"
+    jobs = {j["name"]: j for j in result.status(state_dir)}
+    pre, fine = jobs["pretrain"], jobs["finetune"]
+
+    # Both jobs succeeded; fine-tuning was admitted only after pretraining ended.
+    assert pre["state"] == "SUCCEEDED" and fine["state"] == "SUCCEEDED"
+    assert fine["depends_on"] == [pre["id"]]
+    assert _history(fine)["STARTING"] >= _history(pre)["SUCCEEDED"]
+    assert _history(fine)["QUEUED"] >= _history(pre)["SUCCEEDED"]
+
+    # Pretraining loss went down (from the job record and from the W&B file).
+    assert pre["metrics"]["step"] == 30
+    assert pre["metrics"]["loss"] < pre["metrics"]["first_loss"] - 1.0
+    assert math.isfinite(pre["metrics"]["eval_loss"])
+
+    # Committed checkpoints exist in the store, their files match the commit marker; retention
+    # kept the newest two of step 10, 20, 30.
+    store = open_store(pre["checkpoint"], **storage_kwargs)
+    for job in (pre, fine):
+        run = job["checkpoint"].rsplit("/checkpoints/", 1)[0]
+        refs = list_checkpoints(store, run)
+        committed = [r.step for r in refs if r.committed]
+        assert committed[-1] == job["metrics"]["step"]
+        assert job["checkpoint"] == refs[-1].uri
+        marker = read_marker(store, refs[-1])
+        assert marker["world_size"] == 2
+        listed = {o.uri: o.size for o in store.list(refs[-1].uri + "/")}
+        for f in marker["files"]:
+            assert listed[join_uri(refs[-1].uri, f["path"])] == f["size"]
+        assert join_uri(refs[-1].uri, COMMIT_MARKER) in listed
+    assert [r.step for r in list_checkpoints(store, pre["checkpoint"].rsplit("/checkpoints/", 1)[0])] == [20, 30]
+
+    # Fine-tuning began from pretraining's weights: its first reported loss is the loss of the
+    # exported pretrained weights on its first batch, not that of a fresh init.
+    from orchestrator.config.compose import compose_root, resolve_jobs  # noqa: F401  (import check)
+
+    cfg = json.loads(json.dumps(_job_config(state_dir, fine["id"])))
+    weights = load_exported_weights(store, pre["export"], tmp_path / "export")
+    expected = _first_loss_from(weights, cfg, store, cfg["data"]["uri"], 2, tmp_path / "cache")
+    assert fine["metrics"]["first_loss"] == pytest.approx(expected, rel=1e-4)
+    torch.manual_seed(cfg["trainer"]["seed"])
+    fresh = GPT(GPTConfig(**{k: v for k, v in cfg["model"].items() if k != "name"})).state_dict()
+    from_scratch = _first_loss_from(fresh, cfg, store, cfg["data"]["uri"], 2, tmp_path / "cache")
+    assert abs(from_scratch - expected) > 0.5
+
+    # W&B offline files: one run per job, same group, job_type pretrain/finetune, with the loss.
+    runs = {}
+    for job in (pre, fine):
+        run_dir = Path(job["wandb"]["dir"])
+        assert run_dir.is_dir() and str(run_dir).startswith(str(state_dir))
+        f = wandb_files.run_file(run_dir)
+        info = wandb_files.run_info(f)
+        rows = [r for r in wandb_files.history(f) if "train/loss" in r]
+        runs[job["kind"]] = info
+        assert info["job_type"] == job["kind"]
+        assert rows and rows[-1]["_step"] == job["metrics"]["step"]
+        assert rows[-1]["train/loss"] == pytest.approx(job["metrics"]["loss"])
+        assert rows[0]["train/loss"] == pytest.approx(job["metrics"]["first_loss"])
+    assert runs["pretrain"]["group"] == runs["finetune"]["group"] == pre["pipeline_id"]
+
+    # The summary names the jobs, their states and where things are.
+    for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
+        assert needle in result.stdout
+
+
+def _job_config(state_dir: Path, job_id: str) -> dict:
+    from orchestrator.jobs.store import JobStore
+
+    return JobStore(state_dir).get(job_id).config
+
+
+def test_pipeline_local_store(tmp_path, orch):
+    result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"))
+    _check_pipeline(tmp_path, result, {})
+
+
+SECRET_KEY = "orch-test-secret-7f3a9c"  # moto accepts any key; this one must never be written anywhere
+WANDB_KEY = "orch-test-wandb-key-51d2e8"
+
+
+def _files_containing(root: Path, needle: str) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and needle.encode() in p.read_bytes():
+            hits.append(str(p))
+    return hits
+
+
+def test_pipeline_s3_store(tmp_path, orch, s3_server):
+    bucket = s3_server.make_bucket("orch")
+    result = orch("run", *TINY, "storage=s3", f"storage.root=s3://{bucket}/orch",
+                  f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"),
+                  env={"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WANDB_API_KEY": WANDB_KEY})
+    _check_pipeline(tmp_path, result, {"endpoint_url": s3_server.endpoint_url})
+    # Secrets travel in environment variables only: not in job records, W&B files, the store or output.
+    for needle in (SECRET_KEY, WANDB_KEY):
+        assert needle not in result.stdout + result.stderr
+        assert _files_containing(tmp_path / "state", needle) == []
+        client = s3_server.client()
+        for obj in client.list_objects_v2(Bucket=bucket)["Contents"]:
+            assert needle.encode() not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
+    # Everything went to the bucket, nothing to a local store.
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("orch/datasets/stories/") for k in keys)
+    assert any(k.endswith(COMMIT_MARKER) for k in keys)
+    assert not (tmp_path / "state" / "store").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_pretrain_each_zero_stage(tmp_path, orch, stage):
+    """ZeRO stages 1 and 3 train and export too (stage 2 runs in the pipeline tests)."""
+    result = orch("run", "pipeline=pretrain", f"deepspeed=zero{stage}", "model=gpt_tiny", "trainer.max_steps=12",
+                  "trainer.log_interval=4", "data.num_documents=400", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (job,) = result.status(tmp_path / "state")
+    assert job["state"] == "SUCCEEDED"
+    assert job["metrics"]["loss"] < job["metrics"]["first_loss"]
+    store = open_store(job["checkpoint"])
+    marker = read_marker(store, list_checkpoints(store, job["checkpoint"].rsplit("/checkpoints/", 1)[0])[-1])
+    assert marker["zero_stage"] == stage
+    weights = load_exported_weights(store, job["export"], tmp_path / "w")
+    assert weights["transformer.wte.weight"].shape == (512, 64)

@@ -1,0 +1,308 @@
+"""Unit tests of config composition (orchestrator/config/compose.py, schema.py, typed.py) on the
+REAL conf/ folder: every option of every group composes, overrides land where they should, and
+every bad input is one ConfigError line that names the key, the value or the choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import schema
+from orchestrator.config.compose import compose_root, conf_dir, group_options, job_config_from_dict, resolve_jobs
+from orchestrator.config.typed import build, to_dict
+from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
+from orchestrator.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """The real conf/, a state folder relative to a scratch cwd, no S3 bucket from the env."""
+    monkeypatch.delenv(CONF_DIR_ENV, raising=False)
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    monkeypatch.delenv("ORCH_S3_BUCKET", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def compose(*overrides: str):
+    root = compose_root(list(overrides))
+    return root, {j.name: j for j in resolve_jobs(root)}
+
+
+def config_error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        compose(*overrides)
+    msg = str(info.value)
+    assert "\n" not in msg, f"multi-line error: {msg!r}"
+    return msg
+
+
+def _group_options() -> list[tuple[str, str]]:
+    groups = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+    return [(g, p.stem) for g in groups for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+# Options only valid in combination: on their own they must fail with this exact reason.
+ONLY_IN_COMBINATION = {
+    ("data", "qa"): "job 'pretrain': a pretrain job needs a text dataset, got data 'qa' of kind 'sft'",
+}
+
+
+def _scalars(path: Path) -> dict:
+    """A group option's literal scalar settings (no interpolations, no nested blocks, no defaults)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in raw.items()
+            if k != "defaults" and not isinstance(v, (dict, list)) and not (isinstance(v, str) and "${" in v)}
+
+
+# ------------------------------------------------------------------------------ every option
+def test_conf_folder_is_the_real_one():
+    assert conf_dir() == CONF
+    assert len(_group_options()) >= 20
+    assert group_options("model") == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", _group_options(), ids=lambda x: x)
+def test_every_option_of_every_group_composes(group, option):
+    if (group, option) in ONLY_IN_COMBINATION:
+        assert config_error(f"{group}={option}") == ONLY_IN_COMBINATION[(group, option)]
+        return
+    root, jobs = compose(f"{group}={option}")
+    assert jobs, "no jobs resolved"
+    # The option really was selected: its literal settings are the typed values.
+    typed = getattr(root, group)
+    for key, value in _scalars(CONF / group / f"{option}.yaml").items():
+        assert getattr(typed, key) == value, f"{group}={option}: {key}"
+    for job in jobs.values():
+        assert job.model == root.model and job.deepspeed == root.deepspeed and job.cluster == root.cluster
+
+
+def test_sft_data_composes_in_the_finetune_job():
+    """qa is valid where it belongs: as the finetune job's data (the pipeline's default)."""
+    _, jobs = compose("pipeline=pretrain_finetune", "data=stories")
+    assert jobs["finetune"].data.name == "qa" and jobs["finetune"].data.kind == "sft"
+
+
+def test_zero3_offload_extends_zero3():
+    root, _ = compose("deepspeed=zero3_offload")
+    assert root.deepspeed.stage == 3
+    assert (root.deepspeed.offload_optimizer, root.deepspeed.offload_param) == ("cpu", "cpu")
+
+
+# ------------------------------------------------------------------------------ typed values
+def test_overrides_give_typed_values():
+    root, jobs = compose("model=gpt_tiny", "trainer.max_steps=40", "deepspeed=zero3")
+    assert root.model.name == "gpt_tiny"
+    assert (root.model.n_layer, root.model.n_head, root.model.n_embd, root.model.block_size) == (2, 2, 64, 64)
+    assert root.trainer.max_steps == 40 and type(root.trainer.max_steps) is int
+    assert root.deepspeed.stage == 3
+    assert isinstance(root.trainer.lr, float)
+    assert isinstance(root.cluster.cpus_per_worker, float)  # int in YAML, float in the schema
+    assert isinstance(root.pipeline.jobs["finetune"].depends_on, tuple)
+    assert jobs["pretrain"].trainer.max_steps == 40
+    assert jobs["pretrain"].model == root.model
+    assert jobs["pretrain"].deepspeed.stage == 3
+    # data.vocab_size follows model.vocab_size through the interpolation.
+    assert jobs["pretrain"].data.vocab_size == root.model.vocab_size
+
+
+def test_per_job_trainer_override_applies_to_that_job_only():
+    root, jobs = compose("pipeline.jobs.finetune.trainer.max_steps=7")
+    assert jobs["finetune"].trainer.max_steps == 7
+    assert jobs["pretrain"].trainer.max_steps == root.trainer.max_steps == 150
+
+
+def test_per_job_trainer_keys_win_and_the_rest_is_inherited():
+    root, jobs = compose("trainer.max_steps=40", "trainer.micro_batch_size=2", "trainer.seed=7")
+    ft = jobs["finetune"].trainer
+    assert ft.max_steps == 60  # the pipeline's finetune value beats the top-level one
+    assert ft.lr == 1.0e-3 and ft.weight_decay == 0.0
+    assert ft.micro_batch_size == 2 and ft.seed == 7  # not set per job: inherited
+    assert jobs["pretrain"].trainer.lr == root.trainer.lr == 3.0e-3
+
+
+def test_new_per_job_trainer_key_needs_plus_and_is_validated():
+    _, jobs = compose("+pipeline.jobs.pretrain.trainer.max_steps=9")
+    assert jobs["pretrain"].trainer.max_steps == 9 and jobs["finetune"].trainer.max_steps == 60
+    msg = config_error("+pipeline.jobs.finetune.trainer.foo=1")
+    assert "pipeline.jobs.finetune.trainer.foo" in msg and "max_steps" in msg
+
+
+def test_resolve_jobs_order_and_dependencies():
+    root, _ = compose()
+    jobs = resolve_jobs(root)
+    assert [j.name for j in jobs] == ["pretrain", "finetune"]
+    pretrain, finetune = jobs
+    assert pretrain.depends_on == () and pretrain.kind == "pretrain" and pretrain.data.kind == "text"
+    assert finetune.depends_on == ("pretrain",)
+    assert finetune.kind == "finetune" and finetune.data.kind == "sft"
+    assert finetune.data.tokenizer_uri == pretrain.data.uri
+    assert finetune.data.uri != pretrain.data.uri
+    assert pretrain.pipeline == finetune.pipeline == "pretrain_finetune"
+
+
+def test_resolve_jobs_puts_dependencies_first_whatever_the_yaml_order():
+    """Renaming so that the dependent job comes first in the mapping must not change the order."""
+    root = compose_root([])
+    spec = root.pipeline.jobs
+    flipped = dataclasses.replace(root, pipeline=schema.PipelineConfig(
+        name="flipped", jobs={"finetune": spec["finetune"], "pretrain": spec["pretrain"]}))
+    assert [j.name for j in resolve_jobs(flipped)] == ["pretrain", "finetune"]
+
+
+def test_state_dir_becomes_absolute(tmp_path):
+    root, jobs = compose()
+    assert root.state_dir == str(tmp_path / ".orch")
+    assert root.storage.root == f"file://{tmp_path}/.orch/store"
+    assert jobs["pretrain"].data.uri == f"file://{tmp_path}/.orch/store/datasets/stories"
+    root, _ = compose("state_dir=rel/dir")
+    assert root.state_dir == str(tmp_path / "rel" / "dir")
+    assert root.storage.root == f"file://{tmp_path}/rel/dir/store"
+
+
+def test_state_dir_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(STATE_DIR_ENV, "from-env")
+    root, _ = compose()
+    assert root.state_dir == str(tmp_path / "from-env")
+
+
+def test_s3_storage():
+    root, jobs = compose("storage=s3", "storage.root=s3://b/p")
+    assert root.storage.backend == "s3" and root.storage.root == "s3://b/p"
+    assert jobs["pretrain"].data.uri == "s3://b/p/datasets/stories"
+    assert jobs["finetune"].data.tokenizer_uri == "s3://b/p/datasets/stories"
+
+
+def test_s3_root_with_local_backend_is_rejected():
+    msg = config_error("storage.root=s3://b/p")
+    assert "s3://b/p" in msg and "storage=s3" in msg
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unknown_group_option_lists_the_choices():
+    msg = config_error("model=nope")
+    assert "'nope'" in msg and "model" in msg
+    for option in ("gpt_tiny", "gpt_small", "gpt2_124m"):
+        assert option in msg
+
+
+@pytest.mark.parametrize("override", ["trainer.foo=1", "+trainer.foo=1"])
+def test_unknown_key_lists_the_valid_keys(override):
+    msg = config_error(override)
+    assert "trainer.foo" in msg
+    assert "max_steps" in msg and "global_batch_size" in msg and "micro_batch_size" in msg
+
+
+def test_unknown_top_level_key():
+    msg = config_error("+foo=1")
+    assert "'foo'" in msg and "trainer" in msg and "model" in msg
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("trainer.max_steps=abc", "trainer.max_steps", "'abc'"),
+    ("trainer.max_steps=1.5", "trainer.max_steps", "1.5"),
+    ("trainer.max_steps=true", "trainer.max_steps", "True"),
+    ("model.n_layer=[1,2]", "model.n_layer", "[1, 2]"),
+    ("trainer.lr=fast", "trainer.lr", "'fast'"),
+    ("cluster.num_cpus=many", "cluster.num_cpus", "'many'"),
+])
+def test_wrong_type_names_key_and_value(override, key, value):
+    msg = config_error(override)
+    assert f"'{key}'" in msg and value in msg
+
+
+@pytest.mark.parametrize("override,key,choices", [
+    ("deepspeed.stage=4", "deepspeed.stage", ["1", "2", "3"]),
+    ("deepspeed.stage=true", "deepspeed.stage", ["1", "2", "3"]),  # True == 1 must not pass as stage 1
+    ("deepspeed.precision=fp8", "deepspeed.precision", ["'fp32'", "'bf16'", "'fp16'"]),
+    ("data.kind=images", "data.kind", ["'text'", "'sft'"]),
+])
+def test_bad_choice_names_key_and_choices(override, key, choices):
+    msg = config_error(override)
+    assert f"'{key}'" in msg
+    assert all(c in msg for c in choices)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("trainer.max_steps", "'trainer.max_steps'"),
+    ("a=[", "'a=['"),
+])
+def test_malformed_override(override, fragment):
+    msg = config_error(override)
+    assert "malformed override" in msg and fragment in msg
+
+
+def test_global_batch_not_divisible_by_workers_times_micro_batch():
+    msg = config_error("pipeline.jobs.pretrain.workers=3")
+    assert "pretrain" in msg and "global_batch_size=16" in msg and "3 x 4" in msg
+
+
+def test_dependency_cycle():
+    msg = config_error("pipeline.jobs.pretrain.depends_on=[finetune]")
+    assert "cycle" in msg and "pretrain" in msg and "finetune" in msg
+
+
+def test_unknown_dependency():
+    msg = config_error("pipeline.jobs.finetune.depends_on=[nope]")
+    assert "'nope'" in msg and "finetune" in msg
+
+
+def test_seq_len_longer_than_block_size():
+    msg = config_error("model=gpt_tiny", "data.seq_len=128")
+    assert "data.seq_len=128" in msg and "block_size=64" in msg
+    msg = config_error("model=gpt_tiny", "pipeline.jobs.finetune.data.seq_len=128")
+    assert "finetune" in msg and "data.seq_len=128" in msg
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("pipeline.jobs.pretrain.workers=0", "workers=0"),
+    ("trainer.micro_batch_size=5", "micro_batch_size=5"),
+    ("trainer.min_lr=1.0", "min_lr=1.0"),
+])
+def test_component_validation_errors_name_the_value(override, fragment):
+    assert fragment in config_error(override)
+
+
+def test_param_offload_needs_stage_3():
+    compose("deepspeed=zero1")
+    msg = config_error("deepspeed=zero1", "deepspeed.offload_param=cpu")
+    assert "offload_param" in msg and "stage=3" in msg
+
+
+# ------------------------------------------------------------------------------ frozen, round trip
+def test_typed_configs_are_frozen():
+    root, jobs = compose()
+    job = jobs["pretrain"]
+    for obj, field in [(root, "state_dir"), (root.model, "n_layer"), (root.trainer, "max_steps"),
+                       (root.deepspeed, "stage"), (root.data, "uri"), (root.cluster, "name"),
+                       (root.storage, "root"), (root.tracking, "mode"), (root.checkpoint, "interval"),
+                       (root.pipeline, "name"), (job, "workers"), (job.trainer, "lr")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, getattr(obj, field))
+
+
+def test_job_config_round_trips_through_its_json_record():
+    _, jobs = compose("model=gpt_tiny", "tracking=none", "cluster=aws")
+    for job in jobs.values():
+        stored = json.loads(json.dumps(to_dict(job)))  # as frozen into the job record
+        back = job_config_from_dict(stored)
+        assert back == job
+        assert isinstance(back.depends_on, tuple) and isinstance(back.tracking.tags, tuple)
+
+
+def test_job_config_from_dict_rejects_unknown_keys_and_names_them():
+    _, jobs = compose()
+    data = to_dict(jobs["pretrain"])
+    data["trainer"]["bogus"] = 1
+    with pytest.raises(ConfigError, match=r"job\.trainer\.bogus"):
+        job_config_from_dict(data)
+
+
+def test_build_reports_missing_required_key():
+    with pytest.raises(ConfigError, match=r"'trainer\.lr' is missing"):
+        build(schema.TrainerConfig, {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2}, "trainer")

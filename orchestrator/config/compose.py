@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.config.schema import DataConfig, JobConfig, RootConfig, TrainerConfig
+from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV
 from orchestrator.errors import ConfigError
@@ -83,10 +83,19 @@ def _valid_keys(path: str) -> list[str]:
     import typing
 
     cls: object = RootConfig
+    skip_key = False  # the next part is a key of a dict (a job name), not a field
     for part in [p for p in path.split(".") if p]:
+        if skip_key:
+            skip_key = False
+            continue
         if not dataclasses.is_dataclass(cls):
             return []
+        if cls is JobSpec and part == "trainer":  # per-job trainer overrides take TrainerConfig's keys
+            cls = TrainerConfig
+            continue
         tp = typing.get_type_hints(cls).get(part)
+        if typing.get_origin(tp) is dict:
+            skip_key = True
         args = [a for a in typing.get_args(tp) if a is not type(None)] if tp is not None else []
         cls = next((a for a in args if dataclasses.is_dataclass(a)), tp)
     return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []

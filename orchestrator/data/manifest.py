@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from orchestrator.constants import DATASET_FORMAT_VERSION, MANIFEST
-from orchestrator.errors import DatasetError, StorageError
+from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
 
 
@@ -106,11 +106,10 @@ def load_manifest(store: ObjectStore, dataset_uri: str) -> Manifest:
 
 
 def try_load_manifest(store: ObjectStore, dataset_uri: str) -> Manifest | None:
+    """The manifest, or None when there is none; a manifest that exists but is invalid is an error."""
+    uri = manifest_uri(dataset_uri)
     try:
-        return load_manifest(store, dataset_uri)
-    except DatasetError as e:
-        if "missing" in str(e):
-            return None
-        raise
-    except StorageError:
-        raise
+        text = store.get(uri).decode()
+    except ObjectNotFound:
+        return None
+    return Manifest.from_json(text, uri)

@@ -36,6 +36,8 @@ def global_batch(num_samples: int, global_batch_size: int, seed: int, cursor: in
 
 def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank `rank`'s contiguous share of a global batch."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
     if len(batch) % world_size:
         raise ValueError(f"global batch of {len(batch)} is not divisible by world size {world_size}")
     per_rank = len(batch) // world_size

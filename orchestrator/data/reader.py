@@ -77,6 +77,8 @@ class SplitReader:
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `index` of the split: seq_len + 1 tokens (and its loss mask for sft)."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} is outside split of {self.num_samples} samples at {self.uri}")
         shard = bisect_right(self._starts, index) - 1
         local = index - self._starts[shard]
         tokens, mask = self._shard(shard)

@@ -183,3 +183,37 @@ def test_pretrain_each_zero_stage(tmp_path, orch, stage):
     assert marker["zero_stage"] == stage
     weights = load_exported_weights(store, job["export"], tmp_path / "w")
     assert weights["transformer.wte.weight"].shape == (512, 64)
+
+
+def test_sigterm_marks_unfinished_jobs_cancelled(tmp_path):
+    """`orch run` killed with SIGTERM mid-pipeline: the running job and the one waiting behind it are
+    recorded CANCELLED (never left RUNNING), the embedded cluster is stopped, and the exit is clean."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.jobs.store import JobStore
+
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", *TINY, "trainer.max_steps=100000",
+                             "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (state / "jobs.db").exists():
+                jobs = JobStore(state).list()
+                if any(j.metrics.get("step", 0) >= 2 for j in jobs):
+                    break
+            time.sleep(1)
+        else:
+            pytest.fail("pretraining never started")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
+    states = {j.name: (j.state.value, j.failure_reason) for j in JobStore(state).list()}
+    assert states["pretrain"][0] == "CANCELLED" and "interrupted" in states["pretrain"][1]
+    assert states["finetune"][0] == "CANCELLED"

@@ -308,9 +308,7 @@ def test_missing_manifest_names_the_uri(tmp_path):
 
 @pytest.mark.parametrize("body", [
     b"{not json",
-    pytest.param(json.dumps({"format_version": 1, "splits": {}}).encode(), marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: a manifest lacking fields fails with TypeError '... missing N required positional arguments', "
-        "and try_load_manifest's substring test for 'missing' takes that for an absent manifest (returns None)"))),
+    json.dumps({"format_version": 1, "splits": {}}).encode(),
 ], ids=["not-json", "fields-missing"])
 def test_invalid_manifest_is_an_error_not_a_missing_dataset(tmp_path, body):
     root = f"file://{tmp_path}/store"
@@ -325,9 +323,7 @@ def test_invalid_manifest_is_an_error_not_a_missing_dataset(tmp_path, body):
 
 @pytest.mark.parametrize("folder", [
     "data",
-    pytest.param("missing-data", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: try_load_manifest treats any DatasetError whose text contains 'missing' as 'no dataset'; "
-        "a dataset URI containing 'missing' turns a bad manifest into None and prepare overwrites it"))),
+    "missing-data",  # once a bug: an error text containing "missing" was taken for an absent manifest
 ])
 def test_manifest_of_another_format_version_is_not_overwritten(tmp_path, folder):
     root = f"file://{tmp_path}/store"

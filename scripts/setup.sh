@@ -44,4 +44,4 @@ fi
 
 echo "setup: installing orch${EXTRAS} (editable) and its dependencies"
 pip_install -e ".${EXTRAS}"
-"$PY" -c "import torch, deepspeed, ray, orchestrator; print('setup: ok (torch', torch.__version__ + ', ray', ray.__version__ + ', deepspeed', deepspeed.__version__ + ')')"
+"$PY" -c "import importlib.metadata as m, torch, ray, orchestrator; print('setup: ok (torch', torch.__version__ + ', ray', ray.__version__ + ', deepspeed', m.version('deepspeed') + ')')"

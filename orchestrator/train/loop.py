@@ -152,7 +152,7 @@ class _Trainer:
         job = self.job
         self._report(event="attempt")
         self.device = get_accelerator().current_device_name()
-        manifest = load_manifest(self.store, job.data.uri)
+        self.manifest = manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache"
         train = SplitReader(self.store, job.data.uri, manifest, "train", cache)
         val = SplitReader(self.store, job.data.uri, manifest, "val", cache)
@@ -191,6 +191,7 @@ class _Trainer:
             batch = global_batch(train.num_samples, tr.global_batch_size, tr.seed, state.cursor)
             micro = [train.batch(mb) for mb in micro_batches(rank_slice(batch, self.rank, self.world), tr.micro_batch_size)]
             data_wait += time.perf_counter() - t0
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
             losses = []
             for x, y in micro:
                 _, loss = engine(x.to(self.device), y.to(self.device))
@@ -205,7 +206,7 @@ class _Trainer:
                 state.first_loss = loss_mean
             if state.step % tr.log_interval == 0 or state.step == tr.max_steps or state.step == 1:
                 now = time.perf_counter()
-                metrics = {"train/loss": loss_mean, "train/lr": engine.get_lr()[0], "train/tokens": state.tokens_seen,
+                metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens": state.tokens_seen,
                            "perf/step_time_s": (now - t_last) / max(1, tr.log_interval),
                            "perf/data_wait_s": data_wait / max(1, tr.log_interval)}
                 tracker.log(metrics, step=state.step)
@@ -232,10 +233,8 @@ class _Trainer:
         self._report(checkpoint=ref.uri, checkpoint_step=ref.step, eval_loss=eval_loss)
         if self.rank == 0:
             from orchestrator.constants import TOKENIZER
-            from orchestrator.data.manifest import load_manifest
 
-            manifest = load_manifest(self.store, job.data.uri)
-            tok = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key)).decode()
+            tok = self.store.get(join_uri(job.data.uri, self.manifest.tokenizer_key)).decode()
             out = ckpt.export(ref, to_dict(job.model), tok, {"job_id": self.spec.job_id, "kind": job.kind,
                                                                "tokenizer": TOKENIZER, "eval_loss": eval_loss})
             tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss, "export": out})

@@ -4,9 +4,16 @@ from model.gpt import (
     GPT,
     IGNORE_INDEX,
     GPTConfig,
+    KVCache,
     count_parameters,
     flops_per_token,
     generate,
+)
+from model.hf import (
+    gpt_to_hf_config,
+    gpt_to_hf_state_dict,
+    hf_config_to_gpt,
+    hf_state_dict_to_gpt,
 )
 from model.tokenizer import (
     EOT_TOKEN,
@@ -21,10 +28,15 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "IGNORE_INDEX",
+    "KVCache",
     "count_parameters",
     "eot_id",
     "flops_per_token",
     "generate",
+    "gpt_to_hf_config",
+    "gpt_to_hf_state_dict",
+    "hf_config_to_gpt",
+    "hf_state_dict_to_gpt",
     "tokenizer_from_json",
     "tokenizer_to_json",
     "train_bpe_tokenizer",

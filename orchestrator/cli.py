@@ -2,6 +2,8 @@
 
     orch run [OVERRIDES...] [--dry-run]     pretrain -> fine-tune on an embedded (or given) Ray cluster
     orch status [JOB] [--json]              job records from the state folder
+    orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
+    orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
 
 Errors print one line and exit 2 (usage, config, input) or 1 (a job failed); --debug adds the
@@ -166,6 +168,31 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- export/generate
+def cmd_export(args) -> int:
+    from orchestrator import artifacts
+
+    source = artifacts.resolve(args.checkpoint, _state_dir(args), args.endpoint_url)
+    artifact = artifacts.load(source)
+    out = artifacts.write_hf(artifact, args.dir)
+    _say(f"exported {source.kind} {source.uri} -> {out} (Hugging Face GPT2LMHeadModel, safetensors)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from orchestrator import artifacts
+    from orchestrator.errors import ConfigError
+
+    if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
+        raise ConfigError("--max-new-tokens and --top-k must be > 0 and --temperature >= 0 "
+                          f"(got {args.max_new_tokens}, {args.top_k}, {args.temperature})")
+    artifact = artifacts.load(artifacts.resolve(args.checkpoint, _state_dir(args), args.endpoint_url))
+    text = artifacts.sample(artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch", description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
@@ -188,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--state-dir", help=f"state folder (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
     st.set_defaults(func=cmd_status)
+
+    exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
+    exp.add_argument("checkpoint", help="job id, checkpoint URI (.../checkpoints/step-N), run URI or export URI")
+    exp.add_argument("dir", help="output folder")
+    exp.add_argument("--state-dir", help="state folder (to find job ids)")
+    exp.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+    exp.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint, export or Hugging Face folder")
+    gen.add_argument("checkpoint", help="job id, checkpoint URI, run URI, export URI or HF folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--state-dir", help="state folder (to find job ids)")
+    gen.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+    gen.set_defaults(func=cmd_generate)
 
     data = sub.add_parser("data", help="dataset commands")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

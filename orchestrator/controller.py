@@ -76,7 +76,10 @@ class Controller:
         return any(not self.store.get(i).state.terminal for i in job_ids)
 
     def _init_from(self, record: JobRecord) -> str | None:
-        """The exported weights of the first dependency that has them (fine-tuning starts there)."""
+        """The job's own `init_from`, else the exported weights of the first dependency that has them
+        (fine-tuning starts there)."""
+        if record.config.get("init_from"):
+            return record.config["init_from"]
         for dep in record.depends_on:
             export = self.store.get(dep).export
             if export:

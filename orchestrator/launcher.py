@@ -107,6 +107,23 @@ def check_dataset_matches(job: JobConfig) -> None:
         )
 
 
+def check_init_matches(job: JobConfig, init_from: str) -> None:
+    """Fail before any worker starts if the weights to start from do not fit the job's model."""
+    from orchestrator import artifacts
+
+    source = artifacts.resolve(init_from, endpoint_url=job.storage.endpoint_url)
+    theirs = artifacts.read_model_config(source)
+    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+    diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in fields if getattr(theirs, f) != getattr(job.model, f)]
+    if diff:
+        from orchestrator.errors import CheckpointError
+
+        raise CheckpointError(
+            f"the model at {init_from} does not match model '{job.model.name}': {', '.join(diff)}; "
+            f"choose the model preset (or model.* overrides) that matches it"
+        )
+
+
 class RunHandle:
     def __init__(self, record: JobRecord):
         self.record = record
@@ -167,6 +184,8 @@ class RayLauncher:
             for line in ray.get(_prepare_remote().remote(to_dict(job))):
                 self.say(f"{record.id}: {line}")
             check_dataset_matches(job)
+            if init_from:
+                check_init_matches(job, init_from)
             handle.sink = _progress_actor().remote()
             with handle.lock:
                 handle.progress.status = "running"

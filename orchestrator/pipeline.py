@@ -10,6 +10,20 @@ from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.store import JobStore
 
 
+def preflight(jobs: list[JobConfig]) -> None:
+    """Checks that need the store, made before anything starts: a dataset that is already prepared
+    must fit the model, and weights to start from must match the model's architecture."""
+    from orchestrator.data.manifest import try_load_manifest
+    from orchestrator.launcher import check_dataset_matches, check_init_matches
+    from orchestrator.train.loop import open_job_store
+
+    for job in jobs:
+        if try_load_manifest(open_job_store(job), job.data.uri) is not None:
+            check_dataset_matches(job)
+        if job.init_from:
+            check_init_matches(job, job.init_from)
+
+
 def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
                  verbose: bool = False) -> list[JobRecord]:
     from orchestrator.cluster import capacity, connect
@@ -19,6 +33,7 @@ def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], N
 
     store = open_store(root.storage.root, endpoint_url=root.storage.endpoint_url, region=root.storage.region)
     store.check(root.storage.root)  # fail fast on a missing bucket or bad credentials
+    preflight(jobs)
     needed = max(j.workers * j.cluster.cpus_per_worker for j in jobs)
     with connect(root.cluster, needed_cpus=needed, verbose=verbose):
         where = root.cluster.address or "an embedded local Ray cluster"

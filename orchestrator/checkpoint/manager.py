@@ -24,7 +24,7 @@ from orchestrator.checkpoint.layout import (
     list_checkpoints,
     read_marker,
 )
-from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_WEIGHTS, TOKENIZER, TRAINER_STATE
+from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_WEIGHTS, TRAINER_STATE
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import ObjectStore, StorageError, join_uri
 
@@ -39,6 +39,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path) -> dict:
+    """Fetch every file a checkpoint's commit marker lists into `dest`, verifying size and sha256."""
+    marker = read_marker(store, ref)
+    for f in marker["files"]:
+        path = dest / f["path"]
+        store.get_file(join_uri(ref.uri, f["path"]), path)
+        if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {join_uri(ref.uri, f['path'])} does not match its commit marker (size or sha256); "
+                f"the checkpoint is corrupt: use an earlier one"
+            )
+    return marker
+
+
+def consolidate_fp32(checkpoint_dir: Path, tag: str) -> dict:
+    """The full fp32 state dict of a downloaded ZeRO checkpoint (any stage, any world size)."""
+    import contextlib
+    import io
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation is CPU work, also on a GPU node
+    # It prints progress; keep stdout for results and stderr for errors.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -48,8 +75,12 @@ def _dist():
 class Checkpointer:
     """One per worker. `local_dir` is node-local scratch space for staging and restores."""
 
-    def __init__(self, store: ObjectStore, run: str, local_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int):
+    def __init__(self, store: ObjectStore, run: str, local_dir: str | os.PathLike, rank: int, world_size: int,
+                 keep_last: int, rank0_files: dict[str, bytes] | None = None):
         self.store, self.run = store, run
+        # Small files rank 0 adds to every checkpoint (the tokenizer, the model config), so that a
+        # checkpoint alone is enough to export or sample from the model.
+        self.rank0_files = dict(rank0_files or {})
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
         self.local = Path(local_dir) / f"rank-{rank}"
@@ -72,11 +103,12 @@ class Checkpointer:
         gathered: list = [None] * self.world_size
         _dist().all_gather_object(gathered, files)
         if self.rank == 0:
-            state_bytes = json.dumps(trainer_state, indent=1, sort_keys=True).encode()
-            self.store.put(join_uri(uri, TRAINER_STATE), state_bytes)
             all_files = [f for per_rank in gathered for f in per_rank]
-            all_files.append({"path": TRAINER_STATE, "size": len(state_bytes),
-                              "sha256": hashlib.sha256(state_bytes).hexdigest(), "rank": 0})
+            extra = dict(self.rank0_files)
+            extra[TRAINER_STATE] = json.dumps(trainer_state, indent=1, sort_keys=True).encode()
+            for name, data in extra.items():
+                self.store.put(join_uri(uri, name), data)
+                all_files.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": 0})
             marker = {"step": step, "world_size": self.world_size, "zero_stage": engine.zero_optimization_stage(),
                       "files": all_files, "committed_at": time.time()}
             self.store.put(join_uri(uri, COMMIT_MARKER), json.dumps(marker, indent=1).encode())  # last
@@ -101,15 +133,6 @@ class Checkpointer:
                 self.store.delete_prefix(ref.uri + "/")
 
     # ---------------------------------------------------------------------------------- restore
-    def _download(self, ref: CheckpointRef, dest: Path, only_rank: int | None = None) -> dict:
-        marker = read_marker(self.store, ref)
-        for f in marker["files"]:
-            path = dest / f["path"]
-            self.store.get_file(join_uri(ref.uri, f["path"]), path)
-            if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
-                raise CheckpointError(f"checkpoint file {join_uri(ref.uri, f['path'])} does not match its commit marker (size or sha256)")
-        return marker
-
     def restore(self, engine) -> dict | None:
         """Load the newest committed checkpoint that verifies on every rank; its trainer state, or None."""
         refs = [r for r in list_checkpoints(self.store, self.run) if r.committed]
@@ -119,7 +142,7 @@ class Checkpointer:
             tag = checkpoint_tag(ref.step)
             ok, reason, marker = True, "", None
             try:
-                marker = self._download(ref, dest / tag)
+                marker = download_checkpoint(self.store, ref, dest / tag)
             except (CheckpointError, StorageError, ValueError) as e:
                 ok, reason = False, str(e)
             votes: list = [None] * self.world_size
@@ -141,24 +164,23 @@ class Checkpointer:
         return None
 
     # ----------------------------------------------------------------------------------- export
-    def export(self, ref: CheckpointRef, model_config: dict, tokenizer_json: str, meta: dict) -> str:
+    def export(self, ref: CheckpointRef, meta: dict) -> str:
         """Rank 0: consolidate the committed checkpoint's fp32 weights into a model-only artifact."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         from safetensors.torch import save_file
 
         dest = self.local / "export"
         shutil.rmtree(dest, ignore_errors=True)
         tag = checkpoint_tag(ref.step)
-        self._download(ref, dest / tag)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(dest), tag=tag)
+        download_checkpoint(self.store, ref, dest / tag)
+        state = consolidate_fp32(dest, tag)
         # Tied weights share storage; safetensors stores each tensor once, so keep one name.
         tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if k != "lm_head.weight"}
         weights = dest / EXPORT_WEIGHTS
         save_file(tensors, str(weights), metadata={"format": "pt"})
         out = export_uri(self.run)
         self.store.put_file(join_uri(out, EXPORT_WEIGHTS), weights)
-        self.store.put(join_uri(out, "config.json"), json.dumps(model_config, indent=1).encode())
-        self.store.put(join_uri(out, TOKENIZER), tokenizer_json.encode())
+        for name, data in self.rank0_files.items():  # tokenizer and model config
+            self.store.put(join_uri(out, name), data)
         manifest = dict(meta, step=ref.step, checkpoint=ref.uri, weights=EXPORT_WEIGHTS,
                         sha256=file_sha256(weights), exported_at=time.time())
         self.store.put(join_uri(out, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode())  # last

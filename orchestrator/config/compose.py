@@ -6,6 +6,7 @@ names the key or group, the value and the valid choices.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfi
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV
 from orchestrator.errors import ConfigError
+from orchestrator.storage import to_uri
 
 CONFIG_NAME = "config"
 
@@ -123,9 +125,11 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict:
     OmegaConf.set_struct(cfg, False)
     try:
         cfg.state_dir = os.path.abspath(os.path.expanduser(str(cfg.state_dir)))
-        data = OmegaConf.to_container(cfg, resolve=True)
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
+        if type(e).__name__ == "MissingMandatoryValue":
+            raise ConfigError(f"config key '{key}' has no value (??? in conf/); set it with {key}=...") from None
         raise ConfigError(f"config key '{key}' cannot be resolved: {str(e).strip().splitlines()[0]}") from None
     return data  # type: ignore[return-value]
 
@@ -145,6 +149,9 @@ def resolve_jobs(root: RootConfig) -> list[JobConfig]:
         merged.update(spec.trainer)
         trainer = build(TrainerConfig, merged, f"pipeline.jobs.{name}.trainer")
         data: DataConfig = spec.data or root.data
+        init_from = to_uri(spec.init_from) if spec.init_from else None
+        if data.kind == "sft" and not data.tokenizer_uri and init_from:
+            data = dataclasses.replace(data, tokenizer_uri=init_from)  # fine-tune with the model's own tokenizer
         fields = dict(
             name=name,
             kind=spec.kind,
@@ -162,6 +169,7 @@ def resolve_jobs(root: RootConfig) -> list[JobConfig]:
             storage=root.storage,
             tracking=root.tracking,
             cluster=root.cluster,
+            init_from=init_from,
         )
         try:
             jobs.append(JobConfig(**fields))

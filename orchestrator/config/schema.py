@@ -130,8 +130,6 @@ class DataConfig:
         _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
-        if self.kind == "sft" and not self.tokenizer_uri:
-            raise ValueError("an sft dataset needs tokenizer_uri (the URI of the dataset whose tokenizer it reuses)")
 
 
 @dataclass(frozen=True)
@@ -174,6 +172,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    peak_flops_per_device: Optional[float] = None  # peak FLOP/s for MFU (null: from the GPU's name; unknown on CPU)
 
     def __post_init__(self):
         if self.accelerator == "cuda" and self.gpus_per_worker <= 0:
@@ -193,6 +192,7 @@ class JobSpec:
     max_failures: int = 0  # worker-group restarts Ray Train may make before the job fails
     data: Optional[DataConfig] = None  # null: the top-level `data`
     trainer: dict = field(default_factory=dict)  # overrides of the top-level `trainer` for this job
+    init_from: Optional[str] = None  # weights to start from: a Hugging Face folder, or an orch export/checkpoint URI
 
     def __post_init__(self):
         _positive(self, "workers")
@@ -271,8 +271,14 @@ class JobConfig:
     storage: StorageConfig
     tracking: TrackingConfig
     cluster: ClusterConfig
+    init_from: Optional[str] = None  # weights to start from (else: the dependency's exported weights)
 
     def __post_init__(self):
+        if self.data.kind == "sft" and not self.data.tokenizer_uri:
+            raise ValueError(
+                f"sft data '{self.data.name}' needs data.tokenizer_uri (the dataset or model folder whose tokenizer it uses), "
+                f"or the job's init_from"
+            )
         per_step = self.trainer.micro_batch_size * self.workers
         if self.trainer.global_batch_size % per_step:
             raise ValueError(
@@ -284,6 +290,11 @@ class JobConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}; "
                 f"lower data.seq_len or pick a larger model"
+            )
+        if self.data.kind == "text" and self.data.vocab_size > self.model.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={self.data.vocab_size} (the tokenizer to train) exceeds model.vocab_size={self.model.vocab_size}; "
+                f"lower data.vocab_size or raise model.vocab_size"
             )
         if self.kind == "finetune" and self.data.kind != "sft":
             raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' of kind {self.data.kind!r}")

@@ -21,7 +21,7 @@ import numpy as np
 from orchestrator.config.schema import DataConfig
 from orchestrator.constants import DATASET_FORMAT_VERSION, TOKENIZER
 from orchestrator.data.corpus import GENERATORS
-from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, load_manifest, manifest_uri, try_load_manifest
+from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectStore, join_uri
 
@@ -191,6 +191,23 @@ def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -
     return tokens[:kept], mask[:kept]
 
 
+def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
+    """The tokenizer of a prepared dataset (via its manifest) or of a model folder (tokenizer.json)."""
+    from orchestrator.storage import ObjectNotFound, S3Store, open_store
+
+    if isinstance(store, S3Store) != uri.startswith("s3://"):  # e.g. a local model folder, data in S3
+        store = open_store(uri)
+    manifest = try_load_manifest(store, uri)
+    key = manifest.tokenizer_key if manifest else TOKENIZER
+    try:
+        return store.get(join_uri(uri, key)).decode()
+    except ObjectNotFound:
+        raise DatasetError(
+            f"no tokenizer at {uri}: it is neither a prepared dataset nor a model folder with {TOKENIZER}; "
+            f"fix data.tokenizer_uri (or the job's init_from)"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------- entry
 def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None) -> Manifest:
     """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there."""
@@ -199,8 +216,7 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     say = progress or (lambda msg: log.info(msg))
     tok_json = None
     if cfg.kind == "sft":
-        base = load_manifest(store, cfg.tokenizer_uri)
-        tok_json = store.get(join_uri(cfg.tokenizer_uri, base.tokenizer_key)).decode()
+        tok_json = load_tokenizer_json(cfg.tokenizer_uri, store)
     signature = dataset_signature(cfg, _sha256(tok_json.encode()) if tok_json else None)
 
     existing = try_load_manifest(store, cfg.uri)

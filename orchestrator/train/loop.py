@@ -90,15 +90,13 @@ class _Trainer:
         from torch.optim.lr_scheduler import LambdaLR
 
         from model.gpt import GPT
-        from orchestrator.checkpoint.manager import load_exported_weights
         from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
 
         job = self.job
         torch.manual_seed(job.trainer.seed)
         model = GPT(job.model.gpt_config())
         if self.spec.init_from:
-            state = load_exported_weights(self.store, self.spec.init_from, self.scratch / f"rank-{self.rank}")
-            model.load_state_dict(state)
+            model.load_state_dict(self._initial_weights(self.spec.init_from))
             log.info("initialised from %s", self.spec.init_from)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -112,7 +110,20 @@ class _Trainer:
                                                config=deepspeed_config(job, self.world), lr_scheduler=schedule)
         return engine
 
+    def _initial_weights(self, init_from: str) -> dict:
+        """fp32 weights to start from: an orch export (the pipeline's hand-off), a checkpoint or an HF folder."""
+        from orchestrator import artifacts
+
+        return artifacts.load(artifacts.resolve(init_from, endpoint_url=self.job.storage.endpoint_url)).state_dict
+
     # ------------------------------------------------------------------------------ helpers
+    def _device_name(self) -> str | None:
+        import torch
+
+        if self.job.cluster.accelerator == "cuda" and torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+        return None
+
     def _mean(self, values: list[float]) -> float:
         """Mean of a per-rank list of floats over all ranks."""
         import torch
@@ -152,13 +163,19 @@ class _Trainer:
         job = self.job
         self._report(event="attempt")
         self.device = get_accelerator().current_device_name()
-        self.manifest = manifest = load_manifest(self.store, job.data.uri)
+        manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache"
         train = SplitReader(self.store, job.data.uri, manifest, "train", cache)
         val = SplitReader(self.store, job.data.uri, manifest, "val", cache)
 
         engine = self._build_engine()
-        ckpt = Checkpointer(self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint.keep_last)
+        import json
+
+        from orchestrator.constants import MODEL_CONFIG, TOKENIZER
+
+        tokenizer = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key))
+        ckpt = Checkpointer(self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint.keep_last,
+                            rank0_files={TOKENIZER: tokenizer, MODEL_CONFIG: json.dumps(to_dict(job.model), indent=1).encode()})
         restored = ckpt.restore(engine)
         state = TrainerState(**restored) if restored else TrainerState()
         if restored:
@@ -182,9 +199,14 @@ class _Trainer:
 
     def _loop(self, engine, state: TrainerState, train: SplitReader, val: SplitReader, ckpt, tracker) -> None:
         job, tr = self.job, self.job.trainer
+        from model.gpt import flops_per_token
+        from orchestrator.train.mfu import mfu, peak_flops
+
         tokens_per_step = tr.global_batch_size * job.data.seq_len
+        model_flops = flops_per_token(job.model.gpt_config(), job.data.seq_len)
+        peak = peak_flops(self._device_name(), job.cluster.peak_flops_per_device)
         last_saved = state.step if state.step else None
-        data_wait = 0.0
+        data_wait, steps_since_log = 0.0, 0
         t_last = time.perf_counter()
         while state.step < tr.max_steps:
             t0 = time.perf_counter()
@@ -201,17 +223,24 @@ class _Trainer:
             state.step += 1
             state.cursor += tr.global_batch_size
             state.tokens_seen += tokens_per_step
+            steps_since_log += 1
             loss_mean = self._mean(losses)
             if state.first_loss is None:
                 state.first_loss = loss_mean
             if state.step % tr.log_interval == 0 or state.step == tr.max_steps or state.step == 1:
                 now = time.perf_counter()
+                step_time = (now - t_last) / steps_since_log
+                tokens_per_s = tokens_per_step / step_time
                 metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens": state.tokens_seen,
-                           "perf/step_time_s": (now - t_last) / max(1, tr.log_interval),
-                           "perf/data_wait_s": data_wait / max(1, tr.log_interval)}
+                           "perf/step_time_s": step_time, "perf/data_wait_s": data_wait / steps_since_log,
+                           "perf/data_wait_fraction": data_wait / (now - t_last), "perf/tokens_per_s": tokens_per_s,
+                           "perf/model_tflops_per_device": tokens_per_s * model_flops / self.world / 1e12}
+                utilisation = mfu(tokens_per_s, model_flops, self.world, peak)
+                if utilisation is not None:
+                    metrics["perf/mfu"] = utilisation
                 tracker.log(metrics, step=state.step)
                 self._report(step=state.step, loss=loss_mean, first_loss=state.first_loss, tokens=state.tokens_seen)
-                t_last, data_wait = now, 0.0
+                t_last, data_wait, steps_since_log = now, 0.0, 0
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
                 eval_loss = self._evaluate(engine, val)
                 tracker.log({"eval/loss": eval_loss}, step=state.step)
@@ -232,11 +261,7 @@ class _Trainer:
             ref = latest_committed(self.store, self.spec.run_uri)
         self._report(checkpoint=ref.uri, checkpoint_step=ref.step, eval_loss=eval_loss)
         if self.rank == 0:
-            from orchestrator.constants import TOKENIZER
-
-            tok = self.store.get(join_uri(job.data.uri, self.manifest.tokenizer_key)).decode()
-            out = ckpt.export(ref, to_dict(job.model), tok, {"job_id": self.spec.job_id, "kind": job.kind,
-                                                               "tokenizer": TOKENIZER, "eval_loss": eval_loss})
+            out = ckpt.export(ref, {"job_id": self.spec.job_id, "kind": job.kind, "eval_loss": eval_loss})
             tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss, "export": out})
             self._report(export=out, eval_loss=eval_loss, done=True)
         import torch.distributed as dist

@@ -50,7 +50,11 @@ def _group_options() -> list[tuple[str, str]]:
 # Options only valid in combination: on their own they must fail with this exact reason.
 ONLY_IN_COMBINATION = {
     ("data", "qa"): "job 'pretrain': a pretrain job needs a text dataset, got data 'qa' of kind 'sft'",
+    ("pipeline", "finetune"): "config key 'pipeline.jobs.finetune.init_from' has no value (??? in conf/); "
+                              "set it with pipeline.jobs.finetune.init_from=...",
 }
+# Settings that complete an option that is only valid in combination.
+COMPLETIONS = {("pipeline", "finetune"): ("pipeline.jobs.finetune.init_from=/models/hf-gpt",)}
 
 
 def _scalars(path: Path) -> dict:
@@ -71,8 +75,9 @@ def test_conf_folder_is_the_real_one():
 def test_every_option_of_every_group_composes(group, option):
     if (group, option) in ONLY_IN_COMBINATION:
         assert config_error(f"{group}={option}") == ONLY_IN_COMBINATION[(group, option)]
-        return
-    root, jobs = compose(f"{group}={option}")
+        if (group, option) not in COMPLETIONS:
+            return
+    root, jobs = compose(f"{group}={option}", *COMPLETIONS.get((group, option), ()))
     assert jobs, "no jobs resolved"
     # The option really was selected: its literal settings are the typed values.
     typed = getattr(root, group)
@@ -86,6 +91,15 @@ def test_sft_data_composes_in_the_finetune_job():
     """qa is valid where it belongs: as the finetune job's data (the pipeline's default)."""
     _, jobs = compose("pipeline=pretrain_finetune", "data=stories")
     assert jobs["finetune"].data.name == "qa" and jobs["finetune"].data.kind == "sft"
+
+
+def test_finetune_pipeline_uses_the_models_tokenizer():
+    """pipeline=finetune starts from a model folder and tokenizes its data with that folder's tokenizer."""
+    _, jobs = compose("pipeline=finetune", "pipeline.jobs.finetune.init_from=/models/hf-gpt")
+    job = jobs["finetune"]
+    assert job.init_from == "file:///models/hf-gpt"
+    assert job.data.tokenizer_uri == "file:///models/hf-gpt"
+    assert job.depends_on == ()
 
 
 def test_zero3_offload_extends_zero3():

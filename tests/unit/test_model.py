@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, IGNORE_INDEX, GPTConfig, count_parameters, flops_per_token, generate
+from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, count_parameters, flops_per_token, generate
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -239,3 +239,128 @@ def test_generate_appends_tokens_and_crops_context():
     with torch.no_grad():
         logits, _ = model(idx)
     assert torch.equal(greedy[:, -1], logits[:, -1].argmax(-1))
+
+
+# --- KV cache and generation ------------------------------------------------------------------
+
+
+def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward():
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=2, T=16)
+    with torch.no_grad():
+        full, _ = model(idx)  # (B, 16, V), no cache
+        cache = model.new_kv_cache(batch_size=2)
+        prefill, _ = model(idx[:, :5], kv_cache=cache)
+        torch.testing.assert_close(prefill, full[:, :5], rtol=0, atol=1e-5)
+        assert cache.length == 5
+        for t in range(5, 16):
+            step, _ = model(idx[:, t : t + 1], kv_cache=cache)  # (B, 1, V) at position t
+            torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-5, msg=f"position {t}")
+    assert cache.length == 16
+
+
+def test_kv_cache_multi_token_chunks_after_a_prefix():
+    # T > 1 new tokens after L > 0 cached ones needs the offset causal mask.
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=2, T=16)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache.allocate(model.config, batch_size=2)
+        chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 4), (4, 9), (9, 10), (10, 16))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_reset_and_limits():
+    model = tiny_model().eval()
+    idx, _ = random_batch(B=2, T=16)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache(batch_size=2)
+        model(idx[:, :16], kv_cache=cache)
+        with pytest.raises(ValueError, match="block_size"):
+            model(idx[:, :1], kv_cache=cache)  # position 16 does not exist
+        cache.reset()
+        again, _ = model(idx[:, :3], kv_cache=cache)  # stale buffers are never read
+        torch.testing.assert_close(again, full[:, :3], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="batch size"):
+            model(idx[:1, :1], kv_cache=cache)
+
+
+def greedy_by_hand(model, idx, n):
+    """Reference greedy decoding: full forward over the last block_size tokens each step."""
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size :])
+            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 20], ids=lambda n: f"prompt{n}")
+def test_generate_with_and_without_cache_agree(prompt_len):
+    # 30 new tokens run past block_size=16 (and prompt 20 starts past it): the cached path must
+    # fall back to the cropped window and still match.
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 64, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    cached = generate(model, prompt, max_new_tokens=30, temperature=0, use_cache=True)
+    plain = generate(model, prompt, max_new_tokens=30, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached, greedy_by_hand(model, prompt, 30))
+    sampled = [
+        generate(model, prompt, 30, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(7), use_cache=c)
+        for c in (True, False)
+    ]
+    assert torch.equal(sampled[0], sampled[1])
+    assert sampled[0].shape == (2, prompt_len + 30)
+    assert torch.equal(sampled[0][:, :prompt_len], prompt)
+
+
+def test_generate_is_deterministic_under_a_seed():
+    model = tiny_model().eval()
+    prompt = torch.zeros(2, 2, dtype=torch.long)
+
+    def sample(seed):
+        return generate(model, prompt, 24, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(4))
+    greedy = generate(model, prompt, 20, temperature=0)
+    top1 = generate(model, prompt, 20, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(top1, greedy)
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_mode():
+    model = tiny_model(dropout=0.3).train()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    a = generate(model, prompt, 10, temperature=0)
+    b = generate(model, prompt, 10, temperature=0)
+    assert torch.equal(a, b)  # no dropout during generation
+    assert model.training
+    assert torch.equal(a, greedy_by_hand(model.eval(), prompt, 10))
+    generate(model, prompt, 2, temperature=0)
+    assert not model.training
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(max_new_tokens=-1)])
+def test_generate_rejects_bad_arguments(bad):
+    model = tiny_model()
+    args = {"max_new_tokens": 3, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+def test_generate_uses_the_cache_until_the_window_is_full():
+    model = tiny_model().eval()
+    calls = []  # (tokens fed, with cache?) per forward
+
+    def record(module, args, kwargs):
+        calls.append((args[0].size(1), kwargs.get("kv_cache") is not None))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    generate(model, torch.zeros(1, 5, dtype=torch.long), max_new_tokens=14, temperature=0)
+    # Prefill 5, decode one at a time until 16 positions are cached, then recompute the window.
+    assert calls == [(5, True)] + [(1, True)] * 11 + [(16, False)] * 2

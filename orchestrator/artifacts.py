@@ -1,0 +1,224 @@
+"""Models outside training: find one (a job, a checkpoint, an export or a Hugging Face folder), load
+its fp32 weights, write it as a Hugging Face folder, sample from it.
+
+    orch export CHECKPOINT DIR        CHECKPOINT: job id | .../checkpoints/step-N | .../export | run URI
+    orch generate CHECKPOINT --prompt "..."
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, latest_committed
+from orchestrator.config.schema import ModelConfig
+from orchestrator.config.typed import build
+from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, JOBS_DB, MODEL_CONFIG, TOKENIZER
+from orchestrator.errors import CheckpointError, ConfigError, JobNotFound
+from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri, open_store, to_uri
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "checkpoint" | "export" | "hf"
+    uri: str
+    store: ObjectStore
+
+
+@dataclass
+class ModelArtifact:
+    model: ModelConfig
+    state_dict: dict
+    tokenizer_json: str | None
+    source: str
+
+
+def _not_a_model(ref: str) -> CheckpointError:
+    return CheckpointError(
+        f"{ref} is not a model: no {COMMIT_MARKER} (checkpoint), {EXPORT_MANIFEST} (export) or {HF_CONFIG} "
+        f"(Hugging Face folder) there; pass a job id, a checkpoint URI (.../checkpoints/step-N), an export URI or an HF folder"
+    )
+
+
+def resolve(ref: str, state_dir: str | None = None, endpoint_url: str | None = None) -> ModelSource:
+    """What `ref` names: a job id (from the state folder), or a URI/path of a checkpoint, a run, an
+    export, or a Hugging Face folder."""
+    if state_dir and "/" not in ref and (Path(state_dir) / JOBS_DB).exists():
+        from orchestrator.jobs.store import JobStore
+
+        try:
+            record = JobStore(state_dir).get(ref)
+        except JobNotFound:
+            record = None
+        if record is not None:
+            storage = record.config["storage"]
+            store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
+            if record.checkpoint:
+                return ModelSource("checkpoint", record.checkpoint, store)
+            raise CheckpointError(f"job {ref} has no committed checkpoint yet (state {record.state.value}); wait for one or pick another job")
+    if "://" not in ref and not os.path.isabs(ref):
+        if not os.path.exists(ref):
+            raise CheckpointError(f"{ref} is neither a job id in {state_dir} nor an existing path; pass a job id, a URI or a folder")
+        ref = os.path.abspath(ref)
+    uri = to_uri(ref).rstrip("/")
+    store = open_store(uri, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if store.exists(join_uri(uri, COMMIT_MARKER)):
+        return ModelSource("checkpoint", uri, store)
+    if store.exists(join_uri(uri, EXPORT_MANIFEST)):
+        return ModelSource("export", uri, store)
+    if store.exists(join_uri(uri, HF_CONFIG)):
+        return ModelSource("hf", uri, store)
+    newest = latest_committed(store, uri)  # a run folder
+    if newest is not None:
+        return ModelSource("checkpoint", newest.uri, store)
+    raise _not_a_model(ref)
+
+
+def _get_text(store: ObjectStore, uri: str) -> str | None:
+    try:
+        return store.get(uri).decode()
+    except ObjectNotFound:
+        return None
+
+
+def _model_config(store: ObjectStore, folder: str) -> ModelConfig:
+    text = _get_text(store, join_uri(folder, MODEL_CONFIG))
+    if text is None:
+        raise CheckpointError(
+            f"{folder} has no {MODEL_CONFIG}, so its architecture is unknown; use a checkpoint or export written by "
+            f"this version of orch"
+        )
+    return build(ModelConfig, json.loads(text), "model")
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    """The architecture of a model source, without loading its weights."""
+    if source.kind in ("checkpoint", "export"):
+        return _model_config(source.store, source.uri)
+    from model.hf import hf_config_to_gpt
+
+    text = _get_text(source.store, join_uri(source.uri, HF_CONFIG))
+    try:
+        gpt = hf_config_to_gpt(json.loads(text or "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{join_uri(source.uri, HF_CONFIG)}: {e}") from None
+    return _from_gpt(gpt, "hf")
+
+
+def _from_gpt(gpt, name: str) -> ModelConfig:
+    return ModelConfig(name=name, **{k: getattr(gpt, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                                   "n_embd", "dropout", "bias", "activation_checkpointing")})
+
+
+def load(source: ModelSource) -> ModelArtifact:
+    """fp32 weights (our names), architecture and tokenizer of a model source."""
+    with tempfile.TemporaryDirectory(prefix="orch-model-") as tmp:
+        if source.kind == "checkpoint":
+            from orchestrator.checkpoint.manager import consolidate_fp32, download_checkpoint
+
+            step = int(source.uri.rstrip("/").rsplit("step-", 1)[1])
+            tag = checkpoint_tag(step)
+            model = _model_config(source.store, source.uri)  # before the heavy part
+            download_checkpoint(source.store, CheckpointRef(step, source.uri, True), Path(tmp) / tag)
+            state = consolidate_fp32(Path(tmp), tag)
+            return ModelArtifact(model, dict(state),
+                                 _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
+        if source.kind == "export":
+            from orchestrator.checkpoint.manager import load_exported_weights
+
+            state = load_exported_weights(source.store, source.uri, tmp)
+            return ModelArtifact(_model_config(source.store, source.uri), state,
+                                 _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
+        return load_hf(source.store, source.uri, Path(tmp))
+
+
+def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> ModelArtifact:
+    """A Hugging Face GPT-2-layout folder (config.json + model.safetensors) as our weights."""
+    from safetensors.torch import load_file
+
+    from model.hf import hf_config_to_gpt, hf_state_dict_to_gpt
+
+    text = _get_text(store, join_uri(folder, HF_CONFIG))
+    if text is None:
+        raise _not_a_model(folder)
+    try:
+        gpt = hf_config_to_gpt(json.loads(text))
+    except ValueError as e:
+        raise CheckpointError(f"{join_uri(folder, HF_CONFIG)}: {e}") from None
+    weights = tmp / HF_WEIGHTS
+    try:
+        store.get_file(join_uri(folder, HF_WEIGHTS), weights)
+    except ObjectNotFound:
+        raise CheckpointError(f"{folder} has no {HF_WEIGHTS}; orch reads Hugging Face weights in safetensors format only") from None
+    state = {k: v.float() for k, v in hf_state_dict_to_gpt(load_file(str(weights)), gpt).items()}
+    return ModelArtifact(_from_gpt(gpt, name), state, _get_text(store, join_uri(folder, TOKENIZER)), folder)
+
+
+def build_model(artifact: ModelArtifact):
+    """An eval-mode GPT holding the artifact's weights."""
+    from model.gpt import GPT
+
+    model = GPT(artifact.model.gpt_config())
+    model.load_state_dict(artifact.state_dict)
+    return model.eval()
+
+
+def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (GPT2LMHeadModel),
+    with the tokenizer as a `PreTrainedTokenizerFast`."""
+    from safetensors.torch import save_file
+
+    from model.hf import gpt_to_hf_config, gpt_to_hf_state_dict
+    from model.tokenizer import EOT_TOKEN, eot_id, tokenizer_from_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eot = eot_id(tokenizer_from_json(artifact.tokenizer_json)) if artifact.tokenizer_json else 0
+    try:
+        hf_config = gpt_to_hf_config(artifact.model.gpt_config(), bos_token_id=eot, eos_token_id=eot)
+    except ValueError as e:
+        raise ConfigError(f"cannot export {artifact.source} to Hugging Face: {e}") from None
+    save_file(gpt_to_hf_state_dict(artifact.state_dict), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    (out / HF_CONFIG).write_text(json.dumps(hf_config, indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=1))
+    if artifact.tokenizer_json:
+        (out / TOKENIZER).write_text(artifact.tokenizer_json)
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": artifact.model.block_size,
+                   "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN,
+                   "clean_up_tokenization_spaces": False}
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+        (out / "special_tokens_map.json").write_text(json.dumps(
+            {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}, indent=1))
+    return out
+
+
+def sample(artifact: ModelArtifact, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
+           seed: int) -> str:
+    """Text the model continues `prompt` with (KV-cached sampling)."""
+    import torch
+
+    from model.gpt import generate
+    from model.tokenizer import eot_id, tokenizer_from_json
+
+    if not artifact.tokenizer_json:
+        raise CheckpointError(f"{artifact.source} has no {TOKENIZER}: cannot encode a prompt for it")
+    tok = tokenizer_from_json(artifact.tokenizer_json)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise ConfigError("--prompt is empty; give some text to continue")
+    if max(ids) >= artifact.model.vocab_size:
+        raise CheckpointError(f"the tokenizer of {artifact.source} does not match its model (vocab_size {artifact.model.vocab_size})")
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(artifact)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    new = out[0, len(ids):].tolist()
+    eot = eot_id(tok)
+    if eot in new:  # a document (or an answer) ends at the end-of-text token
+        new = new[: new.index(eot)]
+    return tok.decode(new, skip_special_tokens=False)

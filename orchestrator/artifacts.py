@@ -94,7 +94,10 @@ def _model_config(store: ObjectStore, folder: str) -> ModelConfig:
             f"{folder} has no {MODEL_CONFIG}, so its architecture is unknown; use a checkpoint or export written by "
             f"this version of orch"
         )
-    return build(ModelConfig, json.loads(text), "model")
+    try:
+        return build(ModelConfig, json.loads(text), "model")
+    except (ValueError, ConfigError) as e:
+        raise CheckpointError(f"{join_uri(folder, MODEL_CONFIG)} is not a valid model config ({e}); the checkpoint is damaged") from None
 
 
 def read_model_config(source: ModelSource) -> ModelConfig:
@@ -178,6 +181,10 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike) -> Path:
     from model.tokenizer import EOT_TOKEN, eot_id, tokenizer_from_json
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export destination {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / HF_CONFIG).exists():
+        raise ConfigError(f"export destination {out} is a non-empty folder that is not a model; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     eot = eot_id(tokenizer_from_json(artifact.tokenizer_json)) if artifact.tokenizer_json else 0
     try:

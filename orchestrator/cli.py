@@ -27,12 +27,17 @@ def _say(msg: str) -> None:
     print(f"[orch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _quoted(value: str) -> str:
+    """A Hydra override value taken literally (commas, brackets, spaces and all)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _overrides(args) -> list[str]:
     ov = list(args.overrides)
     if getattr(args, "address", None):
-        ov.append(f"cluster.address={args.address}")
+        ov.append(f"cluster.address={_quoted(args.address)}")
     if getattr(args, "state_dir", None):
-        ov.append(f"state_dir={args.state_dir}")
+        ov.append(f"state_dir={_quoted(os.path.abspath(args.state_dir))}")
     return ov
 
 
@@ -52,6 +57,10 @@ def cmd_run(args) -> int:
 
     records = run_pipeline(root, jobs, say=_say, verbose=args.verbose)
     _print_summary(root, records)
+    if args.debug:
+        for r in records:
+            if r.failure_detail:
+                print(f"\n{r.id} failed:\n{r.failure_detail}", file=sys.stderr)
     return 0 if all(r.state.value == "SUCCEEDED" for r in records) else 1
 
 
@@ -147,24 +156,47 @@ def cmd_status(args) -> int:
 
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_prepare(args) -> int:
+    """`orch data prepare [SRC DST] [OVERRIDES]`: SRC/DST prepare one dataset (the `data` group's
+    settings, e.g. data.seq_len=1024); without them, every dataset the pipeline's jobs use."""
+    import dataclasses
+
+    from orchestrator.cluster import connect
     from orchestrator.config.compose import compose_root, resolve_jobs
     from orchestrator.data.prepare import prepare_dataset
-    from orchestrator.train.loop import open_job_store
+    from orchestrator.errors import ConfigError
+    from orchestrator.storage import open_store, to_uri
 
-    jobs = resolve_jobs(compose_root(_overrides(args)))
+    positional = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    args.overrides = overrides
+    root = compose_root(_overrides(args))
+    if len(positional) == 2:
+        src, dst = (to_uri(p) if "://" not in p else p for p in positional)
+        name = dst.rstrip("/").rsplit("/", 1)[-1]
+        data = dataclasses.replace(root.data, source=src, uri=dst.rstrip("/"), name=name)
+        if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
+            raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: set data.tokenizer_uri=URI")
+        datasets = [data]
+    elif not positional:
+        datasets = []
+        for job in resolve_jobs(root):
+            if job.data.uri not in [d.uri for d in datasets]:
+                datasets.append(job.data)
+    else:
+        raise ConfigError(f"orch data prepare takes SRC and DST (or neither), got {' '.join(positional)!r}; "
+                          f"e.g. orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024")
     if args.dry_run:
-        for job in jobs:
-            print(f"{job.name}: {job.data.kind} dataset '{job.data.name}' from {job.data.source} -> {job.data.uri}")
+        for d in datasets:
+            print(f"{d.kind} dataset '{d.name}' from {d.source} -> {d.uri} (seq_len {d.seq_len}, vocab {d.vocab_size})")
         return 0
-    done = set()
-    for job in jobs:
-        if job.data.uri in done:
-            continue
-        store = open_job_store(job)
-        store.check(job.storage.root)
-        m = prepare_dataset(store, job.data, progress=_say)
-        done.add(job.data.uri)
-        _say(f"dataset {m.name} ready at {job.data.uri}: {m.splits['train'].tokens} train tokens")
+    storage = root.storage
+    with connect(root.cluster, needed_cpus=1):
+        for d in datasets:
+            store = open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region)
+            store.check(d.uri)
+            m = prepare_dataset(store, d, progress=_say)
+            _say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
+                 f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
     return 0
 
 
@@ -236,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset commands")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prep = dsub.add_parser("prepare", help="tokenize the pipeline's datasets into shards in the store")
-    prep.add_argument("overrides", nargs="*", help="Hydra overrides (data=..., storage=...)")
+    prep = dsub.add_parser("prepare", help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
+    prep.add_argument("overrides", nargs="*", metavar="[SRC DST] OVERRIDES",
+                      help="source and destination URIs, then Hydra overrides (data.seq_len=..., data=qa, storage=s3 ...)")
+    prep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
     prep.add_argument("--state-dir", help="state folder")
     prep.add_argument("--dry-run", action="store_true", help="print what would be prepared, and where")
     prep.set_defaults(func=cmd_data_prepare)
@@ -252,7 +286,13 @@ def _exit_on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`orch run --state-dir s model=gpt_tiny`).
+    if extra:
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except OrchError as e:

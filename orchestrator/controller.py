@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.errors import ClusterError
+from orchestrator.errors import CheckpointError, ClusterError, OrchError
 from orchestrator.jobs.policy import admission_decisions, dependency_decisions, never_fits
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
@@ -53,7 +53,7 @@ class Controller:
         ]
         capacity = self.capacity()
         for r in records:
-            why = never_fits(r, capacity)
+            why = None if r.config["cluster"].get("autoscaling") else never_fits(r, capacity)
             if why:
                 raise ClusterError(why)
         self.store.add(records)
@@ -67,10 +67,17 @@ class Controller:
             self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: {d.state.value} ({d.reason})")
         jobs = [self.store.get(i) for i in job_ids]
-        for d in admission_decisions(jobs, self.capacity()):
+        autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
+        for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
             record = self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: STARTING")
-            self.handles[d.job_id] = self.launcher.start(record, self._init_from(record))
+            try:
+                init_from = self._init_from(record)
+            except OrchError as e:
+                self.store.transition(d.job_id, JobState.FAILED, str(e), failure_reason=str(e))
+                self.say(f"{d.job_id}: FAILED: {e}")
+                continue
+            self.handles[d.job_id] = self.launcher.start(record, init_from)
         for job_id, handle in list(self.handles.items()):
             self._observe(self.store.get(job_id), self.launcher.poll(handle))
         return any(not self.store.get(i).state.terminal for i in job_ids)
@@ -84,6 +91,8 @@ class Controller:
             export = self.store.get(dep).export
             if export:
                 return export
+        if record.depends_on:  # never start from random weights by accident
+            raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights to start from")
         return None
 
     def _observe(self, record: JobRecord, p) -> None:
@@ -117,7 +126,7 @@ class Controller:
             self.handles.pop(record.id, None)
         elif p.status == "failed":
             self.store.transition(record.id, JobState.FAILED, p.reason or "failed", failure_reason=p.reason,
-                                  restarts=restarts)
+                                  failure_detail=p.traceback, restarts=restarts)
             self.say(f"{record.id}: FAILED: {p.reason}")
             self.handles.pop(record.id, None)
 

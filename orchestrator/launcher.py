@@ -78,15 +78,31 @@ def _prepare_remote():
 
     @ray.remote(num_cpus=0)
     def prepare(job_dict: dict) -> list[str]:
-        from orchestrator.data.prepare import prepare_dataset
+        from orchestrator.data.prepare import ensure_dataset
         from orchestrator.train.loop import open_job_store
 
         job = job_config_from_dict(job_dict)
         lines: list[str] = []
-        prepare_dataset(open_job_store(job), job.data, progress=lines.append)
+        ensure_dataset(open_job_store(job), job.data, progress=lines.append)
         return lines
 
     return prepare
+
+
+def _export_remote():
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+        from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri
+        from orchestrator.checkpoint.manager import export_checkpoint
+        from orchestrator.train.loop import local_scratch, open_job_store
+
+        job = job_config_from_dict(job_dict)
+        ref = CheckpointRef(step, checkpoint_uri(run, step), True)
+        return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind}, local_scratch(job_id))
+
+    return export
 
 
 def check_dataset_matches(job: JobConfig) -> None:
@@ -190,8 +206,8 @@ class RayLauncher:
             with handle.lock:
                 handle.progress.status = "running"
             self._fit(record, job, handle, init_from)
-            snap = ray.get(handle.sink.snapshot.remote())
-            self._merge(handle, snap)
+            self._merge(handle, ray.get(handle.sink.snapshot.remote()))
+            self._finish(record, job, handle)
             with handle.lock:
                 handle.progress.status = "succeeded"
         except OrchError as e:
@@ -210,6 +226,32 @@ class RayLauncher:
                 except Exception:
                     pass
 
+    def _finish(self, record: JobRecord, job: JobConfig, handle: RunHandle) -> None:
+        """After the worker group ended well: take the job's results from the store (not from the
+        best-effort progress stream) and export the final checkpoint's weights."""
+        import json
+
+        import ray
+
+        from orchestrator.checkpoint.layout import latest_committed, run_uri
+        from orchestrator.constants import TRAINER_STATE
+        from orchestrator.errors import CheckpointError
+        from orchestrator.storage import join_uri
+        from orchestrator.train.loop import open_job_store
+
+        store, run = open_job_store(job), run_uri(job.storage.root, record.id)
+        ref = latest_committed(store, run)
+        state = json.loads(store.get(join_uri(ref.uri, TRAINER_STATE))) if ref else {}
+        if not ref or state.get("step") != job.trainer.max_steps:
+            raise CheckpointError(f"job {record.id} ended without a committed final checkpoint in {run}")
+        self.say(f"{record.id}: exporting the weights of {ref.uri}")
+        export = ray.get(_export_remote().remote(to_dict(job), run, ref.step, record.id))
+        with handle.lock:
+            p = handle.progress
+            p.checkpoint, p.export = ref.uri, export
+            p.metrics.update({"step": state["step"], "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
+                              "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen")})
+
     def _fit(self, record: JobRecord, job: JobConfig, handle: RunHandle, init_from: str | None) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -217,8 +259,11 @@ class RayLauncher:
         from orchestrator.checkpoint.layout import run_uri
         from orchestrator.train.loop import train_worker
 
+        # W&B files: the state folder on an embedded cluster (this machine), else node-local scratch
+        # on rank 0's node (or tracking.dir); online runs upload as they go, offline ones with `wandb sync`.
+        wandb_root = job.tracking.dir or (job.state_dir if not job.cluster.address else None)
         spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=record.pipeline_id,
-                    init_from=init_from, reporter=handle.sink)
+                    init_from=init_from, reporter=handle.sink, wandb_root=wandb_root)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": to_dict(job), "spec": spec},

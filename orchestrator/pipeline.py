@@ -17,11 +17,60 @@ def preflight(jobs: list[JobConfig]) -> None:
     from orchestrator.launcher import check_dataset_matches, check_init_matches
     from orchestrator.train.loop import open_job_store
 
+    from orchestrator.data.prepare import ensure_dataset
+
+    for job in jobs:
+        check_no_secrets(job)
     for job in jobs:
         if try_load_manifest(open_job_store(job), job.data.uri) is not None:
             check_dataset_matches(job)
+        elif not job.data.source and not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
+            ensure_dataset(open_job_store(job), job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:
             check_init_matches(job, job.init_from)
+
+
+def check_no_secrets(job: JobConfig) -> None:
+    """Refuse a config that holds the value of a secret environment variable: job records, W&B
+    and checkpoints store configs, and secrets must live in the environment only."""
+    from orchestrator.config.typed import to_dict
+    from orchestrator.constants import SECRET_ENV_VARS
+    from orchestrator.errors import ConfigError
+
+    secrets = {name: os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(value, str):
+            for name, secret in secrets.items():
+                if secret in value:
+                    raise ConfigError(f"config key '{path}' holds the value of {name}; secrets belong in environment "
+                                      f"variables only, never in a config: remove it from the override or conf/")
+
+    walk(to_dict(job), "")
+
+
+def check_storage_reachable(root: RootConfig) -> None:
+    """A local-folder store only works when every node sees the same folder: one machine, or a
+    shared mount (storage.shared=true)."""
+    import ray
+
+    from orchestrator.errors import ConfigError
+
+    if root.storage.backend != "local" or root.storage.shared:
+        return
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if len(hosts) > 1 or root.cluster.autoscaling:
+        raise ConfigError(
+            f"storage=local writes to {root.storage.root} on this machine, which the other nodes of the cluster "
+            f"({len(hosts)} hosts) cannot read; use storage=s3 storage.root=s3://BUCKET/PREFIX, or storage.shared=true "
+            f"if that folder is a mount every node has"
+        )
 
 
 def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
@@ -36,6 +85,7 @@ def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], N
     preflight(jobs)
     needed = max(j.workers * j.cluster.cpus_per_worker for j in jobs)
     with connect(root.cluster, needed_cpus=needed, verbose=verbose):
+        check_storage_reachable(root)
         where = root.cluster.address or "an embedded local Ray cluster"
         say(f"connected to {where} ({', '.join(f'{k} {v:g}' for k, v in capacity().items())})")
         controller = Controller(JobStore(root.state_dir), RayLauncher(say=say, ray_storage=os.path.join(root.state_dir, "ray_results")),

@@ -26,7 +26,7 @@ from orchestrator.checkpoint.layout import (
 )
 from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_WEIGHTS, TRAINER_STATE
 from orchestrator.errors import CheckpointError
-from orchestrator.storage import ObjectStore, StorageError, join_uri
+from orchestrator.storage import ObjectNotFound, ObjectStore, StorageError, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path) -> dict:
-    """Fetch every file a checkpoint's commit marker lists into `dest`, verifying size and sha256."""
+def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path, only=None) -> dict:
+    """Fetch the files a checkpoint's commit marker lists (those `only(file)` accepts, default all)
+    into `dest`, verifying size and sha256."""
     marker = read_marker(store, ref)
     for f in marker["files"]:
+        if only is not None and not only(f):
+            continue
         path = dest / f["path"]
-        store.get_file(join_uri(ref.uri, f["path"]), path)
+        try:
+            store.get_file(join_uri(ref.uri, f["path"]), path)
+        except ObjectNotFound:
+            raise CheckpointError(f"checkpoint file {join_uri(ref.uri, f['path'])} listed in its commit marker is missing; "
+                                  f"the checkpoint is partial: use an earlier one") from None
         if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {join_uri(ref.uri, f['path'])} does not match its commit marker (size or sha256); "
@@ -112,44 +119,54 @@ class Checkpointer:
             marker = {"step": step, "world_size": self.world_size, "zero_stage": engine.zero_optimization_stage(),
                       "files": all_files, "committed_at": time.time()}
             self.store.put(join_uri(uri, COMMIT_MARKER), json.dumps(marker, indent=1).encode())  # last
-            self._retain()
+            self._retain(step)
         _dist().barrier()
         shutil.rmtree(staging, ignore_errors=True)
         log.info("checkpoint %s committed in %.2fs", uri, time.perf_counter() - t0)
         return CheckpointRef(step, uri, True)
 
-    def _retain(self) -> None:
-        """Keep the newest `keep_last` committed checkpoints; drop older ones and crashed leftovers."""
+    def _retain(self, just_committed: int) -> None:
+        """Keep the newest `keep_last` committed checkpoints (always the one just committed); drop
+        older ones and the leftovers of crashed saves."""
         refs = list_checkpoints(self.store, self.run)
-        committed = [r for r in refs if r.committed]
-        keep = {r.step for r in committed[-self.keep_last :]}
-        newest = committed[-1].step if committed else None
+        committed = [r.step for r in refs if r.committed]
+        keep = set(committed[-self.keep_last :]) | {just_committed}
         for ref in refs:
-            if ref.step in keep or ref.step == newest:
-                continue
-            if ref.committed or (newest is not None and ref.step < newest):
-                # Marker first, so a half-deleted checkpoint is never mistaken for a committed one.
-                self.store.delete(join_uri(ref.uri, COMMIT_MARKER))
-                self.store.delete_prefix(ref.uri + "/")
+            if ref.step in keep or (ref.committed and ref.step > just_committed):
+                continue  # never delete a committed checkpoint newer than ours: that is not ours to judge
+            # Marker first, so a half-deleted checkpoint is never mistaken for a committed one.
+            self.store.delete(join_uri(ref.uri, COMMIT_MARKER))
+            self.store.delete_prefix(ref.uri + "/")
 
     # ---------------------------------------------------------------------------------- restore
+    def _needed(self, f: dict) -> bool:
+        """Files this rank reads to resume at the same world size: its own, plus rank 0's shared
+        ones (stage 1-2 model states, trainer state, tokenizer, model config)."""
+        return f["rank"] == self.rank or not f["path"].startswith("zero_pp_rank_")
+
     def restore(self, engine) -> dict | None:
-        """Load the newest committed checkpoint that verifies on every rank; its trainer state, or None."""
+        """Load the newest committed checkpoint whose files verify on every rank; its trainer state,
+        or None when there is none. A corrupt or partial checkpoint is skipped (and de-committed,
+        so it is never tried again) in favour of the one before; storage errors are raised."""
         refs = [r for r in list_checkpoints(self.store, self.run) if r.committed]
+        corrupt: list[CheckpointRef] = []
         for ref in reversed(refs):
             dest = self.local / "restore"
             shutil.rmtree(dest, ignore_errors=True)
             tag = checkpoint_tag(ref.step)
             ok, reason, marker = True, "", None
             try:
-                marker = download_checkpoint(self.store, ref, dest / tag)
-            except (CheckpointError, StorageError, ValueError) as e:
+                marker = read_marker(self.store, ref)
+                if marker["world_size"] == self.world_size:
+                    download_checkpoint(self.store, ref, dest / tag, only=self._needed)
+            except (CheckpointError, ValueError, KeyError) as e:
                 ok, reason = False, str(e)
             votes: list = [None] * self.world_size
             _dist().all_gather_object(votes, (ok, reason))
             bad = [r for ok_, r in votes if not ok_]
             if bad:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", ref.uri, bad[0])
+                corrupt.append(ref)
                 continue
             if marker["world_size"] != self.world_size:
                 raise CheckpointError(
@@ -159,33 +176,44 @@ class Checkpointer:
             engine.load_checkpoint(str(dest), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
             state = json.loads((dest / tag / TRAINER_STATE).read_text())
             shutil.rmtree(dest, ignore_errors=True)
+            if self.rank == 0:
+                for c in corrupt:  # never resume from these again
+                    self.store.delete(join_uri(c.uri, COMMIT_MARKER))
             log.info("resumed from %s (step %d)", ref.uri, ref.step)
+            self.resumed_from, self.skipped = ref, corrupt
             return state
+        if corrupt:
+            raise CheckpointError(f"every committed checkpoint of {self.run} is corrupt (newest: {corrupt[0].uri}); "
+                                  f"cannot resume")
         return None
 
-    # ----------------------------------------------------------------------------------- export
-    def export(self, ref: CheckpointRef, meta: dict) -> str:
-        """Rank 0: consolidate the committed checkpoint's fp32 weights into a model-only artifact."""
-        from safetensors.torch import save_file
 
-        dest = self.local / "export"
-        shutil.rmtree(dest, ignore_errors=True)
-        tag = checkpoint_tag(ref.step)
-        download_checkpoint(self.store, ref, dest / tag)
-        state = consolidate_fp32(dest, tag)
-        # Tied weights share storage; safetensors stores each tensor once, so keep one name.
-        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if k != "lm_head.weight"}
-        weights = dest / EXPORT_WEIGHTS
-        save_file(tensors, str(weights), metadata={"format": "pt"})
-        out = export_uri(self.run)
-        self.store.put_file(join_uri(out, EXPORT_WEIGHTS), weights)
-        for name, data in self.rank0_files.items():  # tokenizer and model config
-            self.store.put(join_uri(out, name), data)
-        manifest = dict(meta, step=ref.step, checkpoint=ref.uri, weights=EXPORT_WEIGHTS,
-                        sha256=file_sha256(weights), exported_at=time.time())
-        self.store.put(join_uri(out, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode())  # last
-        shutil.rmtree(dest, ignore_errors=True)
-        return out
+def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict, local_dir: str | os.PathLike) -> str:
+    """Consolidate a committed checkpoint's fp32 weights (any ZeRO stage, any world size) into the
+    run's model-only export: safetensors weights, tokenizer, model config, manifest written last."""
+    from safetensors.torch import save_file
+
+    from orchestrator.constants import MODEL_CONFIG, TOKENIZER
+
+    dest = Path(local_dir) / "export"
+    shutil.rmtree(dest, ignore_errors=True)
+    tag = checkpoint_tag(ref.step)
+    download_checkpoint(store, ref, dest / tag)
+    state = consolidate_fp32(dest, tag)
+    # Tied weights share storage; safetensors stores each tensor once, so keep one name.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if k != "lm_head.weight"}
+    weights = dest / EXPORT_WEIGHTS
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = export_uri(run)
+    store.put_file(join_uri(out, EXPORT_WEIGHTS), weights)
+    for name in (TOKENIZER, MODEL_CONFIG):
+        if (dest / tag / name).exists():
+            store.put(join_uri(out, name), (dest / tag / name).read_bytes())
+    manifest = dict(meta, step=ref.step, checkpoint=ref.uri, weights=EXPORT_WEIGHTS,
+                    sha256=file_sha256(weights), exported_at=time.time())
+    store.put(join_uri(out, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode())  # last
+    shutil.rmtree(dest, ignore_errors=True)
+    return out
 
 
 def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.PathLike) -> dict:

@@ -117,7 +117,7 @@ class DataConfig:
     name: str  # dataset name; the prepared dataset lives at `uri`
     kind: Literal["text", "sft"]  # text: pretraining tokens; sft: prompt/response with a loss mask
     uri: str  # where the prepared shards and manifest live (s3://... or file://...)
-    source: str  # what to prepare from: "generated:stories", "generated:qa", or a URI of .txt/.jsonl files
+    source: Optional[str]  # what to prepare from: "generated:stories"/"generated:qa", a URI of .txt/.jsonl files, or null (already prepared at `uri`)
     seq_len: int  # tokens per training sample
     vocab_size: int = 512  # tokenizer vocabulary (text datasets train their own tokenizer)
     tokenizer_uri: Optional[str] = None  # sft: the dataset whose tokenizer to reuse (its URI)
@@ -125,9 +125,20 @@ class DataConfig:
     shard_tokens: int = 65536  # tokens per shard (text) / approx. tokens per shard (sft)
     val_fraction: float = 0.05  # documents held out for evaluation
     seed: int = 0  # seed of generated sources and of the train/val split
+    unit_mb: float = 64.0  # source megabytes per tokenization task (Ray tasks run in parallel)
+    # Reading (does not change the prepared bytes):
+    shuffle_window: int = 8  # shards whose samples are shuffled together (reads stay mostly sequential)
+    cache_limit_mb: int = 1024  # node-local shard cache per worker; least recently used shards are evicted
+    prefetch_batches: int = 4  # global batches whose shards are fetched ahead in the background
+    download_workers: int = 4  # background download threads per worker
 
     def __post_init__(self):
-        _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens")
+        _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens", "unit_mb", "shuffle_window",
+                  "cache_limit_mb", "download_workers")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches={self.prefetch_batches} must be >= 0")
+        if self.kind == "text" and self.vocab_size < 257:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small for a byte-level BPE: use at least 257 (256 bytes + end-of-text)")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
 
@@ -140,6 +151,7 @@ class StorageConfig:
     root: str  # URI under which datasets and runs live: file:///abs/path or s3://bucket/prefix
     endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, R2, ...); null for AWS
     region: Optional[str] = None  # S3 region; null uses the AWS default chain
+    shared: bool = False  # local backend: root is a filesystem every node mounts (NFS, FSx), so multi-node works
 
     def __post_init__(self):
         if self.backend == "s3" and not self.root.startswith("s3://"):
@@ -173,8 +185,12 @@ class ClusterConfig:
     gpus_per_worker: float = 0.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     peak_flops_per_device: Optional[float] = None  # peak FLOP/s for MFU (null: from the GPU's name; unknown on CPU)
+    autoscaling: bool = False  # nodes join on demand: admit a job alone even if it does not fit yet
 
     def __post_init__(self):
+        _positive(self, "num_cpus", "cpus_per_worker", "peak_flops_per_device")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker} must be >= 0")
         if self.accelerator == "cuda" and self.gpus_per_worker <= 0:
             raise ValueError("accelerator='cuda' needs gpus_per_worker > 0 (one worker per GPU: 1)")
         if self.accelerator == "cpu" and self.backend == "nccl":
@@ -296,6 +312,8 @@ class JobConfig:
                 f"data.vocab_size={self.data.vocab_size} (the tokenizer to train) exceeds model.vocab_size={self.model.vocab_size}; "
                 f"lower data.vocab_size or raise model.vocab_size"
             )
+        if self.kind == "finetune" and not (self.depends_on or self.init_from):
+            raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job, or init_from=MODEL")
         if self.kind == "finetune" and self.data.kind != "sft":
             raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
         if self.kind == "pretrain" and self.data.kind != "text":

@@ -53,11 +53,16 @@ def _story(rng: random.Random, people: list[Character]) -> str:
     return " ".join(keep)
 
 
+def stories(start: int, stop: int, seed: int = 0) -> list[str]:
+    """Stories number `start` to `stop - 1`; each depends only on (seed, its number), so any range
+    can be generated on its own (in parallel tasks)."""
+    people = cast(seed)
+    return [_story(random.Random(f"stories-{seed}-{i}"), people) for i in range(start, stop)]
+
+
 def generate_stories(num_documents: int, seed: int = 0) -> list[str]:
     """`num_documents` short stories, deterministic in `seed`."""
-    rng = random.Random(f"stories-{seed}")
-    people = cast(seed)
-    return [_story(rng, people) for _ in range(num_documents)]
+    return stories(0, num_documents, seed)
 
 
 QUESTIONS = [
@@ -68,12 +73,12 @@ QUESTIONS = [
 ]
 
 
-def generate_qa(num_examples: int, seed: int = 0) -> list[dict]:
-    """Prompt/response pairs about the stories' cast: {"prompt": ..., "response": ...}."""
-    rng = random.Random(f"qa-{seed}")
+def qa(start: int, stop: int, seed: int = 0) -> list[dict]:
+    """Prompt/response pairs `start` to `stop - 1` about the stories' cast."""
     people = cast(seed)
     out = []
-    for _ in range(num_examples):
+    for i in range(start, stop):
+        rng = random.Random(f"qa-{seed}-{i}")
         ch = rng.choice(people)
         q, a = rng.choice(QUESTIONS)
         fill = dict(n=ch.name, p=ch.pet, c=ch.colour, t=ch.town, f=ch.food)
@@ -81,4 +86,10 @@ def generate_qa(num_examples: int, seed: int = 0) -> list[dict]:
     return out
 
 
-GENERATORS = {"stories": generate_stories, "qa": generate_qa}
+def generate_qa(num_examples: int, seed: int = 0) -> list[dict]:
+    """Prompt/response pairs about the stories' cast: {"prompt": ..., "response": ...}."""
+    return qa(0, num_examples, seed)
+
+
+# name -> f(start, stop, seed): items `start` to `stop - 1` of a generated corpus
+GENERATORS = {"stories": stories, "qa": qa}

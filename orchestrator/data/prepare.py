@@ -1,40 +1,72 @@
-"""Turn a corpus into tokenized shards plus a manifest in the object store.
+"""Turn a corpus into tokenized shards plus a manifest in the object store (`orch data prepare`).
 
-Text datasets train a byte-level BPE tokenizer on their training documents; fine-tuning (sft)
-datasets reuse the tokenizer of the dataset named by `tokenizer_uri`, so fine-tuning speaks the
-pretrained model's vocabulary. Shards are written first and the manifest last: a crashed prepare
-leaves no usable dataset, and a re-run overwrites the leftovers.
+The corpus is cut into units (orchestrator.data.sources) that Ray tasks tokenize in parallel, so
+preparation scales with the cluster; each task writes fixed-size shards of tokens (numpy uint16 or
+uint32 arrays; sft shards add a uint8 loss-mask file) with multipart uploads. Text datasets train a
+byte-level BPE on a sample of the corpus first; fine-tuning (sft) datasets reuse the tokenizer of
+`tokenizer_uri` (a prepared dataset or a model folder). The manifest is written last: a crashed
+prepare leaves no usable dataset, and a re-run clears its leftovers and starts again.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
-import random
-from typing import Callable
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from orchestrator.config.schema import DataConfig
 from orchestrator.constants import DATASET_FORMAT_VERSION, TOKENIZER
-from orchestrator.data.corpus import GENERATORS
 from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
+from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
+SPLITS = ("train", "val")
+TOKENIZER_SAMPLE_BYTES = 64 << 20  # text the tokenizer is trained on (from the first units)
+
+# A runner maps a function over argument tuples, yielding results as they complete (any order).
+Runner = Callable[[Callable, list[tuple]], Iterator]
 
 
-def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None = None) -> str:
-    """A hash of every setting that changes the prepared bytes."""
+def local_runner(fn: Callable, args: list[tuple]) -> Iterator:
+    for a in args:
+        yield fn(*a)
+
+
+def ray_runner(fn: Callable, args: list[tuple]) -> Iterator:
+    """One Ray task per argument tuple (1 CPU each), results as they finish."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    pending = [remote.remote(*a) for a in args]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def default_runner() -> Runner:
+    ray = sys.modules.get("ray")
+    return ray_runner if ray is not None and ray.is_initialized() else local_runner
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None, units: list[Unit]) -> str:
+    """A hash of everything that changes the prepared bytes (settings, tokenizer, source files)."""
     keys = dict(kind=cfg.kind, source=cfg.source, seq_len=cfg.seq_len, num_documents=cfg.num_documents,
                 shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                version=DATASET_FORMAT_VERSION)
+                version=DATASET_FORMAT_VERSION, unit_mb=cfg.unit_mb, files=[(f.uri, f.size) for u in units for f in u.files])
     if cfg.kind == "text":
         keys["vocab_size"] = cfg.vocab_size
     else:
@@ -42,153 +74,8 @@ def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None = None) -> s
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- sources
-def _decompress(name: str, data: bytes) -> str:
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    elif name.endswith(".zst"):
-        import zstandard
-
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
-    return data.decode("utf-8")
-
-
-def _read_source_files(store: ObjectStore, source: str) -> list[tuple[str, str]]:
-    objs = [o for o in store.list(source) if o.uri.endswith(TEXT_SUFFIXES)]
-    if not objs:
-        raise DatasetError(f"no .txt or .jsonl files (optionally .gz/.zst) under data.source={source}; check the URI")
-    return [(o.uri, _decompress(o.uri, store.get(o.uri))) for o in objs]
-
-
-def load_text_documents(store: ObjectStore, cfg: DataConfig) -> list[str]:
-    """The documents of a text source: generated, or .txt files (one document each) and .jsonl
-    files (one document per line, field `text`)."""
-    if cfg.source.startswith("generated:"):
-        return GENERATORS[_generator(cfg)](cfg.num_documents, cfg.seed)
-    docs = []
-    for uri, text in _read_source_files(store, cfg.source):
-        if ".jsonl" in uri:
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        docs.append(json.loads(line)["text"])
-                    except (ValueError, KeyError, TypeError):
-                        raise DatasetError(f"{uri} line {n} is not a JSON object with a 'text' field; fix the file") from None
-        else:
-            docs.append(text)
-    return docs
-
-
-def load_sft_examples(store: ObjectStore, cfg: DataConfig) -> list[dict]:
-    """Prompt/response pairs: generated, or .jsonl with `prompt`/`response` (or chat `messages`)."""
-    if cfg.source.startswith("generated:"):
-        return GENERATORS[_generator(cfg)](cfg.num_documents, cfg.seed)
-    out = []
-    for uri, text in _read_source_files(store, cfg.source):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if "messages" in row:
-                    msgs = row["messages"]
-                    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + f"{msgs[-1]['role']}:"
-                    out.append({"prompt": prompt, "response": " " + msgs[-1]["content"]})
-                else:
-                    out.append({"prompt": row["prompt"], "response": row["response"]})
-            except (ValueError, KeyError, TypeError, IndexError):
-                raise DatasetError(
-                    f"{uri} line {n} needs 'prompt' and 'response' (or 'messages'); fix the file"
-                ) from None
-    return out
-
-
-def _generator(cfg: DataConfig) -> str:
-    name = cfg.source.split(":", 1)[1]
-    if name not in GENERATORS:
-        raise DatasetError(f"unknown generated source {cfg.source!r}; choose one of: "
-                           + ", ".join(f"generated:{g}" for g in GENERATORS))
-    return name
-
-
-def _split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    idx = list(range(len(items)))
-    random.Random(f"split-{seed}").shuffle(idx)
-    n_val = int(round(len(items) * val_fraction))
-    val = set(idx[:n_val])
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
-
-
-# ---------------------------------------------------------------------------------------- writing
-def _token_dtype(vocab_size: int) -> str:
+def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
-
-
-def _put(store: ObjectStore, uri: str, data: bytes) -> str:
-    store.put(uri, data)
-    return _sha256(data)
-
-
-def _write_text_split(store, dataset_uri, split, tokens: np.ndarray, cfg: DataConfig) -> SplitInfo:
-    shards = []
-    size = max(cfg.shard_tokens, cfg.seq_len + 1)
-    for i, start in enumerate(range(0, len(tokens), size)):
-        chunk = tokens[start : start + size]
-        samples = (len(chunk) - 1) // cfg.seq_len
-        if samples <= 0:
-            continue
-        key = f"{split}/shard-{i:05d}.bin"
-        data = chunk.tobytes()
-        shards.append(ShardInfo(key=key, tokens=len(chunk), samples=samples, bytes=len(data),
-                                sha256=_put(store, join_uri(dataset_uri, key), data)))
-    return SplitInfo(tuple(shards))
-
-
-def _write_sft_split(store, dataset_uri, split, tokens: np.ndarray, mask: np.ndarray, cfg: DataConfig) -> SplitInfo:
-    shards = []
-    per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
-    for i, start in enumerate(range(0, len(tokens), per_shard)):
-        t, m = tokens[start : start + per_shard], mask[start : start + per_shard]
-        key, mask_key = f"{split}/shard-{i:05d}.bin", f"{split}/shard-{i:05d}.mask.bin"
-        data = t.tobytes()
-        shards.append(ShardInfo(
-            key=key, tokens=t.size, samples=len(t), bytes=len(data),
-            sha256=_put(store, join_uri(dataset_uri, key), data),
-            mask_key=mask_key, mask_sha256=_put(store, join_uri(dataset_uri, mask_key), m.tobytes()),
-        ))
-    return SplitInfo(tuple(shards))
-
-
-def _encode_text(tok, docs: list[str], eot: int, dtype: str) -> np.ndarray:
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return np.asarray(ids, dtype=dtype)
-
-
-def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each example: prompt + response + EOT, cut or padded (with EOT) to seq_len + 1 tokens; the
-    mask is 1 on response tokens (and their EOT) only, so the loss ignores prompt and padding."""
-    n = seq_len + 1
-    tokens = np.full((len(examples), n), eot, dtype=dtype)
-    mask = np.zeros((len(examples), n), dtype=np.uint8)
-    prompts = tok.encode_batch([e["prompt"] for e in examples], add_special_tokens=False)
-    responses = tok.encode_batch([e["response"] for e in examples], add_special_tokens=False)
-    kept = 0
-    for p, r in zip(prompts, responses):
-        seq = p.ids + r.ids + [eot]
-        if len(p.ids) + 1 >= n:  # nothing of the response would be trained on
-            continue
-        seq = seq[:n]
-        tokens[kept, : len(seq)] = seq
-        mask[kept, len(p.ids) : len(seq)] = 1
-        kept += 1
-    return tokens[:kept], mask[:kept]
 
 
 def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
@@ -208,16 +95,149 @@ def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
         ) from None
 
 
-# ---------------------------------------------------------------------------------------- entry
-def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None) -> Manifest:
-    """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there."""
+# ------------------------------------------------------------------------------------ one unit
+def _upload(store: ObjectStore, uri: str, array: np.ndarray) -> tuple[int, str]:
+    """Write an array as a shard file (multipart upload when large); its size and sha256."""
+    data = array.tobytes()
+    with tempfile.NamedTemporaryFile(prefix="orch-shard-", delete=False) as f:
+        f.write(data)
+        path = f.name
+    try:
+        store.put_file(uri, path)
+    finally:
+        os.unlink(path)
+    return len(data), _sha256(data)
+
+
+def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each example: prompt + response + EOT, cut or padded (with EOT) to seq_len + 1 tokens; the
+    mask is 1 on response tokens (and their EOT) only, so the loss ignores prompt and padding."""
+    n = seq_len + 1
+    tokens = np.full((len(examples), n), eot, dtype=dtype)
+    mask = np.zeros((len(examples), n), dtype=np.uint8)
+    prompts = tok.encode_batch([e["prompt"] for e in examples], add_special_tokens=False)
+    responses = tok.encode_batch([e["response"] for e in examples], add_special_tokens=False)
+    kept = 0
+    for p, r in zip(prompts, responses):
+        if len(p.ids) + 1 >= n:  # nothing of the response would be trained on
+            continue
+        seq = (p.ids + r.ids + [eot])[:n]
+        tokens[kept, : len(seq)] = seq
+        mask[kept, len(p.ids) : len(seq)] = 1
+        kept += 1
+    return tokens[:kept], mask[:kept]
+
+
+def tokenize_unit(store: ObjectStore, cfg: DataConfig, source: str, unit: Unit, tok_json: str, dtype: str) -> dict:
+    """Tokenize one unit and upload its shards. Runs as a Ray task; returns what the manifest needs."""
+    from model.tokenizer import eot_id, tokenizer_from_json
+
+    tok = tokenizer_from_json(tok_json)
+    eot = eot_id(tok)
+    items = read_unit(store, source, unit, cfg.kind, cfg.seed)
+    by_split: dict[str, list] = {s: [] for s in SPLITS}
+    for identity, item in items:
+        by_split["val" if is_validation(identity, cfg.seed, cfg.val_fraction) else "train"].append(item)
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    tokens_total = 0
+    for split, split_items in by_split.items():
+        if not split_items:
+            continue
+        prefix = f"{split}/shard-{unit.index:05d}"
+        if cfg.kind == "text":
+            ids: list[int] = []
+            for enc in tok.encode_batch(split_items, add_special_tokens=False):
+                ids.extend(enc.ids)
+                ids.append(eot)
+            stream = np.asarray(ids, dtype=dtype)
+            size = max(cfg.shard_tokens, cfg.seq_len + 1)
+            for n, start in enumerate(range(0, len(stream), size)):
+                chunk = stream[start : start + size]
+                samples = (len(chunk) - 1) // cfg.seq_len
+                if samples <= 0:
+                    continue
+                key = f"{prefix}-{n:04d}.bin"
+                nbytes, sha = _upload(store, join_uri(cfg.uri, key), chunk)
+                shards[split].append(dict(key=key, tokens=len(chunk), samples=samples, bytes=nbytes, sha256=sha))
+            tokens_total += len(stream)
+        else:
+            tokens, mask = _encode_sft(tok, split_items, eot, cfg.seq_len, dtype)
+            per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
+            for n, start in enumerate(range(0, len(tokens), per_shard)):
+                t, m = tokens[start : start + per_shard], mask[start : start + per_shard]
+                key, mask_key = f"{prefix}-{n:04d}.bin", f"{prefix}-{n:04d}.mask.bin"
+                nbytes, sha = _upload(store, join_uri(cfg.uri, key), t)
+                _, mask_sha = _upload(store, join_uri(cfg.uri, mask_key), m)
+                shards[split].append(dict(key=key, tokens=int(t.size), samples=len(t), bytes=nbytes, sha256=sha,
+                                          mask_key=mask_key, mask_sha256=mask_sha))
+            tokens_total += int(mask.sum())
+    return {"unit": unit.index, "shards": shards, "documents": len(items), "tokens": tokens_total,
+            "source_bytes": unit.bytes}
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) -> Iterable[str]:
+    """Training documents from the first units, up to TOKENIZER_SAMPLE_BYTES of text."""
+    seen = 0
+    for unit in units:
+        for identity, doc in read_unit(store, cfg.source, unit, "text", cfg.seed):
+            if is_validation(identity, cfg.seed, cfg.val_fraction):
+                continue
+            yield doc
+            seen += len(doc)
+            if seen >= TOKENIZER_SAMPLE_BYTES:
+                return
+
+
+class _Progress:
+    """Documents, tokens and MB/s as tasks finish: one line per update (redrawn on a terminal)."""
+
+    def __init__(self, say: Callable[[str], None], name: str, units: int):
+        self.say, self.name, self.units = say, name, units
+        self.done = self.docs = self.tokens = self.bytes = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, result: dict) -> None:
+        self.done += 1
+        self.docs += result["documents"]
+        self.tokens += result["tokens"]
+        self.bytes += result["source_bytes"]
+        dt = max(time.perf_counter() - self.t0, 1e-6)
+        mb_s = f", {self.bytes / dt / 1e6:.1f} MB/s" if self.bytes else ""
+        self.say(f"dataset {self.name}: tokenized {self.done}/{self.units} parts, {self.docs:,} documents, "
+                 f"{self.tokens:,} tokens{mb_s}, {self.tokens / dt:,.0f} tokens/s")
+
+
+# ------------------------------------------------------------------------------------ entry
+def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,
+                   runner: Runner | None = None) -> Manifest:
+    """What a job does: use the dataset at `cfg.uri` if one is there (however it was prepared: the
+    job checks it fits), else prepare it from `cfg.source`."""
+    say = progress or (lambda msg: log.info(msg))
+    existing = try_load_manifest(store, cfg.uri)
+    if existing is not None:
+        say(f"dataset {cfg.name}: using the prepared dataset at {cfg.uri} (from {existing.source})")
+        return existing
+    if not cfg.source:
+        raise DatasetError(
+            f"no dataset at {cfg.uri} (missing {manifest_uri(cfg.uri).rsplit('/', 1)[-1]}) and data.source is null; "
+            f"run `orch data prepare SRC {cfg.uri}` first, or fix data.uri"
+        )
+    return prepare_dataset(store, cfg, progress, runner)
+
+
+def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,
+                    runner: Runner | None = None) -> Manifest:
+    """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there (a
+    dataset from other settings there is an error: it is never overwritten)."""
     from model.tokenizer import eot_id, tokenizer_from_json, tokenizer_to_json, train_bpe_tokenizer
 
     say = progress or (lambda msg: log.info(msg))
-    tok_json = None
-    if cfg.kind == "sft":
-        tok_json = load_tokenizer_json(cfg.tokenizer_uri, store)
-    signature = dataset_signature(cfg, _sha256(tok_json.encode()) if tok_json else None)
+    if not cfg.source:
+        raise DatasetError(f"data.source is null: nothing to prepare {cfg.uri} from; set data.source=URI")
+    tok_json = load_tokenizer_json(cfg.tokenizer_uri, store) if cfg.kind == "sft" else None
+    units = plan_units(store, cfg.source, cfg.num_documents, int(cfg.unit_mb * (1 << 20)))
+    signature = dataset_signature(cfg, _sha256(tok_json.encode()) if tok_json else None, units)
 
     existing = try_load_manifest(store, cfg.uri)
     if existing is not None:
@@ -225,38 +245,35 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
             say(f"dataset {cfg.name}: using the prepared dataset at {cfg.uri}")
             return existing
         raise DatasetError(
-            f"a different dataset already exists at {cfg.uri} (prepared with other settings); "
+            f"a different dataset already exists at {cfg.uri} (prepared from other settings or files); "
             f"set data.name or data.uri to a new location, or delete {manifest_uri(cfg.uri)} to rebuild it"
         )
+    for split in SPLITS:  # leftovers of a crashed attempt: nothing references them
+        store.delete_prefix(join_uri(cfg.uri, split) + "/")
 
     if cfg.kind == "text":
-        docs = load_text_documents(store, cfg)
-        if not any(d.strip() for d in docs):
-            raise DatasetError(f"corpus data.source={cfg.source} is empty; point it at files with text")
-        train_docs, val_docs = _split(docs, cfg.val_fraction, cfg.seed)
-        say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token BPE on {len(train_docs)} documents")
-        tok = train_bpe_tokenizer(train_docs, cfg.vocab_size)
-        tok_json = tokenizer_to_json(tok)
-    else:
-        examples = load_sft_examples(store, cfg)
-        if not examples:
-            raise DatasetError(f"fine-tuning data.source={cfg.source} holds no examples; point it at .jsonl prompt/response pairs")
-        train_docs, val_docs = _split(examples, cfg.val_fraction, cfg.seed)
-        tok = tokenizer_from_json(tok_json)
+        say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token byte-level BPE tokenizer")
+        tok_json = tokenizer_to_json(train_bpe_tokenizer(_tokenizer_sample(store, cfg, units), cfg.vocab_size))
+    tok = tokenizer_from_json(tok_json)
+    vocab, eot = tok.get_vocab_size(), eot_id(tok)
+    dtype = token_dtype(vocab)
+    tok_sha = _sha256(tok_json.encode())
+    store.put(join_uri(cfg.uri, TOKENIZER), tok_json.encode())
 
-    vocab = tok.get_vocab_size()
-    eot, dtype = eot_id(tok), _token_dtype(vocab)
-    tok_sha = _put(store, join_uri(cfg.uri, TOKENIZER), tok_json.encode())
-    splits = {}
-    for split, items in (("train", train_docs), ("val", val_docs)):
-        if cfg.kind == "text":
-            tokens = _encode_text(tok, items, eot, dtype)
-            splits[split] = _write_text_split(store, cfg.uri, split, tokens, cfg)
-        else:
-            tokens, mask = _encode_sft(tok, items, eot, cfg.seq_len, dtype)
-            splits[split] = _write_sft_split(store, cfg.uri, split, tokens, mask, cfg)
-        say(f"dataset {cfg.name}: {split}: {splits[split].tokens} tokens, {splits[split].samples} samples, "
-            f"{len(splits[split].shards)} shards")
+    bar = _Progress(say, cfg.name, len(units))
+    results = []
+    for result in (runner or default_runner())(tokenize_unit, [(store, cfg, cfg.source, u, tok_json, dtype) for u in units]):
+        results.append(result)
+        bar.update(result)
+    results.sort(key=lambda r: r["unit"])
+    splits = {s: SplitInfo(tuple(ShardInfo(**sh) for r in results for sh in r["shards"][s])) for s in SPLITS}
+    if not splits["train"].samples:
+        raise DatasetError(
+            f"corpus data.source={cfg.source} gave no training samples of {cfg.seq_len + 1} tokens; "
+            f"point it at files with text, or lower data.seq_len"
+        )
+    for split, info in splits.items():
+        say(f"dataset {cfg.name}: {split}: {info.tokens:,} tokens, {info.samples:,} samples, {len(info.shards)} shards")
     manifest = Manifest(
         name=cfg.name, kind=cfg.kind, dtype=dtype, seq_len=cfg.seq_len, vocab_size=vocab, eot_id=eot,
         tokenizer_key=TOKENIZER, tokenizer_sha256=tok_sha, splits=splits, signature=signature, source=cfg.source,

@@ -1,100 +1,204 @@
-"""Read samples of a prepared dataset: shards fetched from the store into a local cache, checked
-against the manifest's sha256, then memory-mapped.
+"""Read samples of a prepared dataset: shard files fetched from the store into a bounded local cache
+(`orchestrator.data.cache`), checked against the manifest's sha256, then memory-mapped.
 
-Which samples to read is decided elsewhere (`orchestrator.data.order`): this module only turns
-global sample ids into (inputs, targets) tensors.
+Which samples to read is decided by `orchestrator.data.order`: this module turns global sample ids
+into (inputs, targets) tensors, and, given the order, fetches the shards of the next steps ahead.
+
+    train = SplitReader.from_config(store, job.data, manifest, "train", cache_dir)
+    order = train.order(seed, job.data.shuffle_window, global_batch_size)
+    micro = train.read_rank_share(order, cursor, rank, world_size, micro_batch_size)  # [(x, y), ...]
+    train.wait_s  # seconds spent waiting for shard downloads so far
+    train.close()
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
-from bisect import bisect_right
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from orchestrator.data.manifest import Manifest, ShardInfo
+from orchestrator.config.schema import DataConfig
+from orchestrator.data.cache import MiB, RetryPolicy, ShardCache, ShardFile
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.order import GlobalOrder, micro_batches, rank_slice
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectStore, join_uri
 
 IGNORE_INDEX = -100  # same as model.gpt.IGNORE_INDEX; targets the loss skips
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# The reading settings' defaults live in DataConfig, in one place.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
 
 
 class SplitReader:
-    """Random access to the samples of one split of a dataset."""
+    """Random access to the samples of one split of a dataset, through a bounded shard cache.
 
-    def __init__(self, store: ObjectStore, dataset_uri: str, manifest: Manifest, split: str, cache_dir: str | os.PathLike):
+    `cache_dir`: the shard cache lives in `cache_dir/<dataset signature>`, owned by this reader (one
+    process per folder: give each rank its own). Or pass `cache=` another reader's `cache` to share
+    one folder and one size limit (e.g. the train and val splits of one dataset).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        dataset_uri: str,
+        manifest: Manifest,
+        split: str,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        cache: ShardCache | None = None,
+        cache_limit_mb: float = _DEFAULTS["cache_limit_mb"],
+        prefetch_batches: int = _DEFAULTS["prefetch_batches"],
+        download_workers: int = _DEFAULTS["download_workers"],
+        retry: RetryPolicy = RetryPolicy(),
+    ):
         self.store = store
         self.uri = dataset_uri
         self.manifest = manifest
         self.split = manifest.split(split, dataset_uri)
-        self.cache_dir = Path(cache_dir) / manifest.signature
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._starts = np.cumsum([0] + [s.samples for s in self.split.shards]).tolist()
-        self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches={prefetch_batches} must be >= 0 (data.prefetch_batches)")
+        self.prefetch_batches = prefetch_batches
+        self.samples_per_shard: tuple[int, ...] = tuple(s.samples for s in self.split.shards)
+        self._starts = np.cumsum((0,) + self.samples_per_shard)
+        self._files = [self._shard_files(i) for i in range(len(self.split.shards))]
+        if cache is None:
+            if cache_dir is None:
+                raise ValueError("SplitReader needs a cache_dir or a cache")
+            cache = ShardCache(store, Path(cache_dir) / manifest.signature, int(cache_limit_mb * MiB),
+                               workers=download_workers, retry=retry)
+            self._owns_cache = True
+        else:
+            self._owns_cache = False
+        self.cache = cache
+        self.cache.register(f for files in self._files for f in files)
+        self._lock = threading.Lock()
+        self._wait_s = 0.0
 
+    @classmethod
+    def from_config(cls, store: ObjectStore, cfg: DataConfig, manifest: Manifest, split: str,
+                    cache_dir: str | os.PathLike | None = None, *, cache: ShardCache | None = None) -> "SplitReader":
+        """A reader with the data config's cache limit, prefetch depth and download threads."""
+        return cls(store, cfg.uri, manifest, split, cache_dir, cache=cache, cache_limit_mb=cfg.cache_limit_mb,
+                   prefetch_batches=cfg.prefetch_batches, download_workers=cfg.download_workers)
+
+    def _shard_files(self, i: int) -> tuple[ShardFile, ...]:
+        info = self.split.shards[i]
+        itemsize = self.manifest.np_dtype.itemsize
+        if info.bytes != info.tokens * itemsize:
+            raise DatasetError(f"shard {join_uri(self.uri, info.key)}: the manifest says {info.tokens} {self.manifest.dtype} "
+                               f"tokens but {info.bytes} bytes; prepare the dataset again")
+        files = (ShardFile(info.key, join_uri(self.uri, info.key), info.bytes, info.sha256),)
+        if (self.manifest.kind == "sft") != bool(info.mask_key):
+            raise DatasetError(f"shard {join_uri(self.uri, info.key)} of a {self.manifest.kind} dataset "
+                               f"{'lacks' if info.mask_key is None else 'has'} a loss mask; prepare the dataset again")
+        if info.mask_key:  # sft: a uint8 loss mask, one byte per token
+            files += (ShardFile(info.mask_key, join_uri(self.uri, info.mask_key), info.tokens, info.mask_sha256),)
+        return files
+
+    # ------------------------------------------------------------------------------ properties
     @property
     def num_samples(self) -> int:
-        return self._starts[-1]
+        return int(self._starts[-1])
 
-    def _fetch(self, key: str, sha256: str) -> Path:
-        path = self.cache_dir / key
-        if path.exists() and path.stat().st_size and _file_sha256(path) == sha256:
-            return path
-        uri = join_uri(self.uri, key)
-        self.store.get_file(uri, path)
-        actual = _file_sha256(path)
-        if actual != sha256:
-            path.unlink(missing_ok=True)
-            raise DatasetError(
-                f"shard {uri} is corrupt: sha256 {actual[:12]}... does not match the manifest's {sha256[:12]}...; "
-                f"prepare the dataset again"
-            )
-        return path
+    @property
+    def wait_s(self) -> float:
+        """Seconds this reader's `batch`/`sample` calls have waited for shard files, in all."""
+        with self._lock:
+            return self._wait_s
 
-    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if i not in self._arrays:
-            info: ShardInfo = self.split.shards[i]
-            tokens = np.memmap(self._fetch(info.key, info.sha256), dtype=self.manifest.np_dtype, mode="r")
-            if tokens.size != info.tokens:
-                raise DatasetError(f"shard {join_uri(self.uri, info.key)} holds {tokens.size} tokens, the manifest says {info.tokens}; prepare the dataset again")
-            mask = None
-            if info.mask_key:
-                mask = np.memmap(self._fetch(info.mask_key, info.mask_sha256), dtype=np.uint8, mode="r")
-                n = self.manifest.seq_len + 1
-                tokens, mask = tokens.reshape(-1, n), mask.reshape(-1, n)
-            self._arrays[i] = (tokens, mask)
-        return self._arrays[i]
+    def order(self, seed: int, shuffle_window: int, global_batch_size: int) -> GlobalOrder:
+        """The global order of this split's samples (see `orchestrator.data.order`)."""
+        return GlobalOrder(self.samples_per_shard, seed, shuffle_window, global_batch_size)
+
+    def shards_of(self, indices) -> np.ndarray:
+        """The shard (manifest position) of each sample id."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = (idx < 0) | (idx >= self.num_samples)
+        if bad.any():
+            raise IndexError(f"sample {int(idx[bad][0])} is outside split of {self.num_samples} samples at {self.uri}")
+        return np.searchsorted(self._starts, idx, side="right") - 1
+
+    def files_of(self, indices) -> list[ShardFile]:
+        """The files the samples `indices` are read from, in order of first use."""
+        shards = dict.fromkeys(self.shards_of(indices).tolist())
+        return [f for s in shards for f in self._files[s]]
+
+    # ------------------------------------------------------------------------------ reading
+    def _gather(self, indices) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens, mask) of the samples, each (B, seq_len + 1); mask is None for text datasets."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shard = self.shards_of(idx)
+        local = idx - self._starts[shard]
+        n = self.manifest.seq_len
+        tokens = np.empty((len(idx), n + 1), dtype=self.manifest.np_dtype)
+        sft = self.manifest.kind == "sft"
+        mask = np.empty((len(idx), n + 1), dtype=np.uint8) if sft else None
+        used = np.unique(shard)
+        with self.cache.hold(f for s in used.tolist() for f in self._files[s]) as held:
+            for s in used.tolist():
+                rows = np.flatnonzero(shard == s)
+                files = self._files[s]
+                # Fancy indexing copies the rows out of the map, so nothing refers to the file once
+                # the hold ends and the cache may evict (and unmap) it.
+                data = held.bytes[files[0].key].view(self.manifest.np_dtype)
+                if sft:
+                    tokens[rows] = data.reshape(-1, n + 1)[local[rows]]
+                    mask[rows] = held.bytes[files[1].key].reshape(-1, n + 1)[local[rows]]
+                else:  # sample i of a text shard: tokens [i * n, i * n + n + 1), overlapping by one
+                    tokens[rows] = data[local[rows, None] * n + np.arange(n + 1)]
+                del data
+        with self._lock:
+            self._wait_s += held.wait_s
+        return tokens, mask
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Sample `index` of the split: seq_len + 1 tokens (and its loss mask for sft)."""
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"sample {index} is outside split of {self.num_samples} samples at {self.uri}")
-        shard = bisect_right(self._starts, index) - 1
-        local = index - self._starts[shard]
-        tokens, mask = self._shard(shard)
-        if mask is not None:
-            return tokens[local], mask[local]
-        n = self.manifest.seq_len
-        return tokens[local * n : local * n + n + 1], None
+        """Sample `index` of the split: seq_len + 1 tokens (and its loss mask for sft), copies."""
+        tokens, mask = self._gather([index])
+        return tokens[0], (None if mask is None else mask[0])
 
     def batch(self, indices) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
         """(inputs, targets), each (B, seq_len) int64; masked targets are IGNORE_INDEX."""
         import torch
 
-        rows = [self.sample(int(i)) for i in indices]
-        tokens = np.stack([r[0] for r in rows]).astype(np.int64)
+        tokens, mask = self._gather(indices)
+        tokens = tokens.astype(np.int64)
         x, y = tokens[:, :-1], tokens[:, 1:].copy()
-        if rows[0][1] is not None:
-            mask = np.stack([r[1] for r in rows])[:, 1:]
-            y[mask == 0] = IGNORE_INDEX
+        if mask is not None:
+            y[mask[:, 1:] == 0] = IGNORE_INDEX
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+    def prefetch(self, indices, priority: int = 0) -> None:
+        """Fetch the shards of samples `indices` in the background (lower `priority` first)."""
+        self.cache.prefetch(self.files_of(indices), priority)
+
+    def read_rank_share(self, order: GlobalOrder, cursor: int, rank: int, world_size: int,
+                        micro_batch_size: int) -> list[tuple["torch.Tensor", "torch.Tensor"]]:  # noqa: F821
+        """Rank `rank`'s micro-batches of the global batch at `cursor`, as (inputs, targets).
+
+        First asks for the shards of this rank's share of the next `prefetch_batches` global
+        batches in the background, so they download while this step computes.
+        """
+        gbs = order.global_batch_size
+        share = rank_slice(order.batch(cursor), rank, world_size)
+        parts = micro_batches(share, micro_batch_size)
+        if self.prefetch_batches:
+            self.prefetch(share, 0)
+            for k in range(1, self.prefetch_batches + 1):
+                self.prefetch(rank_slice(order.batch(cursor + k * gbs), rank, world_size), k)
+        return [self.batch(mb) for mb in parts]
+
+    def close(self) -> None:
+        """Stop the download threads of the cache this reader owns."""
+        if self._owns_cache:
+            self.cache.close()
+
+    def __enter__(self) -> "SplitReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

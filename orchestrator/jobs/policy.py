@@ -55,10 +55,12 @@ def fits(demand: dict[str, float], free: dict[str, float]) -> bool:
     return all(free.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
 
 
-def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float]) -> list[Decision]:
+def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float], autoscaling: bool = False) -> list[Decision]:
     """Which QUEUED jobs start now: highest priority first, FIFO among equals, each only if all of
     its workers fit in what the active jobs leave free. A job that does not fit does not let a
-    lower-priority job overtake it (no starvation of big jobs)."""
+    lower-priority job overtake it (no starvation of big jobs). On an autoscaling cluster the job
+    at the head of the queue is admitted when nothing else runs, fitting or not: its placement
+    group asks the autoscaler for the nodes."""
     free = dict(capacity)
     for job in jobs:
         if job.state.active:
@@ -66,9 +68,12 @@ def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float]) -> li
                 free[k] = free.get(k, 0.0) - v
     queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq))
     out = []
+    idle = not any(j.state.active for j in jobs)
     for job in queued:
         demand = job_demand(job)
         if not fits(demand, free):
+            if autoscaling and idle and not out:
+                out.append(Decision(job.id, JobState.STARTING, "admitted: the autoscaler adds the nodes it needs"))
             break
         for k, v in demand.items():
             free[k] -= v

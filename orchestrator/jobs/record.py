@@ -22,7 +22,8 @@ class JobRecord:
     metrics: dict = field(default_factory=dict)  # latest step, loss, first loss, eval loss, tokens
     checkpoint: str | None = None  # URI of the latest committed checkpoint
     export: str | None = None  # URI of the exported weights (set when the job succeeded)
-    failure_reason: str | None = None
+    failure_reason: str | None = None  # one line
+    failure_detail: str | None = None  # the traceback behind it (`orch --debug` prints it)
     restarts: int = 0
     history: list[dict] = field(default_factory=list)  # [{"state", "at", "reason"}]
     wandb: dict = field(default_factory=dict)  # run id, group, offline dir

@@ -19,7 +19,7 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import LOCAL_DIR_ENV
 from orchestrator.data.manifest import load_manifest
-from orchestrator.data.order import eval_batch, global_batch, micro_batches, rank_slice
+from orchestrator.data.order import eval_batch, micro_batches, rank_slice
 from orchestrator.data.reader import SplitReader
 from orchestrator.storage import ObjectStore, join_uri, open_store
 
@@ -34,6 +34,8 @@ class TrainerState:
     cursor: int = 0  # samples of the global order consumed (the data reader's whole state)
     tokens_seen: int = 0
     first_loss: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
     world_size: int = 0
     wandb_run_id: str | None = None
     extra: dict = field(default_factory=dict)
@@ -48,6 +50,7 @@ class RunSpec:
     group: str  # W&B group: the pipeline id
     init_from: str | None  # export URI of the dependency whose weights this job starts from
     reporter: object | None  # Ray actor handle receiving rank 0's progress (or None)
+    wandb_root: str | None = None  # where W&B writes (None: node-local scratch)
 
 
 def open_job_store(job: JobConfig) -> ObjectStore:
@@ -164,9 +167,9 @@ class _Trainer:
         self._report(event="attempt")
         self.device = get_accelerator().current_device_name()
         manifest = load_manifest(self.store, job.data.uri)
-        cache = self.scratch / "cache"
-        train = SplitReader(self.store, job.data.uri, manifest, "train", cache)
-        val = SplitReader(self.store, job.data.uri, manifest, "val", cache)
+        cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
+        train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
+        val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
 
         engine = self._build_engine()
         import json
@@ -185,7 +188,7 @@ class _Trainer:
         tracker = make_tracker(
             job.tracking, self.rank, run_id=wandb_id, name=f"{job.name}-{self.spec.job_id}", group=self.spec.group,
             job_type=job.kind, config={"job_id": self.spec.job_id, "world_size": self.world, **to_dict(job)},
-            root_dir=job.tracking.dir or job.state_dir,
+            root_dir=self.spec.wandb_root or str(self.scratch),
         )
         state.wandb_run_id = wandb_id
         if self.rank == 0:
@@ -195,6 +198,7 @@ class _Trainer:
             self._loop(engine, state, train, val, ckpt, tracker)
             exit_code = 0
         finally:
+            train.close()  # stops the download threads (val shares train's cache)
             tracker.finish(exit_code)
 
     def _loop(self, engine, state: TrainerState, train: SplitReader, val: SplitReader, ckpt, tracker) -> None:
@@ -206,12 +210,12 @@ class _Trainer:
         model_flops = flops_per_token(job.model.gpt_config(), job.data.seq_len)
         peak = peak_flops(self._device_name(), job.cluster.peak_flops_per_device)
         last_saved = state.step if state.step else None
-        data_wait, steps_since_log = 0.0, 0
+        order = train.order(tr.seed, job.data.shuffle_window, tr.global_batch_size)
+        data_wait, shard_wait_at, steps_since_log = 0.0, train.wait_s, 0
         t_last = time.perf_counter()
         while state.step < tr.max_steps:
             t0 = time.perf_counter()
-            batch = global_batch(train.num_samples, tr.global_batch_size, tr.seed, state.cursor)
-            micro = [train.batch(mb) for mb in micro_batches(rank_slice(batch, self.rank, self.world), tr.micro_batch_size)]
+            micro = train.read_rank_share(order, state.cursor, self.rank, self.world, tr.micro_batch_size)
             data_wait += time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
             losses = []
@@ -227,20 +231,22 @@ class _Trainer:
             loss_mean = self._mean(losses)
             if state.first_loss is None:
                 state.first_loss = loss_mean
+            state.last_loss = loss_mean
             if state.step % tr.log_interval == 0 or state.step == tr.max_steps or state.step == 1:
                 now = time.perf_counter()
                 step_time = (now - t_last) / steps_since_log
                 tokens_per_s = tokens_per_step / step_time
                 metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens": state.tokens_seen,
                            "perf/step_time_s": step_time, "perf/data_wait_s": data_wait / steps_since_log,
-                           "perf/data_wait_fraction": data_wait / (now - t_last), "perf/tokens_per_s": tokens_per_s,
+                           "perf/data_wait_fraction": data_wait / (now - t_last),
+                           "perf/shard_wait_s": (train.wait_s - shard_wait_at) / steps_since_log, "perf/tokens_per_s": tokens_per_s,
                            "perf/model_tflops_per_device": tokens_per_s * model_flops / self.world / 1e12}
                 utilisation = mfu(tokens_per_s, model_flops, self.world, peak)
                 if utilisation is not None:
                     metrics["perf/mfu"] = utilisation
                 tracker.log(metrics, step=state.step)
                 self._report(step=state.step, loss=loss_mean, first_loss=state.first_loss, tokens=state.tokens_seen)
-                t_last, data_wait, steps_since_log = now, 0.0, 0
+                t_last, data_wait, steps_since_log, shard_wait_at = now, 0.0, 0, train.wait_s
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
                 eval_loss = self._evaluate(engine, val)
                 tracker.log({"eval/loss": eval_loss}, step=state.step)
@@ -252,21 +258,12 @@ class _Trainer:
 
         eval_loss = self._evaluate(engine, val)
         tracker.log({"eval/loss": eval_loss}, step=state.step)
-        state.extra["eval_loss"] = eval_loss
-        if last_saved != state.step:
+        tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss})
+        state.eval_loss = eval_loss
+        if last_saved != state.step:  # the final checkpoint; the launcher exports it after the group ends
             ref = ckpt.save(engine, state.step, _as_dict(state))
-        else:
-            from orchestrator.checkpoint.layout import latest_committed
-
-            ref = latest_committed(self.store, self.spec.run_uri)
-        self._report(checkpoint=ref.uri, checkpoint_step=ref.step, eval_loss=eval_loss)
-        if self.rank == 0:
-            out = ckpt.export(ref, {"job_id": self.spec.job_id, "kind": job.kind, "eval_loss": eval_loss})
-            tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss, "export": out})
-            self._report(export=out, eval_loss=eval_loss, done=True)
-        import torch.distributed as dist
-
-        dist.barrier()
+            self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
+        self._report(eval_loss=eval_loss)
 
 
 def _as_dict(state: TrainerState) -> dict:

@@ -55,6 +55,29 @@ def test_dry_run_prints_config_and_resources_and_starts_nothing(orch, tmp_path):
 
 def test_status_without_records_and_unknown_job(orch, tmp_path):
     _one_line_error(orch("status", "--state-dir", str(tmp_path / "none")), "no job records", "--state-dir")
+    from orchestrator.jobs.store import JobStore
+
+    JobStore(tmp_path / "state")  # an empty job database
+    _one_line_error(orch("status", "nope-123", "--state-dir", str(tmp_path / "state")), "nope-123", "orch status")
+
+
+def test_state_dir_with_commas_and_quotes_is_taken_literally(orch, tmp_path):
+    odd = tmp_path / "a,b [c] it's"
+    result = orch("run", "--dry-run", "--state-dir", str(odd), "model=gpt_tiny")
+    assert result.returncode == 0, result.stderr
+    assert f"state_dir: {odd}" in result.stdout
+
+
+def test_console_script_is_installed(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "orch"
+    assert script.exists() or shutil.which("orch")
+    out = subprocess.run([str(script if script.exists() else "orch"), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("orch ")
 
 
 def test_version_and_module_entry_point(orch):

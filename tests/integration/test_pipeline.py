@@ -47,11 +47,10 @@ def _first_loss_from(weights: dict, cfg: dict, store, data_uri: str, workers: in
     model.load_state_dict(weights)
     model.eval()
     manifest = load_manifest(store, data_uri)
-    reader = SplitReader(store, data_uri, manifest, "train", scratch)
     tr = cfg["trainer"]
-    batch = global_batch(reader.num_samples, tr["global_batch_size"], tr["seed"], 0)
     losses = []
-    with torch.no_grad():
+    with SplitReader(store, data_uri, manifest, "train", scratch) as reader, torch.no_grad():
+        batch = global_batch(reader.samples_per_shard, tr["global_batch_size"], tr["seed"], 0, cfg["data"]["shuffle_window"])
         for rank in range(workers):
             for mb in micro_batches(rank_slice(batch, rank, workers), tr["micro_batch_size"]):
                 x, y = reader.batch(mb)

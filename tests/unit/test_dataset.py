@@ -183,17 +183,17 @@ def test_manifest_is_written_last(tmp_path, monkeypatch):
     root = f"file://{tmp_path}/store"
     store = open_store(root)
     cfg = text_config(root)
-    real_put = store.put
+    real_put = store.put_file
     shard_puts = []
 
-    def failing_put(uri, data):
+    def failing_put(uri, path):
         if "/shard-" in uri:
             shard_puts.append(uri)
             if len(shard_puts) == 2:
                 raise StorageError(f"injected failure writing {uri}")
-        real_put(uri, data)
+        real_put(uri, path)
 
-    monkeypatch.setattr(store, "put", failing_put)
+    monkeypatch.setattr(store, "put_file", failing_put)
     with pytest.raises(StorageError, match="injected"):
         prepare_dataset(store, cfg)
     assert store.exists(shard_puts[0])  # it did crash half-way ...

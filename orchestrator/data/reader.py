@@ -77,6 +77,7 @@ class SplitReader:
         self.cache.register(f for files in self._files for f in files)
         self._lock = threading.Lock()
         self._wait_s = 0.0
+        self._prefetched: dict = {}  # (order, rank, world) -> the last cursor whose shards were asked for
 
     @classmethod
     def from_config(cls, store: ObjectStore, cfg: DataConfig, manifest: Manifest, split: str,
@@ -186,9 +187,16 @@ class SplitReader:
         share = rank_slice(order.batch(cursor), rank, world_size)
         parts = micro_batches(share, micro_batch_size)
         if self.prefetch_batches:
-            self.prefetch(share, 0)
-            for k in range(1, self.prefetch_batches + 1):
-                self.prefetch(rank_slice(order.batch(cursor + k * gbs), rank, world_size), k)
+            # Ask only for batches not asked for at the previous step (a sliding window); start
+            # over after a jump (a resume, or another order).
+            key = (id(order), rank, world_size, self.cache.stats.prefetch_skipped)  # skipped for lack of room: ask again
+            last = self._prefetched.get(key)
+            if last is None or not cursor <= last <= cursor + self.prefetch_batches * gbs:
+                self.prefetch(share, 0)
+                last = cursor
+            for ahead in range(last + gbs, cursor + self.prefetch_batches * gbs + 1, gbs):
+                self.prefetch(rank_slice(order.batch(ahead), rank, world_size), (ahead - cursor) // gbs)
+            self._prefetched = {key: cursor + self.prefetch_batches * gbs}
         return [self.batch(mb) for mb in parts]
 
     def close(self) -> None:

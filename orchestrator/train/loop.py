@@ -85,6 +85,7 @@ class _Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.store = open_job_store(job)
         self.scratch = local_scratch(spec.job_id)
+        self._closers: list = []  # run at the end of run(), in reverse
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self):
@@ -198,6 +199,8 @@ class _Trainer:
             self._loop(engine, state, train, val, ckpt, tracker)
             exit_code = 0
         finally:
+            for close in reversed(self._closers):
+                close()
             train.close()  # stops the download threads (val shares train's cache)
             tracker.finish(exit_code)
 
@@ -213,10 +216,23 @@ class _Trainer:
         order = train.order(tr.seed, job.data.shuffle_window, tr.global_batch_size)
         data_wait, shard_wait_at, steps_since_log = 0.0, train.wait_s, 0
         t_last = time.perf_counter()
+        # The next step's batch is assembled on a thread while this step computes (torch releases
+        # the GIL in its kernels); the loop only waits when it is not ready yet.
+        from concurrent.futures import ThreadPoolExecutor
+
+        assembler = ThreadPoolExecutor(1, thread_name_prefix="orch-batch")
+        self._closers.append(lambda: assembler.shutdown(wait=True, cancel_futures=True))
+
+        def read(cursor: int):
+            return train.read_rank_share(order, cursor, self.rank, self.world, tr.micro_batch_size)
+
+        upcoming = assembler.submit(read, state.cursor)
         while state.step < tr.max_steps:
             t0 = time.perf_counter()
-            micro = train.read_rank_share(order, state.cursor, self.rank, self.world, tr.micro_batch_size)
+            micro = upcoming.result()
             data_wait += time.perf_counter() - t0
+            if state.step + 1 < tr.max_steps:
+                upcoming = assembler.submit(read, state.cursor + tr.global_batch_size)
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
             losses = []
             for x, y in micro:

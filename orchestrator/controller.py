@@ -26,6 +26,17 @@ class Launcher(Protocol):
     def poll(self, handle): ...
 
 
+def _resume_note(resumed: dict) -> str:
+    if not resumed.get("from"):
+        return ""
+    note = f", resumed from {resumed['from']}"
+    if resumed.get("universal"):
+        note += " as a universal checkpoint"
+    if resumed.get("skipped"):
+        note += f" (skipped corrupt {', '.join(resumed['skipped'])})"
+    return note
+
+
 def new_pipeline_id() -> str:
     return f"p{secrets.token_hex(3)}"
 
@@ -110,16 +121,19 @@ class Controller:
         if step is not None and step != self._last_step.get(record.id):
             self._last_step[record.id] = step
             loss = p.metrics.get("loss")
-            self.say(f"{record.id}: step {step}/{record.config['trainer']['max_steps']} loss {loss:.4f}")
-        if p.status == "running" and record.state is JobState.STARTING:
-            self.store.transition(record.id, JobState.RUNNING, "worker group started")
-            self.say(f"{record.id}: RUNNING on {record.workers} workers")
+            if loss is not None:
+                self.say(f"{record.id}: step {step}/{record.config['trainer']['max_steps']} loss {loss:.4f}")
+        resumed = _resume_note(p.resumed) if p.resumed.get("attempt") == p.attempts else ""
+        if p.status == "running" and record.state is JobState.STARTING and p.ready_attempt >= 1:
+            self.store.transition(record.id, JobState.RUNNING, "worker group started" + resumed)
+            self.say(f"{record.id}: RUNNING on {record.workers} workers{resumed}")
         elif restarts > record.restarts and record.state is JobState.RUNNING:
             self.store.transition(record.id, JobState.RESTARTING, "worker group failed; restarting from the last checkpoint",
                                   restarts=restarts)
             self.say(f"{record.id}: RESTARTING (restart {restarts})")
-        elif record.state is JobState.RESTARTING and p.status == "running" and step is not None:
-            self.store.transition(record.id, JobState.RUNNING, "worker group restarted")
+        elif record.state is JobState.RESTARTING and p.status == "running" and p.ready_attempt == p.attempts:
+            self.store.transition(record.id, JobState.RUNNING, "worker group restarted" + resumed)
+            self.say(f"{record.id}: RUNNING again{resumed}")
         if p.status == "succeeded":
             self.store.transition(record.id, JobState.SUCCEEDED, "training finished", export=p.export, restarts=restarts)
             self.say(f"{record.id}: SUCCEEDED")

@@ -33,6 +33,8 @@ class Progress:
     reason: str | None = None
     retryable: bool = True
     traceback: str | None = None  # of a failure, shown with --debug
+    resumed: dict = field(default_factory=dict)  # the last resume: from, skipped (corrupt), universal, step
+    ready_attempt: int = 0  # the latest attempt whose engine is built (and restored): it is training
 
 
 def _progress_actor():
@@ -48,6 +50,8 @@ def _progress_actor():
         def update(self, fields: dict) -> None:
             if fields.get("event") == "attempt":
                 self.data["attempts"] += 1
+            if fields.get("event") in ("ready", "resumed"):
+                self.data["ready_attempt"] = self.data["attempts"]
             self.data.update({k: v for k, v in fields.items() if k != "event"})
 
         def snapshot(self) -> dict:
@@ -184,6 +188,10 @@ class RayLauncher:
             p.checkpoint = snap.get("checkpoint", p.checkpoint)
             p.export = snap.get("export", p.export)
             p.attempts = snap.get("attempts", p.attempts)
+            p.ready_attempt = snap.get("ready_attempt", p.ready_attempt)
+            if snap.get("resumed_from"):
+                p.resumed = {"from": snap["resumed_from"], "skipped": snap.get("skipped", []),
+                             "universal": snap.get("universal", False), "attempt": snap.get("attempts")}
             for key in ("wandb_run_id", "wandb_dir"):
                 if snap.get(key):
                     p.wandb[key.removeprefix("wandb_")] = snap[key]

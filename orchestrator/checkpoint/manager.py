@@ -1,9 +1,11 @@
 """Save, commit, restore and export DeepSpeed checkpoints through the object store.
 
-Runs inside the training workers (every rank calls `save`/`restore`; rank 0 commits and exports).
-Each rank stages its own DeepSpeed files on local disk, uploads them, and reports their sizes and
-sha256 to rank 0, which writes the commit marker last. Restore takes the newest committed
-checkpoint whose files verify, falling back to older ones.
+Runs inside the training workers (every rank calls `save`/`find_restore`/`load`; rank 0 commits).
+Each rank stages its own DeepSpeed files on local disk, uploads them in the background, and lists
+them (size, sha256) in the store; rank 0 writes the commit marker last, once every rank's list is
+there. Restore takes the newest committed checkpoint whose files verify, falling back to older
+ones; a checkpoint from another world size or ZeRO stage is converted to a DeepSpeed universal
+checkpoint (ds_to_universal) and loaded with load_universal.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.checkpoint.layout import (
     CheckpointRef,
@@ -24,6 +30,8 @@ from orchestrator.checkpoint.layout import (
     list_checkpoints,
     read_marker,
 )
+from orchestrator.checkpoint.retention import to_delete
+from orchestrator.config.schema import CheckpointConfig
 from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_WEIGHTS, TRAINER_STATE
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import ObjectNotFound, ObjectStore, StorageError, join_uri
@@ -79,113 +87,359 @@ def _dist():
     return dist
 
 
+RANKS_DIR = "_ranks"  # <checkpoint>/_ranks/<save id>/rank-<r>.json: each rank's uploaded files, until the commit
+UNIVERSAL_DIR = "universal"  # <checkpoint>/universal/: the checkpoint converted for another world size or stage
+UNIVERSAL_MARKER = "UNIVERSAL.json"  # written last in universal/, listing its files
+UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}  # client state ds_to_universal needs for ZeRO 1-2
+
+
+def check_stage_change(ref: CheckpointRef, saved: int, wanted: int) -> None:
+    """Stages 1 and 2 share an optimizer layout and convert into each other through a universal
+    checkpoint; DeepSpeed's universal loader cannot cross between them and stage 3."""
+    if saved != wanted and 3 in (saved, wanted):
+        raise StageMismatch(
+            f"checkpoint {ref.uri} was saved with ZeRO-{saved}; it cannot be resumed with ZeRO-{wanted} "
+            f"(DeepSpeed converts between stages 1 and 2 only): resume with deepspeed=zero{saved}"
+        )
+
+
+class StageMismatch(CheckpointError):
+    """A checkpoint of one ZeRO stage asked to resume under an incompatible one."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank-{rank}.pt"
+
+
+@dataclass
+class Restore:
+    """A checkpoint chosen, verified and staged on local disk, ready for `load`."""
+
+    ref: CheckpointRef
+    marker: dict
+    universal: bool  # loaded through a universal checkpoint (another world size or ZeRO stage)
+    folder: Path  # engine.load_checkpoint(folder, tag=tag)
+    tag: str
+    trainer_state: dict
+    skipped: list[CheckpointRef]  # newer committed checkpoints that did not verify
+
+
+class _Upload:
+    """One rank's background upload of one save (a thread), and its outcome."""
+
+    def __init__(self, target):
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                target()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                self.error = e
+            self.seconds = time.perf_counter() - t0
+
+        self.thread = threading.Thread(target=run, name="orch-ckpt-upload", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> float:
+        """Block until done; raise its error. Returns how long this call waited."""
+        t0 = time.perf_counter()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return time.perf_counter() - t0
+
+
 class Checkpointer:
-    """One per worker. `local_dir` is node-local scratch space for staging and restores."""
+    """One per worker. `local_dir` is node-local scratch for staging and restores.
+
+    `save` blocks training only while DeepSpeed writes this rank's files to local disk (and while
+    the previous save is still uploading); the upload, the per-rank file list and, on rank 0, the
+    commit marker and retention happen in a background thread. No collective runs in that thread:
+    ranks meet through the store (rank 0 waits for every rank's file list before committing).
+    """
 
     def __init__(self, store: ObjectStore, run: str, local_dir: str | os.PathLike, rank: int, world_size: int,
-                 keep_last: int, rank0_files: dict[str, bytes] | None = None):
+                 cfg: CheckpointConfig, zero_stage: int, rank0_files: dict[str, bytes] | None = None,
+                 on_commit: Callable[[CheckpointRef], None] | None = None, resume_from: str | None = None):
         self.store, self.run = store, run
+        self.rank, self.world_size = rank, world_size
+        self.cfg, self.zero_stage = cfg, zero_stage
         # Small files rank 0 adds to every checkpoint (the tokenizer, the model config), so that a
         # checkpoint alone is enough to export or sample from the model.
         self.rank0_files = dict(rank0_files or {})
-        self.rank, self.world_size = rank, world_size
-        self.keep_last = keep_last
+        self.on_commit = on_commit
+        self.resume_from = resume_from
         self.local = Path(local_dir) / f"rank-{rank}"
+        self._pending: _Upload | None = None
+        self.last_upload_s = 0.0
 
     # ------------------------------------------------------------------------------------ save
-    def save(self, engine, step: int, trainer_state: dict) -> CheckpointRef:
-        """Save on every rank, upload, and commit (rank 0). Returns the committed checkpoint."""
-        tag = checkpoint_tag(step)
-        staging = self.local / "staging"
-        shutil.rmtree(staging, ignore_errors=True)
+    def save(self, engine, step: int, trainer_state: dict) -> float:
+        """Checkpoint `step` (every rank calls it). Returns the seconds the training loop was blocked."""
+        import torch
+
         t0 = time.perf_counter()
-        engine.save_checkpoint(str(staging), tag=tag, client_state={"trainer_state": trainer_state}, save_latest=False)
-        uri = checkpoint_uri(self.run, step)
-        files = []
-        for path in sorted((staging / tag).rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(staging / tag).as_posix()
-                self.store.put_file(join_uri(uri, rel), path)
-                files.append({"path": rel, "size": path.stat().st_size, "sha256": file_sha256(path), "rank": self.rank})
-        gathered: list = [None] * self.world_size
-        _dist().all_gather_object(gathered, files)
+        self.wait()  # one upload at a time: a new save waits only for the previous one
+        save_id = [f"{step}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None]
+        _dist().broadcast_object_list(save_id, src=0)  # names this attempt's per-rank file lists
+        tag = checkpoint_tag(step)
+        staging = self.local / "staging" / save_id[0]
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False,
+                               client_state={"trainer_state": trainer_state, "universal_checkpoint_info": UNIVERSAL_INFO})
+        torch.save(_rng_state(), staging / tag / rng_file(self.rank))
         if self.rank == 0:
-            all_files = [f for per_rank in gathered for f in per_rank]
             extra = dict(self.rank0_files)
             extra[TRAINER_STATE] = json.dumps(trainer_state, indent=1, sort_keys=True).encode()
             for name, data in extra.items():
-                self.store.put(join_uri(uri, name), data)
-                all_files.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": 0})
-            marker = {"step": step, "world_size": self.world_size, "zero_stage": engine.zero_optimization_stage(),
-                      "files": all_files, "committed_at": time.time()}
-            self.store.put(join_uri(uri, COMMIT_MARKER), json.dumps(marker, indent=1).encode())  # last
-            self._retain(step)
-        _dist().barrier()
-        shutil.rmtree(staging, ignore_errors=True)
-        log.info("checkpoint %s committed in %.2fs", uri, time.perf_counter() - t0)
-        return CheckpointRef(step, uri, True)
+                (staging / tag / name).write_bytes(data)
 
-    def _retain(self, just_committed: int) -> None:
-        """Keep the newest `keep_last` committed checkpoints (always the one just committed); drop
-        older ones and the leftovers of crashed saves."""
-        refs = list_checkpoints(self.store, self.run)
-        committed = [r.step for r in refs if r.committed]
-        keep = set(committed[-self.keep_last :]) | {just_committed}
-        for ref in refs:
-            if ref.step in keep or (ref.committed and ref.step > just_committed):
-                continue  # never delete a committed checkpoint newer than ours: that is not ours to judge
+        def upload() -> None:
+            self._upload_and_commit(step, staging, tag, save_id[0])
+
+        if self.cfg.async_upload:
+            self._pending = _Upload(upload)
+        else:
+            t_up = time.perf_counter()
+            upload()
+            self.last_upload_s = time.perf_counter() - t_up
+        return time.perf_counter() - t0
+
+    def wait(self) -> float:
+        """Wait for the background upload (and, on rank 0, the commit) of the last save."""
+        if self._pending is None:
+            return 0.0
+        pending, self._pending = self._pending, None
+        waited = pending.wait()
+        self.last_upload_s = pending.seconds
+        return waited
+
+    def _upload_and_commit(self, step: int, staging: Path, tag: str, save_id: str) -> None:
+        uri = checkpoint_uri(self.run, step)
+        files = []
+        limit = (self.cfg.upload_limit_mbps or 0) * 1e6
+        for path in sorted((staging / tag).rglob("*")):
+            if not path.is_file():
+                continue
+            t0 = time.perf_counter()
+            rel = path.relative_to(staging / tag).as_posix()
+            self.store.put_file(join_uri(uri, rel), path)
+            size = path.stat().st_size
+            files.append({"path": rel, "size": size, "sha256": file_sha256(path), "rank": self.rank})
+            if limit:  # keep the average rate under the cap
+                time.sleep(max(0.0, size / limit - (time.perf_counter() - t0)))
+        self.store.put(join_uri(uri, RANKS_DIR, save_id, f"rank-{self.rank}.json"), json.dumps(files).encode())
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.rank == 0:
+            self._commit(step, uri, save_id)
+
+    def _commit(self, step: int, uri: str, save_id: str) -> None:
+        """Rank 0: once every rank's file list is in the store, write the marker (last), then prune."""
+        deadline = time.time() + self.cfg.commit_timeout_s
+        lists: dict[int, list] = {}
+        while len(lists) < self.world_size:
+            for r in range(self.world_size):
+                if r not in lists:
+                    try:
+                        lists[r] = json.loads(self.store.get(join_uri(uri, RANKS_DIR, save_id, f"rank-{r}.json")))
+                    except ObjectNotFound:
+                        pass
+            if len(lists) < self.world_size:
+                if time.time() > deadline:
+                    missing = sorted(set(range(self.world_size)) - set(lists))
+                    raise CheckpointError(f"checkpoint {uri}: ranks {missing} did not finish uploading within "
+                                          f"checkpoint.commit_timeout_s={self.cfg.commit_timeout_s:g}")
+                time.sleep(0.05)
+        marker = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                  "files": [f for r in range(self.world_size) for f in lists[r]], "committed_at": time.time()}
+        self.store.put(join_uri(uri, COMMIT_MARKER), json.dumps(marker, indent=1).encode())  # last: now it exists
+        self.store.delete_prefix(join_uri(uri, RANKS_DIR) + "/")
+        log.info("checkpoint %s committed", uri)
+        for ref in to_delete(list_checkpoints(self.store, self.run), self.cfg.keep_last, self.cfg.keep_every, step):
             # Marker first, so a half-deleted checkpoint is never mistaken for a committed one.
             self.store.delete(join_uri(ref.uri, COMMIT_MARKER))
             self.store.delete_prefix(ref.uri + "/")
+        if self.on_commit is not None:
+            self.on_commit(CheckpointRef(step, uri, True))
 
     # ---------------------------------------------------------------------------------- restore
+    def _candidates(self) -> list[CheckpointRef]:
+        """Committed checkpoints to resume from, newest first: this run's own, else `resume_from`
+        (a checkpoint, or a run whose checkpoints are taken)."""
+        own = [r for r in list_checkpoints(self.store, self.run) if r.committed]
+        if own or not self.resume_from:
+            return list(reversed(own))
+        src = self.resume_from.rstrip("/")
+        if self.store.exists(join_uri(src, COMMIT_MARKER)):
+            step = int(src.rsplit("step-", 1)[1])
+            return [CheckpointRef(step, src, True)]
+        theirs = [r for r in list_checkpoints(self.store, src) if r.committed]
+        if not theirs:
+            raise CheckpointError(f"resume_from={self.resume_from} holds no committed checkpoint; "
+                                  f"give a .../checkpoints/step-N URI or a run URI with checkpoints")
+        return list(reversed(theirs))
+
     def _needed(self, f: dict) -> bool:
         """Files this rank reads to resume at the same world size: its own, plus rank 0's shared
         ones (stage 1-2 model states, trainer state, tokenizer, model config)."""
-        return f["rank"] == self.rank or not f["path"].startswith("zero_pp_rank_")
+        return f["rank"] == self.rank or not f["path"].startswith(("zero_pp_rank_", "rng-rank-"))
 
-    def restore(self, engine) -> dict | None:
-        """Load the newest committed checkpoint whose files verify on every rank; its trainer state,
-        or None when there is none. A corrupt or partial checkpoint is skipped (and de-committed,
-        so it is never tried again) in favour of the one before; storage errors are raised."""
-        refs = [r for r in list_checkpoints(self.store, self.run) if r.committed]
-        corrupt: list[CheckpointRef] = []
-        for ref in reversed(refs):
-            dest = self.local / "restore"
-            shutil.rmtree(dest, ignore_errors=True)
+    def _vote(self, ok: bool, reason: str) -> str | None:
+        votes: list = [None] * self.world_size
+        _dist().all_gather_object(votes, (ok, reason))
+        bad = [r for ok_, r in votes if not ok_]
+        return bad[0] if bad else None
+
+    def find_restore(self) -> Restore | None:
+        """Choose the newest committed checkpoint that verifies on every rank and stage it locally
+        (collective: every rank calls it, before the engine is built, since a checkpoint from another
+        world size or ZeRO stage is loaded as a universal checkpoint). None: start fresh."""
+        skipped: list[CheckpointRef] = []
+        for ref in self._candidates():
+            folder = self.local / "restore"
+            shutil.rmtree(folder, ignore_errors=True)
             tag = checkpoint_tag(ref.step)
-            ok, reason, marker = True, "", None
+            ok, reason, marker, universal = True, "", {}, False
             try:
                 marker = read_marker(self.store, ref)
-                if marker["world_size"] == self.world_size:
-                    download_checkpoint(self.store, ref, dest / tag, only=self._needed)
+                check_stage_change(ref, marker["zero_stage"], self.zero_stage)
+                universal = (marker["world_size"], marker["zero_stage"]) != (self.world_size, self.zero_stage)
+                if not universal:
+                    download_checkpoint(self.store, ref, folder / tag, only=self._needed)
+                elif self.rank == 0:
+                    ensure_universal(self.store, ref, self.local / "convert")
+            except StageMismatch:
+                raise
             except (CheckpointError, ValueError, KeyError) as e:
                 ok, reason = False, str(e)
-            votes: list = [None] * self.world_size
-            _dist().all_gather_object(votes, (ok, reason))
-            bad = [r for ok_, r in votes if not ok_]
-            if bad:
-                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", ref.uri, bad[0])
-                corrupt.append(ref)
+            bad = self._vote(ok, reason)
+            if bad is None and universal:
+                try:
+                    download_universal(self.store, ref, folder / tag, self.world_size, self.zero_stage)
+                except CheckpointError as e:
+                    ok, reason = False, str(e)
+                bad = self._vote(ok, reason)
+            if bad is not None:
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", ref.uri, bad)
+                skipped.append(ref)
                 continue
-            if marker["world_size"] != self.world_size:
-                raise CheckpointError(
-                    f"checkpoint {ref.uri} was saved by {marker['world_size']} workers, this run has {self.world_size}; "
-                    f"resuming at another worker count is not supported yet: run with workers={marker['world_size']}"
-                )
-            engine.load_checkpoint(str(dest), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-            state = json.loads((dest / tag / TRAINER_STATE).read_text())
-            shutil.rmtree(dest, ignore_errors=True)
+            state = json.loads((folder / tag / TRAINER_STATE).read_text())
             if self.rank == 0:
-                for c in corrupt:  # never resume from these again
-                    self.store.delete(join_uri(c.uri, COMMIT_MARKER))
-            log.info("resumed from %s (step %d)", ref.uri, ref.step)
-            self.resumed_from, self.skipped = ref, corrupt
-            return state
-        if corrupt:
-            raise CheckpointError(f"every committed checkpoint of {self.run} is corrupt (newest: {corrupt[0].uri}); "
+                for c in skipped:  # never resume from these again (only this run's own are touched)
+                    if c.uri.startswith(self.run + "/"):
+                        self.store.delete(join_uri(c.uri, COMMIT_MARKER))
+            return Restore(ref, marker, universal, folder, tag, state, skipped)
+        if skipped:
+            raise CheckpointError(f"every committed checkpoint to resume from is corrupt (newest: {skipped[0].uri}); "
                                   f"cannot resume")
         return None
+
+    def load(self, engine, restore: Restore) -> dict:
+        """Load a staged checkpoint into the engine (model, optimizer, LR schedule) and restore this
+        rank's random state when the world size is unchanged. Returns the trainer state."""
+        import torch
+
+        engine.load_checkpoint(str(restore.folder), tag=restore.tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        rng = restore.folder / restore.tag / rng_file(self.rank)
+        if not restore.universal and rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        shutil.rmtree(restore.folder, ignore_errors=True)
+        how = "as a universal checkpoint" if restore.universal else ""
+        log.info("resumed from %s (step %d) %s", restore.ref.uri, restore.ref.step, how)
+        return restore.trainer_state
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def ensure_universal(store: ObjectStore, ref: CheckpointRef, scratch: Path) -> None:
+    """Convert a committed checkpoint into a DeepSpeed universal checkpoint under
+    `<checkpoint>/universal/` (once; the marker is written last), so it loads at any world size
+    or ZeRO stage."""
+    import subprocess
+    import sys
+
+    uni = join_uri(ref.uri, UNIVERSAL_DIR)
+    if store.exists(join_uri(uni, UNIVERSAL_MARKER)):
+        return
+    tag = checkpoint_tag(ref.step)
+    shutil.rmtree(scratch, ignore_errors=True)
+    marker = download_checkpoint(store, ref, scratch / "in" / tag)
+    out = scratch / "out" / tag
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(scratch / "in" / tag),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+        raise CheckpointError(f"converting {ref.uri} to a universal checkpoint failed: {tail[0]}")
+    # The trainer state, tokenizer and model config travel with it.
+    for f in marker["files"]:
+        if not f["path"].startswith(("zero_pp_rank_", "mp_rank_", "rng-rank-")) and not (out / f["path"]).exists():
+            shutil.copy(scratch / "in" / tag / f["path"], out / f["path"])
+    files = []
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(out).as_posix()
+            store.put_file(join_uri(uni, rel), path)
+            files.append({"path": rel, "size": path.stat().st_size, "sha256": file_sha256(path)})
+    store.put(join_uri(uni, UNIVERSAL_MARKER), json.dumps({"step": ref.step, "files": files}, indent=1).encode())
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alias_model_states(folder: Path, world_size: int, zero_stage: int) -> None:
+    """DeepSpeed looks for the model-states file under the target layout's name (ZeRO-3: one per
+    rank, `zero_pp_rank_<r>_mp_rank_00_model_states.pt`; ZeRO 1-2: `mp_rank_00_model_states.pt`).
+    With a universal checkpoint the weights come from its per-parameter files, and these files only
+    carry the client and scheduler state, so any one of them serves every rank."""
+    existing = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not existing:
+        return
+    names = ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if zero_stage == 3
+             else ["mp_rank_00_model_states.pt"])
+    for name in names:
+        if not (folder / name).exists():
+            shutil.copy(existing[0], folder / name)
+
+
+def download_universal(store: ObjectStore, ref: CheckpointRef, dest: Path, world_size: int, zero_stage: int) -> None:
+    uni = join_uri(ref.uri, UNIVERSAL_DIR)
+    try:
+        marker = json.loads(store.get(join_uri(uni, UNIVERSAL_MARKER)))
+    except ObjectNotFound:
+        raise CheckpointError(f"{uni} has no {UNIVERSAL_MARKER}: the conversion did not finish") from None
+    universal = CheckpointRef(ref.step, uni, True)
+    for f in marker["files"]:
+        path = dest / f["path"]
+        store.get_file(join_uri(universal.uri, f["path"]), path)
+        if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
+            raise CheckpointError(f"universal checkpoint file {join_uri(uni, f['path'])} does not match its marker")
+    _alias_model_states(dest, world_size, zero_stage)
 
 
 def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict, local_dir: str | os.PathLike) -> str:

@@ -69,6 +69,8 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         valid = _valid_keys(parent)
+        if key.rsplit(".", 1)[-1] in valid:  # in the schema, but not in the YAML the override targets
+            return ConfigError(f"config key '{key}' is not set in conf/ for this choice; add it with +{key}=...")
         where = f"under '{parent}'" if parent else "at the top level"
         choices = f"valid keys {where}: {', '.join(valid)}" if valid else "see `orch run --dry-run` for the valid keys"
         return ConfigError(f"unknown config key '{key}'; {choices}")
@@ -170,6 +172,7 @@ def resolve_jobs(root: RootConfig) -> list[JobConfig]:
             tracking=root.tracking,
             cluster=root.cluster,
             init_from=init_from,
+            resume_from=to_uri(spec.resume_from) if spec.resume_from else None,
         )
         try:
             jobs.append(JobConfig(**fields))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 JobKind = Literal["pretrain", "finetune"]
 
@@ -99,15 +99,23 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """When to save and how many to keep."""
+    """When to save, how to upload, and how many to keep."""
 
-    interval: int = 0  # steps between checkpoints (0: only the final one)
+    interval: Union[int, str] = 0  # steps (an int; 0: only the final one), a duration ("90s", "10m", "2h"), or "auto"
+    mtbf_hours: float = 24.0  # interval=auto: the mean time between failures Young/Daly balances saving against
     keep_last: int = 2  # committed checkpoints kept (the newest is never deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, as a milestone (0: none)
+    async_upload: bool = True  # upload in the background while training goes on (false: the loop waits)
+    upload_limit_mbps: Optional[float] = None  # cap each worker's background upload rate (MB/s), to spare the network
+    commit_timeout_s: float = 3600.0  # how long rank 0 waits for every rank's upload before the save fails
 
     def __post_init__(self):
-        if self.interval < 0:
-            raise ValueError(f"interval={self.interval} must be >= 0")
-        _positive(self, "keep_last")
+        from orchestrator.checkpoint.interval import parse_interval
+
+        parse_interval(self.interval)  # raises ValueError with the accepted forms
+        _positive(self, "keep_last", "mtbf_hours", "upload_limit_mbps", "commit_timeout_s")
+        if self.keep_every < 0:
+            raise ValueError(f"keep_every={self.keep_every} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ class JobSpec:
     data: Optional[DataConfig] = None  # null: the top-level `data`
     trainer: dict = field(default_factory=dict)  # overrides of the top-level `trainer` for this job
     init_from: Optional[str] = None  # weights to start from: a Hugging Face folder, or an orch export/checkpoint URI
+    resume_from: Optional[str] = None  # continue another run's training state (a checkpoint or run URI), at any worker count
 
     def __post_init__(self):
         _positive(self, "workers")
@@ -288,6 +297,7 @@ class JobConfig:
     tracking: TrackingConfig
     cluster: ClusterConfig
     init_from: Optional[str] = None  # weights to start from (else: the dependency's exported weights)
+    resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
 
     def __post_init__(self):
         if self.data.kind == "sft" and not self.data.tokenizer_uri:

@@ -7,9 +7,10 @@ import math
 from orchestrator.config.schema import JobConfig
 
 
-def deepspeed_config(job: JobConfig, world_size: int) -> dict:
+def deepspeed_config(job: JobConfig, world_size: int, load_universal: bool = False) -> dict:
     """DeepSpeed's JSON config for `job` at `world_size` workers. The global batch is fixed; the
-    worker count only changes gradient accumulation."""
+    worker count only changes gradient accumulation. `load_universal`: the checkpoint to resume
+    from is a universal one (saved at another world size or ZeRO stage)."""
     ds, tr = job.deepspeed, job.trainer
     zero: dict = {
         "stage": ds.stage,
@@ -41,6 +42,7 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict:
         "fp16": {"enabled": ds.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 

@@ -88,7 +88,7 @@ class _Trainer:
         self._closers: list = []  # run at the end of run(), in reverse
 
     # ------------------------------------------------------------------------------ building
-    def _build_engine(self):
+    def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
         import deepspeed
         import torch
         from torch.optim.lr_scheduler import LambdaLR
@@ -99,7 +99,7 @@ class _Trainer:
         job = self.job
         torch.manual_seed(job.trainer.seed)
         model = GPT(job.model.gpt_config())
-        if self.spec.init_from:
+        if self.spec.init_from and fresh_weights:  # (a resumed job's weights come from its checkpoint)
             model.load_state_dict(self._initial_weights(self.spec.init_from))
             log.info("initialised from %s", self.spec.init_from)
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -111,7 +111,8 @@ class _Trainer:
             return LambdaLR(optimizer, lambda s: lr_factor(s, max_steps=tr.max_steps, warmup_steps=tr.warmup_steps, lr=tr.lr, min_lr=tr.min_lr))
 
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                               config=deepspeed_config(job, self.world), lr_scheduler=schedule)
+                                               config=deepspeed_config(job, self.world, load_universal=load_universal),
+                                               lr_scheduler=schedule)
         return engine
 
     def _initial_weights(self, init_from: str) -> dict:
@@ -119,6 +120,22 @@ class _Trainer:
         from orchestrator import artifacts
 
         return artifacts.load(artifacts.resolve(init_from, endpoint_url=self.job.storage.endpoint_url)).state_dict
+
+    def _reset_weight_decay(self, engine) -> None:
+        """Repair two things DeepSpeed's ZeRO-3 universal loader (0.19) gets wrong for an optimizer
+        with several parameter groups: it copies group 0's hyperparameters onto every group (so
+        restore each group's weight decay as configured: group 0 matrices, group 1 biases and norms),
+        and it gives every group's state one shared `step` tensor (which torch's AdamW then advances
+        once per group per step: give each its own)."""
+        import torch
+
+        groups = engine.optimizer.param_groups
+        if len(groups) == 2:
+            groups[0]["weight_decay"], groups[1]["weight_decay"] = self.job.trainer.weight_decay, 0.0
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     # ------------------------------------------------------------------------------ helpers
     def _device_name(self) -> str | None:
@@ -128,14 +145,19 @@ class _Trainer:
             return torch.cuda.get_device_name()
         return None
 
-    def _mean(self, values: list[float]) -> float:
-        """Mean of a per-rank list of floats over all ranks."""
+    def _sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of a small vector over all ranks (one all-reduce)."""
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t[0] / t[1])
+        return t.tolist()
+
+    def _mean(self, values: list[float]) -> float:
+        """Mean of a per-rank list of floats over all ranks."""
+        total, n = self._sum([sum(values), len(values)])
+        return total / n
 
     def _report(self, **fields) -> None:
         if self.rank == 0 and self.spec.reporter is not None:
@@ -172,18 +194,32 @@ class _Trainer:
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
         val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
 
-        engine = self._build_engine()
         import json
 
         from orchestrator.constants import MODEL_CONFIG, TOKENIZER
 
         tokenizer = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key))
-        ckpt = Checkpointer(self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint.keep_last,
-                            rank0_files={TOKENIZER: tokenizer, MODEL_CONFIG: json.dumps(to_dict(job.model), indent=1).encode()})
-        restored = ckpt.restore(engine)
-        state = TrainerState(**restored) if restored else TrainerState()
-        if restored:
-            self._report(event="resumed", step=state.step)
+        ckpt = Checkpointer(
+            self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint, job.deepspeed.stage,
+            rank0_files={TOKENIZER: tokenizer, MODEL_CONFIG: json.dumps(to_dict(job.model), indent=1).encode()},
+            on_commit=lambda ref: self._report(checkpoint=ref.uri, checkpoint_step=ref.step),
+            resume_from=job.resume_from,
+        )
+        # Which checkpoint to resume from decides how the engine is built: one saved at another
+        # world size or ZeRO stage loads as a DeepSpeed universal checkpoint.
+        restore = ckpt.find_restore()
+        engine = self._build_engine(load_universal=bool(restore and restore.universal),
+                                    fresh_weights=restore is None)
+        state = TrainerState()
+        if restore is not None:
+            state = TrainerState(**ckpt.load(engine, restore))
+            self._reset_weight_decay(engine)
+            if not restore.ref.uri.startswith(self.spec.run_uri + "/"):
+                state.wandb_run_id = None  # another run's state: this job logs to its own W&B run
+            self._report(event="resumed", resumed_step=state.step, resumed_from=restore.ref.uri,
+                         skipped=[r.uri for r in restore.skipped], universal=restore.universal)
+        else:
+            self._report(event="ready")
         state.world_size = self.world
         wandb_id = state.wandb_run_id or self.spec.job_id
         tracker = make_tracker(
@@ -212,7 +248,12 @@ class _Trainer:
         tokens_per_step = tr.global_batch_size * job.data.seq_len
         model_flops = flops_per_token(job.model.gpt_config(), job.data.seq_len)
         peak = peak_flops(self._device_name(), job.cluster.peak_flops_per_device)
+        from orchestrator.checkpoint.interval import CheckpointSchedule, parse_interval
+
+        schedule = CheckpointSchedule(parse_interval(job.checkpoint.interval), job.checkpoint.mtbf_hours * 3600)
         last_saved = state.step if state.step else None
+        t_saved = time.perf_counter()
+        blocking: list[float] = []
         order = train.order(tr.seed, job.data.shuffle_window, tr.global_batch_size)
         data_wait, shard_wait_at, steps_since_log = 0.0, train.wait_s, 0
         t_last = time.perf_counter()
@@ -244,7 +285,11 @@ class _Trainer:
             state.cursor += tr.global_batch_size
             state.tokens_seen += tokens_per_step
             steps_since_log += 1
-            loss_mean = self._mean(losses)
+            # One all-reduce per step carries the loss and, for time-based intervals, whether any
+            # rank's clock says a checkpoint is due (so every rank decides the same).
+            due = schedule.due(state.step, time.perf_counter() - t_saved) and state.step < tr.max_steps
+            loss_sum, loss_n, due_votes = self._sum([sum(losses), len(losses), float(due)])
+            loss_mean = loss_sum / loss_n
             if state.first_loss is None:
                 state.first_loss = loss_mean
             state.last_loss = loss_mean
@@ -267,19 +312,30 @@ class _Trainer:
                 eval_loss = self._evaluate(engine, val)
                 tracker.log({"eval/loss": eval_loss}, step=state.step)
                 self._report(eval_loss=eval_loss)
-            if job.checkpoint.interval and state.step % job.checkpoint.interval == 0 and state.step < tr.max_steps:
-                ref = ckpt.save(engine, state.step, _as_dict(state))
-                last_saved = state.step
-                self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
+            if due_votes > 0:
+                blocked = ckpt.save(engine, state.step, _as_dict(state))
+                blocking.append(blocked)
+                schedule.measured(blocked)
+                tracker.log({"ckpt/blocking_s": blocked, "ckpt/previous_upload_s": ckpt.last_upload_s,
+                             "ckpt/interval_s": schedule.seconds}, step=state.step)
+                if schedule.reason and self.rank == 0:
+                    log.info(schedule.reason)
+                self._report(ckpt_blocking_s=blocked)
+                last_saved, t_saved = state.step, time.perf_counter()
 
         eval_loss = self._evaluate(engine, val)
         tracker.log({"eval/loss": eval_loss}, step=state.step)
         tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss})
         state.eval_loss = eval_loss
         if last_saved != state.step:  # the final checkpoint; the launcher exports it after the group ends
-            ref = ckpt.save(engine, state.step, _as_dict(state))
-            self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
+            blocking.append(ckpt.save(engine, state.step, _as_dict(state)))
+        ckpt.wait()  # every upload done and committed before the worker group reports success
+        if blocking:
+            tracker.summary({"ckpt/blocking_s_mean": sum(blocking) / len(blocking), "ckpt/saves": len(blocking)})
         self._report(eval_loss=eval_loss)
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0's commit is in the store before any rank leaves
 
 
 def _as_dict(state: TrainerState) -> dict:

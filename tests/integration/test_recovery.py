@@ -1,6 +1,7 @@
 """Recovery on real processes killed with real signals: `kill -9` of one training worker mid-run;
-Ray Train restarts the worker group, which resumes from the last committed checkpoint and ends
-with the same final loss as an uninterrupted run."""
+Ray Train restarts the worker group, which resumes from the last committed checkpoint that
+verifies (the newest one has bytes flipped first, so it falls back to the one before) and ends
+with the same losses as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tests import wandb_files
 pytestmark = pytest.mark.slow
 
 RUN = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=300", "trainer.log_interval=1",
-       "checkpoint.interval=25", "data.num_documents=600", "pipeline.jobs.pretrain.max_failures=2"]
+       "checkpoint.interval=25", "checkpoint.keep_last=3", "data.num_documents=600",
+       "pipeline.jobs.pretrain.max_failures=2"]
 
 
 def _train_worker_pids(driver_pid: int) -> list[int]:
@@ -54,7 +56,7 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *RUN, "--state-dir", str(state)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
+    killed, corrupt_step = None, None
     try:
         deadline = time.time() + 300
         while time.time() < deadline and killed is None:
@@ -62,11 +64,19 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
             if not (state / "jobs.db").exists():
                 continue
             jobs = JobStore(state).list()
-            if jobs and jobs[0].checkpoint and jobs[0].metrics.get("step", 0) >= 60:
-                pids = _train_worker_pids(proc.pid)
-                if pids:
-                    killed = pids[-1]
-                    os.kill(killed, signal.SIGKILL)
+            if not (jobs and jobs[0].metrics.get("step", 0) >= 60):
+                continue
+            run = state / "store" / "runs" / jobs[0].id / "checkpoints"
+            committed = sorted((int(p.parent.name.split("-")[1]), p.parent) for p in run.glob("step-*/COMMITTED.json"))
+            pids = _train_worker_pids(proc.pid)
+            if len(committed) >= 2 and pids:
+                corrupt_step, folder = committed[-1]
+                victim = max((p for p in folder.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
+                data = bytearray(victim.read_bytes())
+                data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another sha256
+                victim.write_bytes(bytes(data))
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
         assert killed, "never reached step 60 with a committed checkpoint"
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -78,6 +88,10 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     (ref_job,) = JobStore(ref_state).list()
     assert job.state.value == "SUCCEEDED" and job.restarts == 1
     assert "RESTARTING" in [h["state"] for h in job.history]
+    # It resumed from the checkpoint before the corrupted one, and said so.
+    resumed = [h["reason"] for h in job.history if h["reason"].startswith("worker group restarted")]
+    assert resumed and f"step-{corrupt_step - 25}" in resumed[0] and f"skipped corrupt" in resumed[0], job.history
+    assert f"step-{corrupt_step}" in resumed[0]
     # Same final loss as the uninterrupted run, and every step's loss matches after the resume.
     assert job.metrics["loss"] == pytest.approx(ref_job.metrics["loss"], rel=1e-6, abs=1e-7)
     # (W&B rows a killed worker had not yet written are lost for good; the steps replayed after
@@ -85,7 +99,7 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     (theirs,) = _attempts(ref_job, ref_state)
     first, second = _attempts(job, state)
     resumed_at = min(second) - 1
-    assert resumed_at % 25 == 0 and resumed_at >= 25  # from a committed checkpoint, not from scratch
+    assert resumed_at == corrupt_step - 25  # from the committed checkpoint before the corrupt one
     assert max(first) > resumed_at  # the killed attempt had gone past it: those steps were redone
     assert set(second) == set(range(resumed_at + 1, 301))
     for attempt in (first, second):

@@ -196,6 +196,13 @@ def _walk_files(folder: str) -> Iterator[str]:
 
 def _remove_empty_dirs(prefix: str) -> None:
     """Remove folders under the prefix (the prefix's own folder included) that hold nothing."""
+    if prefix.endswith(("/", os.sep)):  # a folder prefix: that folder and what is under it
+        for dirpath, _dirs, _files in os.walk(prefix, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except OSError:  # not empty (e.g. an in-flight temporary file)
+                pass
+        return
     folder, stem = os.path.split(prefix)
     if not os.path.isdir(folder):
         return

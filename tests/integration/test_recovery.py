@@ -105,3 +105,48 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     for attempt in (first, second):
         for step, loss in attempt.items():
             assert loss == pytest.approx(theirs[step], rel=1e-6, abs=1e-7), step
+
+
+def test_kill_during_an_upload_never_loads_the_partial_checkpoint(tmp_path):
+    """Uploads are slowed down (checkpoint.upload_limit_mbps) so that a worker can be killed while
+    step 60 is being uploaded: the restarted group resumes from step 30, the last committed one,
+    and the partial upload leaves nothing behind."""
+    state = tmp_path / "state"
+    run = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=90", "trainer.log_interval=5",
+           "checkpoint.interval=30", "checkpoint.keep_last=5", "checkpoint.upload_limit_mbps=0.25",
+           "data.num_documents=600", "pipeline.jobs.pretrain.max_failures=2", "--state-dir", str(state)]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *run], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and killed is None:
+            time.sleep(0.2)
+            if not (state / "jobs.db").exists():
+                continue
+            jobs = JobStore(state).list()
+            if not jobs:
+                continue
+            ckpts = state / "store" / "runs" / jobs[0].id / "checkpoints"
+            step60 = ckpts / "step-60"
+            uploading = step60.is_dir() and any(step60.rglob("*.pt")) and not (step60 / "COMMITTED.json").exists()
+            pids = _train_worker_pids(proc.pid)
+            if (ckpts / "step-30" / "COMMITTED.json").exists() and uploading and pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+        assert killed, "never caught step 60 mid-upload"
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    (job,) = JobStore(state).list()
+    assert job.state.value == "SUCCEEDED" and job.restarts == 1
+    resumed = [h["reason"] for h in job.history if h["reason"].startswith("worker group restarted")]
+    assert resumed and resumed[0].endswith("/checkpoints/step-30"), job.history  # not the partial step 60
+    ckpts = state / "store" / "runs" / job.id / "checkpoints"
+    # Every checkpoint folder left is committed, and no attempt's per-rank upload lists remain.
+    folders = sorted(p.name for p in ckpts.iterdir())
+    assert folders == ["step-30", "step-60", "step-90"]
+    assert all((ckpts / f / "COMMITTED.json").exists() for f in folders)
+    assert not list(ckpts.rglob("_ranks"))

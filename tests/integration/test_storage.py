@@ -374,8 +374,8 @@ def test_local_delete_prefix_removes_emptied_folders(tmp_path: Path) -> None:
     store.put(join_uri(root, "ckpt", "step_1", "deep", "x"), b"x")
     store.put(join_uri(root, "ckpt", "step_2", "x"), b"x")
     assert store.delete_prefix(join_uri(root, "ckpt", "step_1/")) == 1
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_1", "step_2"]  # the prefix folder itself stays
-    assert os.listdir(tmp_path / "ckpt" / "step_1") == []
+    # like an object store, where a "folder" is only its objects: the emptied prefix folder goes too
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_2"]
 
 
 def test_local_relative_path_is_rejected() -> None:

@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
 
 
 def _print_dry_run(raw: dict, jobs) -> None:
-    from omegaconf import OmegaConf
+    import yaml
 
     from orchestrator.jobs.policy import job_demand
     from orchestrator.jobs.record import JobRecord
@@ -73,7 +73,7 @@ def _print_dry_run(raw: dict, jobs) -> None:
     from orchestrator.config.typed import to_dict
 
     print("# resolved config")
-    print(OmegaConf.to_yaml(raw), end="")
+    print(yaml.safe_dump(raw, sort_keys=False, width=10**6), end="")  # one line per value
     print("# resources (each job is admitted only when all its workers fit at once)")
     for j in jobs:
         rec = JobRecord(id=j.name, pipeline_id="", name=j.name, kind=j.kind, state=JobState.PENDING, priority=j.priority,

@@ -93,20 +93,6 @@ UNIVERSAL_MARKER = "UNIVERSAL.json"  # written last in universal/, listing its f
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}  # client state ds_to_universal needs for ZeRO 1-2
 
 
-def check_stage_change(ref: CheckpointRef, saved: int, wanted: int) -> None:
-    """Stages 1 and 2 share an optimizer layout and convert into each other through a universal
-    checkpoint; DeepSpeed's universal loader cannot cross between them and stage 3."""
-    if saved != wanted and 3 in (saved, wanted):
-        raise StageMismatch(
-            f"checkpoint {ref.uri} was saved with ZeRO-{saved}; it cannot be resumed with ZeRO-{wanted} "
-            f"(DeepSpeed converts between stages 1 and 2 only): resume with deepspeed=zero{saved}"
-        )
-
-
-class StageMismatch(CheckpointError):
-    """A checkpoint of one ZeRO stage asked to resume under an incompatible one."""
-
-
 def rng_file(rank: int) -> str:
     return f"rng-rank-{rank}.pt"
 
@@ -304,14 +290,11 @@ class Checkpointer:
             ok, reason, marker, universal = True, "", {}, False
             try:
                 marker = read_marker(self.store, ref)
-                check_stage_change(ref, marker["zero_stage"], self.zero_stage)
                 universal = (marker["world_size"], marker["zero_stage"]) != (self.world_size, self.zero_stage)
                 if not universal:
                     download_checkpoint(self.store, ref, folder / tag, only=self._needed)
                 elif self.rank == 0:
                     ensure_universal(self.store, ref, self.local / "convert")
-            except StageMismatch:
-                raise
             except (CheckpointError, ValueError, KeyError) as e:
                 ok, reason = False, str(e)
             bad = self._vote(ok, reason)
@@ -427,6 +410,54 @@ def _alias_model_states(folder: Path, world_size: int, zero_stage: int) -> None:
             shutil.copy(existing[0], folder / name)
 
 
+def _adapt_optimizer_state(folder: Path, zero_stage: int) -> None:
+    """Let a universal checkpoint cross between ZeRO 1-2 and ZeRO-3 (DeepSpeed 0.19 writes the two
+    layouts a little differently): from 1-2 into 3, the global optimizer state gains the nested
+    state dict the stage-3 loader reads the step count from; from 3 into 1-2, it gains the
+    DeepSpeed version the stage-1/2 loader checks, and each parameter folder its step count."""
+    import torch
+
+    path = folder / "zero" / "optimizer_state.pt"
+    if not path.exists():
+        return
+    sd = torch.load(path, weights_only=False)
+    if zero_stage == 3 and "optimizer_state_dict" not in sd:  # made from ZeRO 1-2
+        step_file = next(iter(sorted((folder / "zero").glob("*/step.pt"))), None)
+        step = torch.load(step_file, weights_only=False) if step_file else None
+        sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+        torch.save(sd, path)
+    elif zero_stage < 3 and "optimizer_state_dict" in sd:  # made from ZeRO-3
+        import deepspeed
+
+        sd.setdefault("ds_version", deepspeed.__version__)
+        step = sd["optimizer_state_dict"].get("state", {}).get(0, {}).get("step")
+        shapes = _param_shapes(folder)
+        for param_dir in (folder / "zero").iterdir():
+            if not param_dir.is_dir():
+                continue
+            if step is not None and not (param_dir / "step.pt").exists():  # stages 1-2 read it per parameter
+                torch.save(step, param_dir / "step.pt")
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):  # flat tensors -> {"param": shaped, "cat_dim": 0}
+                f = param_dir / f"{key}.pt"
+                if f.exists() and param_dir.name in shapes:
+                    t = torch.load(f, weights_only=False)
+                    if isinstance(t, torch.Tensor):
+                        torch.save({"param": t.view(shapes[param_dir.name]), "cat_dim": 0}, f)
+        torch.save(sd, path)
+
+
+def _param_shapes(folder: Path) -> dict:
+    """Parameter name -> shape, from a model-states file of the checkpoint."""
+    import torch
+
+    for f in sorted(folder.glob("*model_states.pt")):
+        shapes = torch.load(f, map_location="cpu", weights_only=False).get("param_shapes")
+        if shapes:
+            groups = shapes if isinstance(shapes, list) else [shapes]
+            return {name: tuple(shape) for group in groups for name, shape in group.items()}
+    return {}
+
+
 def download_universal(store: ObjectStore, ref: CheckpointRef, dest: Path, world_size: int, zero_stage: int) -> None:
     uni = join_uri(ref.uri, UNIVERSAL_DIR)
     try:
@@ -440,6 +471,7 @@ def download_universal(store: ObjectStore, ref: CheckpointRef, dest: Path, world
         if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
             raise CheckpointError(f"universal checkpoint file {join_uri(uni, f['path'])} does not match its marker")
     _alias_model_states(dest, world_size, zero_stage)
+    _adapt_optimizer_state(dest, zero_stage)
 
 
 def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict, local_dir: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""Recovery on real processes killed with real signals: `kill -9` of one training worker mid-run;
+"""Recovery on real processes killed with real signals: `kill -9` of the training workers mid-run;
 Ray Train restarts the worker group, which resumes from the last committed checkpoint that
 verifies (the newest one has bytes flipped first, so it falls back to the one before) and ends
 with the same losses as an uninterrupted run."""
@@ -69,14 +69,18 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
             run = state / "store" / "runs" / jobs[0].id / "checkpoints"
             committed = sorted((int(p.parent.name.split("-")[1]), p.parent) for p in run.glob("step-*/COMMITTED.json"))
             pids = _train_worker_pids(proc.pid)
-            if len(committed) >= 2 and pids:
+            if len(committed) >= 2 and len(pids) == 2:
+                # Kill every worker at once (so no background upload can commit anything newer),
+                # then flip a byte in the newest committed checkpoint before the group restarts.
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = pids
+                committed = sorted((int(p.parent.name.split("-")[1]), p.parent) for p in run.glob("step-*/COMMITTED.json"))
                 corrupt_step, folder = committed[-1]
                 victim = max((p for p in folder.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
                 data = bytearray(victim.read_bytes())
                 data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another sha256
                 victim.write_bytes(bytes(data))
-                killed = pids[-1]
-                os.kill(killed, signal.SIGKILL)
         assert killed, "never reached step 60 with a committed checkpoint"
         out, _ = proc.communicate(timeout=600)
     finally:

@@ -1,7 +1,12 @@
 """`orch`: the command line. Parse, build, run; the logic lives in the modules it calls.
 
     orch run [OVERRIDES...] [--dry-run]     pretrain -> fine-tune on an embedded (or given) Ray cluster
-    orch status [JOB] [--json]              job records from the state folder
+    orch up [--nodes N] / orch down         a persistent local Ray cluster with the controller
+    orch submit [OVERRIDES...] [--after J]  queue a pipeline's jobs on the controller; prints the ids
+    orch status [JOB] [--json] [--watch]    job records (from the controller, else the state folder)
+    orch logs JOB [-f]                      a job's events: states, progress, failures
+    orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
+    orch scale JOB --workers N              checkpoint, restart at N workers from it
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
@@ -131,26 +136,143 @@ def status_rows(records) -> list[dict]:
     return out
 
 
-def cmd_status(args) -> int:
-    from orchestrator.errors import ConfigError
-    from orchestrator.jobs.store import JobStore
-    from orchestrator.constants import JOBS_DB
+def _records(dicts: list[dict]):
+    from orchestrator.jobs.record import JobRecord
+    from orchestrator.jobs.state import JobState
 
-    state_dir = _state_dir(args)
-    if not os.path.exists(os.path.join(state_dir, JOBS_DB)):
-        raise ConfigError(f"no job records in {state_dir}; run `orch run` first, or pass --state-dir / set {STATE_DIR_ENV}")
-    store = JobStore(state_dir)
-    records = [store.get(args.job)] if args.job else store.list()
+    return [JobRecord(**{**d, "state": JobState(d["state"])}) for d in dicts]
+
+
+def _print_status(args, records) -> None:
     if args.json:
         print(json.dumps(status_rows(records), indent=1))
-        return 0
-    print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8}  DEPENDS ON")
+        return
+    print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
     for r in records:
         m = r.metrics
-        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {r.workers:>7} {m.get('step', '-'):>6} {_fmt(m.get('loss')):>8}  "
-              f"{', '.join(r.depends_on) or '-'}")
+        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {r.workers:>7} {m.get('step', '-'):>6} {_fmt(m.get('loss')):>8} "
+              f"{r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
         if args.job:
             print(json.dumps(status_rows([r])[0], indent=1))
+    for r in records:
+        if r.failure_reason and not args.job:
+            print(f"{r.id}: {r.failure_reason}")
+
+
+def cmd_status(args) -> int:
+    from orchestrator.client import connect_controller, resolve_address
+    from orchestrator.constants import JOBS_DB
+    from orchestrator.errors import ConfigError
+    from orchestrator.jobs.store import JobStore
+
+    state_dir = _state_dir(args)
+    address = resolve_address(args.address, state_dir)
+    if address:
+        with connect_controller(address, state_dir, start=False) as client:
+            while True:
+                records = _records(client.status(args.job))
+                if args.watch:
+                    print("\033[2J\033[H" if sys.stdout.isatty() else "", end="")
+                    print(f"# {time.strftime('%H:%M:%S')}  {address}")
+                _print_status(args, records)
+                if not args.watch or all(r.state.terminal for r in records):
+                    return 0
+                sys.stdout.flush()
+                time.sleep(args.interval)
+    if not os.path.exists(os.path.join(state_dir, JOBS_DB)):
+        raise ConfigError(f"no job records in {state_dir} and no cluster to ask; run `orch run` or `orch up` first, "
+                          f"or pass --state-dir / --address")
+    store = JobStore(state_dir)
+    _print_status(args, [store.get(args.job)] if args.job else store.list())
+    return 0
+
+
+# ------------------------------------------------------------------- the persistent controller
+def _address_or_fail(args, state_dir: str) -> str:
+    from orchestrator.client import resolve_address
+    from orchestrator.errors import ClusterError
+
+    address = resolve_address(args.address, state_dir)
+    if not address:
+        raise ClusterError(f"no cluster to submit to: start one with `orch up` (state folder {state_dir}), or pass "
+                           f"--address / set RAY_ADDRESS; `orch run` runs a pipeline on an embedded cluster instead")
+    return address
+
+
+def cmd_up(args) -> int:
+    from orchestrator.client import up
+
+    up(_state_dir(args), args.nodes, args.cpus_per_node or max(1, (os.cpu_count() or 1) // args.nodes), args.port, _say)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from orchestrator.client import down
+
+    down(_state_dir(args), _say)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from orchestrator.client import connect_controller
+    from orchestrator.config.compose import compose_dict, resolve_jobs
+    from orchestrator.config.schema import RootConfig
+    from orchestrator.config.typed import build, to_dict
+    from orchestrator.pipeline import check_no_secrets
+
+    state_dir = _state_dir(args)
+    args.state_dir = state_dir
+    raw = compose_dict(_overrides(args))
+    root = build(RootConfig, raw)
+    jobs = resolve_jobs(root, after=args.after)
+    for job in jobs:
+        check_no_secrets(job)
+    if args.dry_run:
+        _print_dry_run(raw, jobs)
+        return 0
+    with connect_controller(_address_or_fail(args, state_dir), state_dir) as client:
+        ids = client.submit([to_dict(j) for j in jobs], list(args.after))
+    for job_id in ids:
+        print(job_id)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from orchestrator.client import connect_controller
+
+    state_dir = _state_dir(args)
+    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+        offset = 0
+        while True:
+            out = client.logs(args.job, offset)
+            print(out["text"], end="", flush=True)
+            offset = out["offset"]
+            if not args.follow or out["terminal"]:
+                return 0
+            time.sleep(1.0)
+
+
+def cmd_cancel(args) -> int:
+    from orchestrator.client import connect_controller
+
+    state_dir = _state_dir(args)
+    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+        rec = client.cancel(args.job, args.now)
+    if rec["state"] == "CANCELLED":
+        print(f"{args.job}: CANCELLED")
+    else:
+        print(f"{args.job}: cancelling: checkpointing step {rec['metrics'].get('step', 0)}+, then stopping "
+              f"(`orch status {args.job}`)")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from orchestrator.client import connect_controller
+
+    state_dir = _state_dir(args)
+    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+        client.scale(args.job, args.workers)
+    print(f"{args.job}: scaling to {args.workers} workers: checkpoint, then restart from it (`orch status {args.job}`)")
     return 0
 
 
@@ -242,11 +364,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="stream Ray and worker logs")
     run.set_defaults(func=cmd_run)
 
+    addr_help = "Ray cluster address (default: RAY_ADDRESS, else the cluster `orch up` started)"
+    sd_help = f"state folder (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})"
+
+    upp = sub.add_parser("up", help="start a persistent local Ray cluster (several raylets with --nodes) and the controller")
+    upp.add_argument("--nodes", type=int, default=1, help="raylets, the head included (default 1)")
+    upp.add_argument("--cpus-per-node", type=int, default=None, help="CPUs each node offers (default: this machine's / nodes)")
+    upp.add_argument("--port", type=int, default=6379, help="the head's GCS port (default 6379)")
+    upp.add_argument("--state-dir", help=sd_help)
+    upp.set_defaults(func=cmd_up)
+
+    dn = sub.add_parser("down", help="stop the cluster `orch up` started (job records stay)")
+    dn.add_argument("--state-dir", help=sd_help)
+    dn.set_defaults(func=cmd_down)
+
+    sb = sub.add_parser("submit", help="queue a pipeline's jobs on the controller (prints the job ids)")
+    sb.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
+    sb.add_argument("--after", action="append", default=[], metavar="JOB",
+                    help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
+    sb.add_argument("--dry-run", action="store_true", help="print the resolved config and resources, submit nothing")
+    sb.add_argument("--address", help=addr_help)
+    sb.add_argument("--state-dir", help=sd_help)
+    sb.set_defaults(func=cmd_submit)
+
     st = sub.add_parser("status", help="list jobs and their states")
     st.add_argument("job", nargs="?", help="one job id")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--state-dir", help=f"state folder (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
+    st.add_argument("--watch", action="store_true", help="refresh until every job listed has ended")
+    st.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    st.add_argument("--address", help=addr_help)
+    st.add_argument("--state-dir", help=sd_help)
     st.set_defaults(func=cmd_status)
+
+    lg = sub.add_parser("logs", help="a job's events: state changes, progress, failures")
+    lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    lg.add_argument("--address", help=addr_help)
+    lg.add_argument("--state-dir", help=sd_help)
+    lg.set_defaults(func=cmd_logs)
+
+    cn = sub.add_parser("cancel", help="checkpoint a job, then stop it (its dependents become BLOCKED)")
+    cn.add_argument("job")
+    cn.add_argument("--now", action="store_true", help="stop at once, without a checkpoint")
+    cn.add_argument("--address", help=addr_help)
+    cn.add_argument("--state-dir", help=sd_help)
+    cn.set_defaults(func=cmd_cancel)
+
+    sc = sub.add_parser("scale", help="restart a running job at N workers from a checkpoint (same global batch)")
+    sc.add_argument("job")
+    sc.add_argument("--workers", type=int, required=True)
+    sc.add_argument("--address", help=addr_help)
+    sc.add_argument("--state-dir", help=sd_help)
+    sc.set_defaults(func=cmd_scale)
 
     exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
     exp.add_argument("checkpoint", help="job id, checkpoint URI (.../checkpoints/step-N), run URI or export URI")

@@ -1,7 +1,7 @@
 """Run one job as a Ray Train worker group (TorchTrainer + ScalingConfig + FailureConfig).
 
-`RayLauncher.start` returns at once; the job's data preparation and `TorchTrainer.fit()` run in a
-background thread, and `poll` reports progress that rank 0 streams to a small progress actor.
+`RayLauncher.start` returns at once: a `JobRunner` actor prepares the job's data and runs
+`TorchTrainer.fit()`; `poll` reads the progress that rank 0 streams to that actor.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import DatasetError, OrchError
 from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Progress:
-    status: str = "starting"  # starting | running | succeeded | failed
+    status: str = "starting"  # starting | running | succeeded | failed | stopped (on request) | lost (runner died) | busy
     metrics: dict = field(default_factory=dict)
     checkpoint: str | None = None
     export: str | None = None
@@ -35,29 +36,8 @@ class Progress:
     traceback: str | None = None  # of a failure, shown with --debug
     resumed: dict = field(default_factory=dict)  # the last resume: from, skipped (corrupt), universal, step
     ready_attempt: int = 0  # the latest attempt whose engine is built (and restored): it is training
-
-
-def _progress_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ProgressSink:
-        """Receives rank 0's reports (fire-and-forget) and hands snapshots to the launcher."""
-
-        def __init__(self):
-            self.data: dict = {"attempts": 0}
-
-        def update(self, fields: dict) -> None:
-            if fields.get("event") == "attempt":
-                self.data["attempts"] += 1
-            if fields.get("event") in ("ready", "resumed"):
-                self.data["ready_attempt"] = self.data["attempts"]
-            self.data.update({k: v for k, v in fields.items() if k != "event"})
-
-        def snapshot(self) -> dict:
-            return dict(self.data)
-
-    return ProgressSink
+    fits: int = 0  # worker groups the runner started on purpose (the first, and one per scale)
+    fit_base: int = 0  # attempts made before the runner's latest worker group
 
 
 def worker_error_message(exc: BaseException) -> str:
@@ -144,123 +124,152 @@ def check_init_matches(job: JobConfig, init_from: str) -> None:
         )
 
 
-class RunHandle:
-    def __init__(self, record: JobRecord):
-        self.record = record
-        self.progress = Progress()
-        self.sink = None
-        self.thread: threading.Thread | None = None
-        self.lock = threading.Lock()
+RUNNER_PREFIX = "orch-job-"
 
 
-class RayLauncher:
-    """Starts jobs on the connected Ray cluster."""
+class JobRunner:
+    """One job's driver, as a Ray actor: prepares its data, runs `TorchTrainer.fit()` (again after a
+    requested stop for a new worker count), exports the final weights, and holds the progress that
+    rank 0 streams to it. The controller polls `snapshot()`; rank 0 polls `control()` every step.
 
-    def __init__(self, say: Callable[[str], None] = print, ray_storage: str | None = None):
-        self.say = say
+    Under the persistent controller it is a named, detached actor (`orch-job-<id>`): it outlives a
+    controller crash, a restarted controller re-attaches to it by name, and the name guarantees one
+    runner per job. When it dies, Ray tears down the worker group it owns.
+    """
+
+    def __init__(self, record: dict, init_from: str | None, ray_storage: str | None):
+        import os
+
+        d = dict(record)
+        d["state"] = JobState(d["state"])
+        self.record = JobRecord(**d)
+        self.init_from = init_from
         self.ray_storage = ray_storage
+        self.lock = threading.Lock()
+        self.data: dict = {"status": "starting", "attempts": 0, "ready_attempt": 0, "fits": 0, "lines": [],
+                           "pid": os.getpid()}
+        self.stop: dict | None = None  # {"why": "cancel" | "scale", "job": new config for a scale}
+        self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
+        self.thread.start()
 
-    def start(self, record: JobRecord, init_from: str | None) -> RunHandle:
-        handle = RunHandle(record)
-        handle.thread = threading.Thread(target=self._run, args=(handle, init_from), name=f"job-{record.id}", daemon=True)
-        handle.thread.start()
-        return handle
+    # --------------------------------------------------------------------- called by rank 0
+    def update(self, fields: dict) -> None:
+        with self.lock:
+            if fields.get("event") == "attempt":
+                self.data["attempts"] += 1
+            if fields.get("event") in ("ready", "resumed"):
+                self.data["ready_attempt"] = self.data["attempts"]
+            self.data.update({k: v for k, v in fields.items() if k != "event"})
 
-    def poll(self, handle: RunHandle) -> Progress:
+    def control(self) -> str | None:
+        """'stop' once a stop was requested: every rank checkpoints the current step and returns."""
+        return "stop" if self.stop else None
+
+    # --------------------------------------------------------------- called by the controller
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {**self.data, "lines": list(self.data["lines"])}
+
+    def request_stop(self, why: str, job: dict | None = None) -> None:
+        with self.lock:
+            self.stop = {"why": why, "job": job}
+
+    def ping(self) -> int:
+        return self.data["pid"]
+
+    # ------------------------------------------------------------------------------ the run
+    def _say(self, line: str) -> None:
+        with self.lock:
+            self.data["lines"].append(line)
+
+    def _set(self, **fields) -> None:
+        with self.lock:
+            self.data.update(fields)
+
+    def _run(self) -> None:
         import ray
 
-        if handle.sink is not None and handle.progress.status in ("running", "succeeded", "failed"):
-            try:
-                snap = ray.get(handle.sink.snapshot.remote(), timeout=10)
-                self._merge(handle, snap)
-            except Exception:  # the sink is best-effort: a slow poll must not fail the job
-                pass
-        with handle.lock:
-            return Progress(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in handle.progress.__dict__.items()})
-
-    @staticmethod
-    def _merge(handle: RunHandle, snap: dict) -> None:
-        with handle.lock:
-            p = handle.progress
-            for key in ("step", "loss", "first_loss", "eval_loss", "tokens"):
-                if key in snap:
-                    p.metrics[key] = snap[key]
-            p.checkpoint = snap.get("checkpoint", p.checkpoint)
-            p.export = snap.get("export", p.export)
-            p.attempts = snap.get("attempts", p.attempts)
-            p.ready_attempt = snap.get("ready_attempt", p.ready_attempt)
-            if snap.get("resumed_from"):
-                p.resumed = {"from": snap["resumed_from"], "skipped": snap.get("skipped", []),
-                             "universal": snap.get("universal", False), "attempt": snap.get("attempts")}
-            for key in ("wandb_run_id", "wandb_dir"):
-                if snap.get(key):
-                    p.wandb[key.removeprefix("wandb_")] = snap[key]
-
-    def _run(self, handle: RunHandle, init_from: str | None) -> None:
-        import ray
-
-        record = handle.record
+        record, init_from = self.record, self.init_from
         job = job_config_from_dict(record.config)
+        if job.data.kind == "sft" and not job.data.tokenizer_uri and init_from:
+            import dataclasses
+
+            # queued behind a job (`--after`): the data is tokenized with the weights' own tokenizer
+            job = dataclasses.replace(job, data=dataclasses.replace(job.data, tokenizer_uri=init_from))
         try:
             from orchestrator.train.loop import open_job_store
 
             open_job_store(job).check(job.storage.root)
             for line in ray.get(_prepare_remote().remote(to_dict(job))):
-                self.say(f"{record.id}: {line}")
+                self._say(line)
             check_dataset_matches(job)
             if init_from:
                 check_init_matches(job, init_from)
-            handle.sink = _progress_actor().remote()
-            with handle.lock:
-                handle.progress.status = "running"
-            self._fit(record, job, handle, init_from)
-            self._merge(handle, ray.get(handle.sink.snapshot.remote()))
-            self._finish(record, job, handle)
-            with handle.lock:
-                handle.progress.status = "succeeded"
+            self._set(status="running")
+            while True:
+                with self.lock:
+                    stop = self.stop
+                if stop and stop["why"] == "cancel":
+                    self._set(status="stopped")
+                    return
+                if stop and stop["why"] == "scale":
+                    job = job_config_from_dict(stop["job"])
+                    with self.lock:
+                        self.stop = None
+                    self._say(f"restarting at {job.workers} workers from the last checkpoint")
+                with self.lock:
+                    self.data["fits"] += 1
+                    self.data["fit_base"] = self.data["attempts"]  # attempts before this worker group
+                self._fit(record, job, init_from)
+                state = self._final_state(record, job)
+                if state.get("step") == job.trainer.max_steps:
+                    self._finish(record, job, state)
+                    self._set(status="succeeded")
+                    return
+                with self.lock:
+                    stop = self.stop
+                if not stop:
+                    from orchestrator.errors import CheckpointError
+
+                    raise CheckpointError(f"job {record.id} ended at step {state.get('step')} of {job.trainer.max_steps} "
+                                          f"without a committed final checkpoint")
+                self._say(f"stopped at step {state['step']} with a committed checkpoint ({stop['why']})")
         except OrchError as e:
-            with handle.lock:
-                handle.progress.status, handle.progress.reason, handle.progress.retryable = "failed", str(e), False
+            self._set(status="failed", reason=str(e), retryable=False)
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
             log.debug("job %s failed", record.id, exc_info=True)
-            with handle.lock:
-                handle.progress.status = "failed"
-                handle.progress.reason = worker_error_message(e)
-                handle.progress.traceback = traceback.format_exc()
-        finally:
-            if handle.sink is not None:
-                try:
-                    self._merge(handle, ray.get(handle.sink.snapshot.remote(), timeout=10))
-                except Exception:
-                    pass
+            self._set(status="failed", reason=worker_error_message(e), traceback=traceback.format_exc())
 
-    def _finish(self, record: JobRecord, job: JobConfig, handle: RunHandle) -> None:
-        """After the worker group ended well: take the job's results from the store (not from the
-        best-effort progress stream) and export the final checkpoint's weights."""
+    def _final_state(self, record: JobRecord, job: JobConfig) -> dict:
+        """The committed checkpoint the worker group ended on (the store, not the best-effort stream)."""
         import json
-
-        import ray
 
         from orchestrator.checkpoint.layout import latest_committed, run_uri
         from orchestrator.constants import TRAINER_STATE
-        from orchestrator.errors import CheckpointError
         from orchestrator.storage import join_uri
         from orchestrator.train.loop import open_job_store
 
         store, run = open_job_store(job), run_uri(job.storage.root, record.id)
         ref = latest_committed(store, run)
-        state = json.loads(store.get(join_uri(ref.uri, TRAINER_STATE))) if ref else {}
-        if not ref or state.get("step") != job.trainer.max_steps:
-            raise CheckpointError(f"job {record.id} ended without a committed final checkpoint in {run}")
-        self.say(f"{record.id}: exporting the weights of {ref.uri}")
-        export = ray.get(_export_remote().remote(to_dict(job), run, ref.step, record.id))
-        with handle.lock:
-            p = handle.progress
-            p.checkpoint, p.export = ref.uri, export
-            p.metrics.update({"step": state["step"], "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
-                              "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen")})
+        if ref is None:
+            return {}
+        state = json.loads(store.get(join_uri(ref.uri, TRAINER_STATE)))
+        self._set(checkpoint=ref.uri, step=state.get("step"), loss=state.get("last_loss"))
+        return {**state, "uri": ref.uri, "ref_step": ref.step}
 
-    def _fit(self, record: JobRecord, job: JobConfig, handle: RunHandle, init_from: str | None) -> None:
+    def _finish(self, record: JobRecord, job: JobConfig, state: dict) -> None:
+        """After the worker group ended well: export the final checkpoint's weights."""
+        import ray
+
+        from orchestrator.checkpoint.layout import run_uri
+
+        self._say(f"exporting the weights of {state['uri']}")
+        export = ray.get(_export_remote().remote(to_dict(job), run_uri(job.storage.root, record.id), state["ref_step"], record.id))
+        self._set(checkpoint=state["uri"], export=export, step=state["step"], loss=state.get("last_loss"),
+                  first_loss=state.get("first_loss"), eval_loss=state.get("eval_loss"), tokens=state.get("tokens_seen"))
+
+    def _fit(self, record: JobRecord, job: JobConfig, init_from: str | None) -> None:
+        import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -270,8 +279,9 @@ class RayLauncher:
         # W&B files: the state folder on an embedded cluster (this machine), else node-local scratch
         # on rank 0's node (or tracking.dir); online runs upload as they go, offline ones with `wandb sync`.
         wandb_root = job.tracking.dir or (job.state_dir if not job.cluster.address else None)
+        me = ray.get_runtime_context().current_actor
         spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=record.pipeline_id,
-                    init_from=init_from, reporter=handle.sink, wandb_root=wandb_root)
+                    init_from=init_from, reporter=me, wandb_root=wandb_root)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": to_dict(job), "spec": spec},
@@ -289,3 +299,102 @@ class RayLauncher:
             ),
         )
         trainer.fit()
+
+
+@dataclass
+class RunHandle:
+    job_id: str
+    actor: object
+    lines_seen: int = 0
+    fits_base: int = 0
+
+
+class RayLauncher:
+    """Starts each job as a `JobRunner` actor on the connected Ray cluster.
+
+    `detached=True` (the persistent controller) makes runners named and detached, so they survive
+    the controller; `orch run` keeps them owned by its own process, so they end with it.
+    """
+
+    def __init__(self, say: Callable[[str], None] = print, ray_storage: str | None = None, detached: bool = False,
+                 namespace: str | None = None, node_id: str | None = None):
+        self.say = say
+        self.ray_storage = ray_storage
+        self.detached = detached
+        self.namespace = namespace
+        self.node_id = node_id  # pin runners to this node (the controller's), where state_dir lives
+
+    def _options(self, record: JobRecord) -> dict:
+        opts: dict = dict(num_cpus=0, max_concurrency=16, max_restarts=0)
+        if self.detached:
+            opts.update(name=RUNNER_PREFIX + record.id, namespace=self.namespace, lifetime="detached")
+        if self.node_id:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.node_id, soft=True)
+        return opts
+
+    def start(self, record: JobRecord, init_from: str | None) -> RunHandle:
+        import ray
+
+        if self.detached:
+            existing = self.attach(record)
+            if existing is not None:  # never two runners for one job
+                return existing
+        actor = ray.remote(JobRunner).options(**self._options(record)).remote(record.to_json(), init_from, self.ray_storage)
+        return RunHandle(record.id, actor)
+
+    def attach(self, record: JobRecord) -> RunHandle | None:
+        """The job's live runner, if there is one (after a controller restart)."""
+        import ray
+
+        try:
+            actor = ray.get_actor(RUNNER_PREFIX + record.id, namespace=self.namespace)
+            seen = len(ray.get(actor.snapshot.remote(), timeout=30)["lines"])
+        except Exception:  # noqa: BLE001 - no runner, or a dead one
+            return None
+        return RunHandle(record.id, actor, lines_seen=seen)  # its earlier lines are in the job's log already
+
+    def poll(self, handle: RunHandle) -> Progress:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            snap = ray.get(handle.actor.snapshot.remote(), timeout=30)
+        except GetTimeoutError:
+            return Progress(status="busy")
+        except RayActorError as e:
+            return Progress(status="lost", reason=f"the job's runner died ({str(e).strip().splitlines()[0][:200]})")
+        for line in snap["lines"][handle.lines_seen:]:
+            self.say(f"{handle.job_id}: {line}")
+        handle.lines_seen = len(snap["lines"])
+        p = Progress(status=snap["status"], checkpoint=snap.get("checkpoint"), export=snap.get("export"),
+                     attempts=snap.get("attempts", 0), reason=snap.get("reason"), retryable=snap.get("retryable", True),
+                     traceback=snap.get("traceback"), ready_attempt=snap.get("ready_attempt", 0))
+        p.fits, p.fit_base = snap.get("fits", 0), snap.get("fit_base", 0)
+        for key in ("step", "loss", "first_loss", "eval_loss", "tokens"):
+            if snap.get(key) is not None:
+                p.metrics[key] = snap[key]
+        if snap.get("resumed_from"):
+            p.resumed = {"from": snap["resumed_from"], "skipped": snap.get("skipped", []),
+                         "universal": snap.get("universal", False), "attempt": snap.get("attempts")}
+        for key in ("wandb_run_id", "wandb_dir"):
+            if snap.get(key):
+                p.wandb[key.removeprefix("wandb_")] = snap[key]
+        return p
+
+    def request_stop(self, handle: RunHandle, why: str, job: dict | None = None) -> None:
+        import ray
+
+        ray.get(handle.actor.request_stop.remote(why, job), timeout=30)
+
+    def kill(self, handle: RunHandle) -> None:
+        """Stop the job now: its runner dies, and with it the worker group it owns."""
+        import ray
+
+        try:
+            ray.kill(handle.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    release = kill  # a finished runner is dropped the same way (frees its name)

@@ -141,8 +141,9 @@ def compose_root(overrides: Sequence[str] = ()) -> RootConfig:
     return build(RootConfig, compose_dict(overrides))
 
 
-def resolve_jobs(root: RootConfig) -> list[JobConfig]:
-    """Each job of the pipeline as a self-contained, validated `JobConfig`, in dependency order."""
+def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]:
+    """Each job of the pipeline as a self-contained, validated `JobConfig`, in dependency order.
+    `after`: ids of jobs already submitted that every job without a dependency here waits for."""
     jobs = []
     base_trainer = to_dict(root.trainer)
     for name in _topological(root):
@@ -158,7 +159,7 @@ def resolve_jobs(root: RootConfig) -> list[JobConfig]:
             name=name,
             kind=spec.kind,
             pipeline=root.pipeline.name,
-            depends_on=spec.depends_on,
+            depends_on=tuple(spec.depends_on) or tuple(after),
             workers=spec.workers,
             priority=spec.priority,
             max_failures=spec.max_failures,
@@ -182,19 +183,27 @@ def resolve_jobs(root: RootConfig) -> list[JobConfig]:
 
 
 def _topological(root: RootConfig) -> list[str]:
+    """Job names, each after its dependencies; an unknown name or a cycle is a config error."""
     order: list[str] = []
-    seen: set[str] = set()
+    done: set[str] = set()
+    jobs = root.pipeline.jobs
 
-    def visit(n: str) -> None:
-        if n in seen:
+    def visit(n: str, path: tuple[str, ...]) -> None:
+        if n in done:
             return
-        seen.add(n)
-        for d in root.pipeline.jobs[n].depends_on:
-            visit(d)
+        if n in path:
+            cycle = " -> ".join(path[path.index(n):] + (n,))
+            raise ConfigError(f"pipeline.jobs has a dependency cycle: {cycle}; remove one of these depends_on")
+        for d in jobs[n].depends_on:
+            if d not in jobs:
+                raise ConfigError(f"pipeline.jobs.{n}.depends_on names {d!r}, which is not a job of the pipeline "
+                                  f"({', '.join(jobs)}); for a job already submitted use `orch submit --after JOB_ID`")
+            visit(d, path + (n,))
+        done.add(n)
         order.append(n)
 
-    for n in root.pipeline.jobs:
-        visit(n)
+    for n in jobs:
+        visit(n, ())
     return order
 
 

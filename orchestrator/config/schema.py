@@ -300,7 +300,10 @@ class JobConfig:
     resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
 
     def __post_init__(self):
-        if self.data.kind == "sft" and not self.data.tokenizer_uri:
+        if self.kind == "finetune" and not (self.depends_on or self.init_from):
+            raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job (or `orch submit "
+                             "--after JOB_ID`), or init_from=MODEL")
+        if self.data.kind == "sft" and not self.data.tokenizer_uri and not self.depends_on:
             raise ValueError(
                 f"sft data '{self.data.name}' needs data.tokenizer_uri (the dataset or model folder whose tokenizer it uses), "
                 f"or the job's init_from"
@@ -322,8 +325,6 @@ class JobConfig:
                 f"data.vocab_size={self.data.vocab_size} (the tokenizer to train) exceeds model.vocab_size={self.model.vocab_size}; "
                 f"lower data.vocab_size or raise model.vocab_size"
             )
-        if self.kind == "finetune" and not (self.depends_on or self.init_from):
-            raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job, or init_from=MODEL")
         if self.kind == "finetune" and self.data.kind != "sft":
             raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
         if self.kind == "pretrain" and self.data.kind != "text":

@@ -89,3 +89,44 @@ def never_fits(job: JobRecord, capacity: dict[str, float]) -> str | None:
             return (f"job {job.name} needs {v:g} {k} ({job.workers} workers) but the cluster has "
                     f"{capacity.get(k, 0.0):g}; lower pipeline.jobs.{job.name}.workers or add nodes")
     return None
+
+
+def restart_decision(job: JobRecord, why: str, failure: bool = True) -> Decision:
+    """A job whose worker group is gone: CANCELLED if a cancel was pending, FAILED once its
+    `max_failures` restarts are spent (a lost controller is no failure of the job), else
+    RESTARTING from its last committed checkpoint."""
+    if (job.requested or {}).get("action") == "cancel":
+        return Decision(job.id, JobState.CANCELLED, "cancelled (its worker group was already gone)")
+    limit = int(job.config["max_failures"])
+    if failure and job.restarts >= limit:
+        return Decision(job.id, JobState.FAILED, f"{why}; max_failures={limit} reached")
+    return Decision(job.id, JobState.RESTARTING, f"{why}; restarting from the last checkpoint")
+
+
+def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity: dict[str, float]) -> str | None:
+    """Why `job` cannot be restarted at `workers` workers now, or None. The global batch must
+    split evenly over the new workers, and the new gang must fit beside the other active jobs."""
+    if job.state is not JobState.RUNNING:
+        return f"job {job.id} is {job.state.value}; only a RUNNING job can be scaled"
+    if workers < 1:
+        return f"--workers must be at least 1, got {workers}"
+    if workers == job.workers:
+        return f"job {job.id} already runs on {workers} workers"
+    trainer = job.config["trainer"]
+    if trainer["global_batch_size"] % (trainer["micro_batch_size"] * workers):
+        return (f"the global batch of {job.id} ({trainer['global_batch_size']}) does not split over {workers} workers x "
+                f"micro batch {trainer['micro_batch_size']}; choose a worker count that divides it")
+    if job.config["cluster"].get("autoscaling"):
+        return None
+    free = dict(capacity)
+    for other in jobs:
+        if other.state.active and other.id != job.id:
+            for k, v in job_demand(other).items():
+                free[k] = free.get(k, 0.0) - v
+    per = {k: v / job.workers for k, v in job_demand(job).items()}
+    demand = {k: v * workers for k, v in per.items()}
+    if not fits(demand, free):
+        need = ", ".join(f"{v:g} {k}" for k, v in demand.items())
+        have = ", ".join(f"{max(free.get(k, 0.0), 0):g} {k}" for k in demand)
+        return f"{workers} workers of {job.id} need {need}; the cluster has {have} for it; choose fewer workers or add nodes"
+    return None

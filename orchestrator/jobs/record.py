@@ -27,6 +27,7 @@ class JobRecord:
     restarts: int = 0
     history: list[dict] = field(default_factory=list)  # [{"state", "at", "reason"}]
     wandb: dict = field(default_factory=dict)  # run id, group, offline dir
+    requested: dict | None = None  # a user action in progress: {"action": "cancel"} or {"action": "scale", ...}
 
     @property
     def workers(self) -> int:

@@ -86,6 +86,7 @@ class _Trainer:
         self.store = open_job_store(job)
         self.scratch = local_scratch(spec.job_id)
         self._closers: list = []  # run at the end of run(), in reverse
+        self._control = None  # rank 0's pending question to the runner: stop?
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
@@ -158,6 +159,25 @@ class _Trainer:
         """Mean of a per-rank list of floats over all ranks."""
         total, n = self._sum([sum(values), len(values)])
         return total / n
+
+    def _stop_requested(self) -> bool:
+        """Rank 0 only: whether the runner asked for a stop (polled without waiting: the answer to
+        the previous step's question)."""
+        if self.rank != 0 or self.spec.reporter is None:
+            return False
+        import ray
+
+        if self._control is None:
+            self._control = self.spec.reporter.control.remote()
+        ready, _ = ray.wait([self._control], timeout=0)
+        if not ready:
+            return False
+        try:
+            answer = ray.get(self._control)
+        except Exception:  # noqa: BLE001 - the runner is gone: keep training, Ray Train decides
+            answer = None
+        self._control = None
+        return answer == "stop"
 
     def _report(self, **fields) -> None:
         if self.rank == 0 and self.spec.reporter is not None:
@@ -288,7 +308,8 @@ class _Trainer:
             # One all-reduce per step carries the loss and, for time-based intervals, whether any
             # rank's clock says a checkpoint is due (so every rank decides the same).
             due = schedule.due(state.step, time.perf_counter() - t_saved) and state.step < tr.max_steps
-            loss_sum, loss_n, due_votes = self._sum([sum(losses), len(losses), float(due)])
+            stop = self._stop_requested() and state.step < tr.max_steps  # rank 0 asks the job's runner
+            loss_sum, loss_n, due_votes, stop_votes = self._sum([sum(losses), len(losses), float(due), float(stop)])
             loss_mean = loss_sum / loss_n
             if state.first_loss is None:
                 state.first_loss = loss_mean
@@ -322,6 +343,17 @@ class _Trainer:
                     log.info(schedule.reason)
                 self._report(ckpt_blocking_s=blocked)
                 last_saved, t_saved = state.step, time.perf_counter()
+            if stop_votes > 0:
+                # A requested stop (cancel, or a new worker count): commit this step and leave; the
+                # runner restarts from it or ends the job.
+                if last_saved != state.step:
+                    ckpt.save(engine, state.step, _as_dict(state))
+                ckpt.wait()
+                self._report(event="stopped", stopped_step=state.step)
+                import torch.distributed as dist
+
+                dist.barrier()
+                return
 
         eval_loss = self._evaluate(engine, val)
         tracker.log({"eval/loss": eval_loss}, step=state.step)

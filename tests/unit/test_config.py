@@ -50,8 +50,8 @@ def _group_options() -> list[tuple[str, str]]:
 # Options only valid in combination: on their own they must fail with this exact reason.
 ONLY_IN_COMBINATION = {
     ("data", "qa"): "job 'pretrain': a pretrain job needs a text dataset, got data 'qa' of kind 'sft'",
-    ("pipeline", "finetune"): "config key 'pipeline.jobs.finetune.init_from' has no value (??? in conf/); "
-                              "set it with pipeline.jobs.finetune.init_from=...",
+    ("pipeline", "finetune"): "job 'finetune': a finetune job needs weights to start from: depends_on a pretrain job "
+                              "(or `orch submit --after JOB_ID`), or init_from=MODEL",
 }
 # Settings that complete an option that is only valid in combination.
 COMPLETIONS = {("pipeline", "finetune"): ("pipeline.jobs.finetune.init_from=/models/hf-gpt",)}

@@ -13,6 +13,8 @@ from orchestrator.jobs.policy import (
     dependency_decisions,
     job_demand,
     never_fits,
+    restart_decision,
+    scale_refusal,
 )
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import TERMINAL, IllegalTransition, JobState, check_transition
@@ -262,3 +264,58 @@ def test_blocked_only_from_pending():
         else:
             with pytest.raises(IllegalTransition):
                 check_transition(s, S.BLOCKED)
+
+
+# ------------------------------------------------------------------------------ restarts
+def _trained(id: str, state: JobState = S.RUNNING, *, workers: int = 2, restarts: int = 0, max_failures: int = 1,
+             requested: dict | None = None, batch: int = 24, micro: int = 4) -> JobRecord:
+    r = job(id, state, workers=workers)
+    r.config.update(max_failures=max_failures, trainer={"global_batch_size": batch, "micro_batch_size": micro})
+    r.restarts, r.requested = restarts, requested
+    return r
+
+
+def test_lost_worker_group_restarts_while_failures_are_left():
+    d = restart_decision(_trained("a", restarts=0, max_failures=1), "node died")
+    assert d.state is S.RESTARTING and "node died" in d.reason
+
+
+def test_lost_worker_group_fails_once_max_failures_is_spent():
+    d = restart_decision(_trained("a", restarts=1, max_failures=1), "node died")
+    assert d.state is S.FAILED and "max_failures=1 reached" in d.reason
+
+
+def test_lost_controller_is_not_a_failure_of_the_job():
+    d = restart_decision(_trained("a", restarts=3, max_failures=1), "controller restarted", failure=False)
+    assert d.state is S.RESTARTING
+
+
+def test_pending_cancel_ends_a_lost_job_cancelled():
+    d = restart_decision(_trained("a", requested={"action": "cancel"}), "node died")
+    assert d.state is S.CANCELLED
+
+
+# ------------------------------------------------------------------------------ scaling
+def test_scale_within_free_capacity_is_allowed():
+    a = _trained("a", workers=2)
+    assert scale_refusal(a, 3, [a], {"CPU": 4}) is None
+
+
+def test_scale_counts_the_other_active_jobs():
+    a, b = _trained("a", workers=2), job("b", S.RUNNING, workers=2)
+    why = scale_refusal(a, 3, [a, b], {"CPU": 4})
+    assert why == "3 workers of a need 3 CPU; the cluster has 2 CPU for it; choose fewer workers or add nodes"
+    assert scale_refusal(a, 1, [a, b], {"CPU": 4}) is None
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.STARTING, S.RESTARTING, S.SUCCEEDED, S.FAILED, S.CANCELLED])
+def test_only_running_jobs_scale(state):
+    why = scale_refusal(_trained("a", state), 3, [], {"CPU": 8})
+    assert why == f"job a is {state.value}; only a RUNNING job can be scaled"
+
+
+def test_scale_keeps_the_global_batch_whole():
+    why = scale_refusal(_trained("a", batch=24, micro=4), 4, [], {"CPU": 8})
+    assert "does not split over 4 workers x micro batch 4" in why
+    assert scale_refusal(_trained("a"), 0, [], {"CPU": 8}) == "--workers must be at least 1, got 0"
+    assert scale_refusal(_trained("a"), 2, [], {"CPU": 8}) == "job a already runs on 2 workers"

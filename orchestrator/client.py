@@ -1,0 +1,203 @@
+"""The `orch` client side of the persistent controller: find the cluster, find (or start) the
+controller actor on it, and call it.
+
+The cluster address comes from `--address`, else `RAY_ADDRESS`, else the `cluster.json` that
+`orch up` leaves in the state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from orchestrator.constants import RAY_ADDRESS_ENV
+from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
+
+CLUSTER_FILE = "cluster.json"  # written by `orch up` into the state folder
+
+
+def cluster_file(state_dir: str) -> Path:
+    return Path(state_dir) / CLUSTER_FILE
+
+
+def resolve_address(address: str | None, state_dir: str) -> str | None:
+    """The Ray cluster to talk to, or None when there is none to find."""
+    if address:
+        return address
+    if os.environ.get(RAY_ADDRESS_ENV):
+        return os.environ[RAY_ADDRESS_ENV]
+    f = cluster_file(state_dir)
+    if f.exists():
+        return json.loads(f.read_text())["address"]
+    return None
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
+    retries for a long time and prints its retries)."""
+    if "://" in address and not address.startswith("ray://"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start one with "
+                           f"`orch up` (or `ray start --head`), or fix --address / {RAY_ADDRESS_ENV}") from None
+
+
+_ERRORS = {c.__name__: c for c in (ClusterError, ConfigError, JobNotFound, OrchError)}
+
+
+class Client:
+    """Calls on the controller actor; errors come back as the matching OrchError."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def _call(self, method: str, *args, timeout: float = 120):
+        import ray
+
+        answer = ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
+        if "error" in answer:
+            from orchestrator import errors
+
+            cls = getattr(errors, answer.get("kind", ""), None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, OrchError) else ClusterError
+            raise cls(answer["error"])
+        return answer["ok"]
+
+    def ping(self) -> dict:
+        import ray
+
+        return ray.get(self.actor.ping.remote(), timeout=120)
+
+    def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
+        return self._call("submit", job_dicts, after)
+
+    def status(self, job_id: str | None = None) -> list[dict]:
+        return self._call("status", job_id)
+
+    def cancel(self, job_id: str, now: bool) -> dict:
+        return self._call("cancel", job_id, now)
+
+    def scale(self, job_id: str, workers: int) -> dict:
+        return self._call("scale", job_id, workers)
+
+    def logs(self, job_id: str, offset: int) -> dict:
+        return self._call("logs", job_id, offset)
+
+
+@contextmanager
+def connect_controller(address: str, state_dir: str | None = None, start: bool = True):
+    """Yield a `Client` for the controller on the cluster at `address`; start the controller
+    there (state in `state_dir` on the head node) when `start` and there is none."""
+    from orchestrator.cluster import _code_runtime_env, _use_token_auth_if_available
+    from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller
+
+    check_reachable(address)
+    _use_token_auth_if_available()
+    import ray
+
+    try:
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(), log_to_driver=False,
+                 logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
+                           f"check --address / {RAY_ADDRESS_ENV}") from None
+    try:
+        try:
+            actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            if not start:
+                raise ClusterError(f"no orch controller runs on the cluster at {address}; `orch up` starts one "
+                                   f"(or any `orch submit` does)") from None
+            actor = start_controller(state_dir or "~/.orch")
+        client = Client(actor)
+        client.ping()
+        yield client
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ orch up / down
+def _ray_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("ray")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _ray(*args: str) -> None:
+    # Ray clusters authenticate with a token (~/.ray/auth_token): every raylet and client uses it.
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
+    out = subprocess.run([*_ray_cli(), *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ClusterError(f"`ray {' '.join(args)}` failed: {tail[0]}")
+
+
+def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
+    """Start a persistent local Ray cluster of `nodes` raylets (the head is one of them), then the
+    controller on it; remember the address in the state folder."""
+    if nodes < 1 or cpus_per_node < 1:
+        raise ConfigError(f"--nodes and --cpus-per-node must be at least 1 (got {nodes}, {cpus_per_node})")
+    f = cluster_file(state_dir)
+    if f.exists():
+        address = json.loads(f.read_text())["address"]
+        try:
+            check_reachable(address, timeout=2)
+            raise ClusterError(f"a cluster started by `orch up` already runs at {address} for {state_dir}; "
+                               f"`orch down` stops it")
+        except ClusterError as e:
+            if "already runs" in str(e):
+                raise
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        raise ClusterError(f"port {port} is in use (another Ray cluster?); pick another with --port")
+    except OSError:
+        pass
+    address = f"127.0.0.1:{port}"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        _ray("get-auth-token", "--generate")
+    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0"]
+    # The dashboard serves Ray's state API, which Ray Train uses to free a stopped job's placement group.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    _ray("start", "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
+         "--node-ip-address=127.0.0.1", *common)
+    for i in range(1, nodes):
+        _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--resources={{\"orch-node-{i}\": 1}}",
+             *common)
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
+    with connect_controller(address, state_dir) as client:
+        import ray
+
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < nodes and time.time() < deadline:
+            time.sleep(0.5)
+        info = client.ping()
+    say(f"cluster up at {address}: {nodes} node(s) x {cpus_per_node} CPU(s); controller pid {info['pid']}, "
+        f"state in {info['state_dir']}")
+    return address
+
+
+def down(state_dir: str, say) -> None:
+    """Stop the local cluster `orch up` started (every Ray process of this machine). Job records
+    stay; the next `orch up` resumes unfinished jobs from their last committed checkpoint."""
+    f = cluster_file(state_dir)
+    if not f.exists():
+        raise ClusterError(f"no cluster started by `orch up` for {state_dir}; nothing to stop")
+    _ray("stop", "--force")
+    f.unlink()
+    say("cluster stopped; job records kept in " + state_dir)

@@ -1,0 +1,143 @@
+"""The persistent controller: one named, detached Ray actor that owns the job queue.
+
+It wraps `Controller` (state machine + pure policies + launcher) with a loop thread and the calls
+the `orch` client makes: submit, status, logs, cancel, scale. Ray restarts it when it dies
+(`max_restarts=-1`); the new instance reopens the SQLite store in the state folder on the head
+node and re-attaches to the jobs' runners (named, detached actors) or restarts the jobs whose
+runner is gone from their last committed checkpoint. Calls hold one lock, so a user action and a
+loop step never interleave.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from orchestrator.errors import OrchError
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "orch-controller"
+NAMESPACE = "orch"
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def _answer(fn):
+    """Return {"ok": value} or {"error": message, "kind": class name}: OrchErrors cross the actor
+    boundary as one line, not as a remote traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            with self.lock:
+                return {"ok": fn(self, *args, **kwargs)}
+        except OrchError as e:
+            return {"error": str(e), "kind": type(e).__name__}
+
+    return wrapper
+
+
+class ControllerService:
+    def __init__(self, state_dir: str, poll_s: float = 1.0):
+        import ray
+
+        from orchestrator.cluster import capacity
+        from orchestrator.controller import Controller
+        from orchestrator.jobs.store import JobStore
+        from orchestrator.launcher import RayLauncher
+
+        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
+        self.poll_s = poll_s
+        self.log_dir = Path(self.state_dir) / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.store = JobStore(self.state_dir)
+        self.started_at = time.time()
+        node_id = ray.get_runtime_context().get_node_id()
+        launcher = RayLauncher(say=self._say, ray_storage=os.path.join(self.state_dir, "ray_results"), detached=True,
+                               namespace=NAMESPACE, node_id=node_id)
+        self.controller = Controller(self.store, launcher, capacity=capacity, say=self._say)
+        self._say(f"controller started (pid {os.getpid()}, state in {self.state_dir})")
+        with self.lock:
+            self.controller.recover()
+        self.thread = threading.Thread(target=self._loop, name="orch-controller-loop", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------------------------------- logs
+    def _say(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+        with open(self.log_dir / "controller.log", "a") as f:
+            f.write(line)
+        job_id, sep, _ = msg.partition(": ")
+        if sep and job_id and "/" not in job_id and " " not in job_id:
+            with open(self.log_dir / f"{job_id}.log", "a") as f:
+                f.write(line)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                with self.lock:
+                    ids = [r.id for r in self.store.list() if not r.state.terminal]
+                    if ids:
+                        self.controller.step(ids)
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad step; the log says why
+                self._say("controller step failed:\n" + traceback.format_exc())
+            time.sleep(self.poll_s)
+
+    # ---------------------------------------------------------------------------------- calls
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "state_dir": self.state_dir, "started_at": self.started_at}
+
+    @_answer
+    def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
+        from orchestrator.config.compose import job_config_from_dict
+
+        jobs = [job_config_from_dict(d) for d in job_dicts]
+        records = self.controller.submit(jobs, after=list(after))
+        for r in records:
+            deps = f" after {', '.join(r.depends_on)}" if r.depends_on else ""
+            self._say(f"{r.id}: submitted ({r.kind}, {r.workers} workers, priority {r.priority}){deps}")
+        return [r.id for r in records]
+
+    @_answer
+    def status(self, job_id: str | None = None) -> list[dict]:
+        records = [self.store.get(job_id)] if job_id else self.store.list()
+        return [r.to_json() for r in records]
+
+    @_answer
+    def cancel(self, job_id: str, now: bool = False) -> dict:
+        return self.controller.cancel(job_id, now=now).to_json()
+
+    @_answer
+    def scale(self, job_id: str, workers: int) -> dict:
+        return self.controller.scale(job_id, workers).to_json()
+
+    @_answer
+    def logs(self, job_id: str, offset: int = 0) -> dict:
+        record = self.store.get(job_id)
+        path = self.log_dir / f"{job_id}.log"
+        text = ""
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            text = data.decode(errors="replace")
+        return {"text": text, "offset": offset, "terminal": record.state.terminal, "state": record.state.value}
+
+
+def start_controller(state_dir: str):
+    """Create the controller actor (detached, restarted forever, on the head node)."""
+    import ray
+
+    cls = ray.remote(ControllerService)
+    return cls.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=3, max_concurrency=32, num_cpus=0,
+        resources={HEAD_RESOURCE: 0.001},
+    ).remote(state_dir)

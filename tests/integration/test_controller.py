@@ -1,0 +1,196 @@
+"""The persistent controller on a real multi-node Ray cluster on this machine (`orch up --nodes 3`:
+three raylets of 2 CPUs each), driven only through the `orch` command line from other processes
+with `--address`: gang admission and priority order, dependencies and BLOCKED propagation, cancel
+with and without a checkpoint, scale 2 -> 3 -> 1 with the loss sequence of an unscaled run, and a
+controller killed with SIGKILL mid-pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import wandb_files
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=gpt_tiny", "trainer.log_interval=1", "trainer.global_batch_size=24", "trainer.micro_batch_size=4",
+        "data.num_documents=600"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from tests.conftest import run_orch
+
+    state = tmp_path_factory.mktemp("controller-state")
+    port = _free_port()
+    up = run_orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", str(port), "--state-dir", str(state), timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "3 node(s) x 2 CPU(s)" in up.stdout
+    yield {"address": f"127.0.0.1:{port}", "state": state}
+    down = run_orch("down", "--state-dir", str(state), timeout=120)
+    assert down.returncode == 0, down.stderr
+
+
+class Cli:
+    def __init__(self, orch, cluster):
+        self.orch, self.address, self.state = orch, cluster["address"], cluster["state"]
+
+    def __call__(self, *args: str, ok: bool = True):
+        out = self.orch(*args, "--address", self.address, "--state-dir", str(self.state), timeout=300)
+        if ok:
+            assert out.returncode == 0, f"orch {' '.join(args)}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+        return out
+
+    def submit(self, *overrides: str) -> list[str]:
+        return self("submit", *overrides).stdout.split()
+
+    def jobs(self) -> dict[str, dict]:
+        return {j["id"]: j for j in json.loads(self("status", "--json").stdout)}
+
+    def wait(self, what, timeout: float = 300, poll: float = 1.0) -> dict[str, dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            jobs = self.jobs()
+            if what(jobs):
+                return jobs
+            time.sleep(poll)
+        raise AssertionError(f"timed out; jobs: {json.dumps({k: (v['state'], v['metrics']) for k, v in jobs.items()})}")
+
+
+def _span(job: dict) -> tuple[float, float]:
+    """When a job held its workers: first STARTING to its end (or now)."""
+    start = next(h["at"] for h in job["history"] if h["state"] == "STARTING")
+    end = next((h["at"] for h in job["history"] if h["state"] in ("SUCCEEDED", "FAILED", "CANCELLED")), time.time())
+    return start, end
+
+
+def test_gang_priority_dependencies_and_cancel(orch, cluster):
+    cli = Cli(orch, cluster)
+    big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000", "trainer.micro_batch_size=3"]
+    (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
+    (b,) = cli.submit(*big)
+    (c,) = cli.submit(*big, "pipeline.jobs.pretrain.priority=5")  # submitted last, more urgent
+    (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
+    # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
+    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1", "pipeline.jobs.pretrain.priority=9",
+                      "data.name=nowhere", "data.source=/nonexistent/corpus")
+    (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
+
+    jobs = cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
+    assert jobs[b]["state"] == jobs[c]["state"] == "QUEUED"  # 2 CPUs free: a 4-worker gang does not start
+    assert jobs[d]["state"] == "PENDING" and jobs[d]["depends_on"] == [b]
+    assert "/nonexistent/corpus" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
+    assert f"dependency {e} is FAILED" in jobs[f]["history"][-1]["reason"]
+
+    out = cli("cancel", a, "--now")
+    assert f"{a}: CANCELLED" in out.stdout
+    # The freed gang goes to the higher-priority job, although `b` was queued first.
+    jobs = cli.wait(lambda j: j[c]["state"] == "RUNNING" and j[c]["metrics"].get("step", 0) >= 3)
+    assert jobs[b]["state"] == "QUEUED"
+    cli("cancel", b)  # a queued job is cancelled at once; its dependent is blocked
+    jobs = cli.wait(lambda j: j[d]["state"] == "BLOCKED")
+    assert jobs[b]["state"] == "CANCELLED" and f"dependency {b} is CANCELLED" in jobs[d]["history"][-1]["reason"]
+
+    out = cli("cancel", c)  # checkpoint first, then stop
+    assert "checkpointing" in out.stdout
+    jobs = cli.wait(lambda j: j[c]["state"] == "CANCELLED")
+    ckpt = jobs[c]["checkpoint"]
+    step = int(ckpt.rsplit("step-", 1)[1])
+    assert 3 <= step < 5000 and "after a checkpoint" in jobs[c]["history"][-1]["reason"]
+    assert (Path(ckpt.removeprefix("file://")) / "COMMITTED.json").exists()
+    # Gang admission: the two 4-worker jobs never held the cluster at the same time.
+    (a0, a1), (c0, c1) = _span(jobs[a]), _span(jobs[c])
+    assert a1 <= c0
+    assert not any(h["state"] == "STARTING" for h in jobs[b]["history"])
+
+    logs = cli("logs", c).stdout
+    assert "RUNNING on 4 workers" in logs and "CANCELLED" in logs and re.search(r"step \d+/5000 loss \d", logs)
+
+
+def _runs(job: dict) -> list[Path]:
+    """Every W&B offline run folder of a job (one per worker group; resumed under the same id)."""
+    return sorted(Path(job["wandb"]["dir"]).parent.glob(f"offline-run-*-{job['wandb']['run_id']}"))
+
+
+def _losses(job: dict) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for run_dir in _runs(job):
+        for row in wandb_files.history(wandb_files.run_file(run_dir)):
+            if "train/loss" in row:
+                assert row["_step"] not in out, f"step {row['_step']} trained twice"
+                out[row["_step"]] = row["train/loss"]
+    return out
+
+
+def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
+    cli = Cli(orch, cluster)
+    steps = 160
+    common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=1000"]
+    (ref,) = cli.submit(*common, "pipeline=pretrain")
+    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8")
+
+    cli.wait(lambda j: j[pre]["state"] == "RUNNING" and j[pre]["metrics"].get("step", 0) >= 15, poll=0.5)
+    assert "scaling to 3 workers" in cli("scale", pre, "--workers", "3").stdout
+    jobs = cli.wait(lambda j: j[pre]["state"] == "RUNNING" and j[pre]["workers"] == 3, poll=0.5)
+    resumed = jobs[pre]["history"][-1]["reason"]
+    assert "restarted at 3 workers, resumed from" in resumed and "as a universal checkpoint" in resumed
+
+    # SIGKILL the controller actor's process while the job runs: Ray restarts it, it re-attaches.
+    log = (cluster["state"] / "logs" / "controller.log").read_text()
+    pid = int(log.rsplit("controller started (pid ", 1)[1].split(",")[0])
+    os.kill(pid, signal.SIGKILL)
+    cli.wait(lambda j: True, timeout=60)  # answers again (a new controller)
+    assert "scaling to 1 workers" in cli("scale", pre, "--workers", "1").stdout
+    jobs = cli.wait(lambda j: j[fin]["state"] in ("SUCCEEDED", "FAILED") and j[ref]["state"] in ("SUCCEEDED", "FAILED"))
+    for job in (ref, pre, fin):
+        assert jobs[job]["state"] == "SUCCEEDED", jobs[job]["failure_reason"]
+        assert jobs[job]["restarts"] == 0
+        assert sum(h["state"] == "STARTING" for h in jobs[job]["history"]) == 1  # never launched twice
+    assert jobs[pre]["workers"] == 1
+    log = (cluster["state"] / "logs" / "controller.log").read_text()
+    assert f"{pre}: re-attached to its running worker group" in log
+    assert log.count("controller started (pid") >= 2
+
+    # The same global batch and sample order at 2, 3 and 1 workers: the same losses, step by step.
+    expected, got = _losses(jobs[ref]), _losses(jobs[pre])
+    assert sorted(expected) == sorted(got) == list(range(1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    assert len(_runs(jobs[fin])) == 1 and len(_runs(jobs[pre])) == 3  # 2, 3, then 1 worker(s)
+
+
+def test_bad_input_gets_one_line_and_exit_2(orch, cluster):
+    cli = Cli(orch, cluster)
+    for args, expect in [
+        (("status", "p000000-nope"), "no job 'p000000-nope'"),
+        (("cancel", "p000000-nope"), "no job 'p000000-nope'"),
+        (("submit", "pipeline=pretrain", "--after", "p000000-nope"), "no job 'p000000-nope'"),
+        (("submit", "pipeline.jobs.pretrain.workers=50", "trainer.global_batch_size=400", "trainer.micro_batch_size=1"),
+         "needs 50 CPU (50 workers) but the cluster has 6"),
+        (("submit", "pipeline.jobs.pretrain.depends_on=[finetune]"), "dependency cycle: "),
+    ]:
+        out = cli(*args, ok=False)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert expect in out.stderr and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, (args, out.stderr)
+    done = next(j for j in cli.jobs().values() if j["state"] in ("SUCCEEDED", "CANCELLED", "FAILED"))
+    out = cli("scale", done["id"], "--workers", "2", ok=False)
+    assert out.returncode == 2 and f"is {done['state']}; only a RUNNING job can be scaled" in out.stderr
+
+    port = _free_port()
+    t0 = time.time()
+    out = orch("status", "--address", f"127.0.0.1:{port}", timeout=60)
+    assert out.returncode == 2 and f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in out.stderr
+    assert out.stderr.count("\n") == 1 and time.time() - t0 < 30

@@ -86,7 +86,8 @@ def _print_dry_run(raw: dict, jobs) -> None:
         per = ", ".join(f"{k}: {v:g}" for k, v in j.resources_per_worker().items())
         total = ", ".join(f"{k}: {v:g}" for k, v in job_demand(rec).items())
         after = f", after {', '.join(j.depends_on)}" if j.depends_on else ""
-        print(f"{j.name}: {j.kind}, {j.workers} workers x {{{per}}} = {{{total}}} ({j.cluster.placement_strategy}), "
+        count = f"{j.workers} workers" if not j.max_workers else f"{j.workers}-{j.max_workers} workers (elastic; the gang admitted is {j.workers})"
+        print(f"{j.name}: {j.kind}, {count} x {{{per}}} = {{{total}}} ({j.cluster.placement_strategy}), "
               f"ZeRO-{j.deepspeed.stage} {j.deepspeed.precision} over {j.cluster.backend}, global batch "
               f"{j.trainer.global_batch_size} = {j.workers} x {j.trainer.micro_batch_size} x {j.gradient_accumulation_steps(j.workers)} "
               f"accumulation, {j.trainer.max_steps} steps{after}")
@@ -150,7 +151,10 @@ def _print_status(args, records) -> None:
     print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
     for r in records:
         m = r.metrics
-        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {r.workers:>7} {m.get('step', '-'):>6} {_fmt(m.get('loss')):>8} "
+        workers = str(m.get("world_size") or r.workers) if r.state.active else str(r.workers)
+        if r.config.get("max_workers"):
+            workers = f"{workers} ({r.workers}-{r.config['max_workers']})"
+        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} {_fmt(m.get('loss')):>8} "
               f"{r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
         if args.job:
             print(json.dumps(status_rows([r])[0], indent=1))

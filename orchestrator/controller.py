@@ -222,7 +222,11 @@ class Controller:
             self._relaunch(record, p.reason or "the job's runner died")
             return
         # Worker-group failures: attempts beyond the ones the runner started on purpose (scaling).
-        restarts = self._restart_base.get(record.id, 0) + max(0, p.attempts - max(p.fits, 1))
+        restarts = self._restart_base.get(record.id, 0) + max(0, p.attempts - max(p.fits, 1) - p.resizes)
+        size = p.metrics.get("world_size")
+        if size and record.config.get("max_workers") and record.metrics.get("world_size") not in (None, size):
+            self.say(f"{record.id}: resized by Ray Train from {record.metrics['world_size']} to {size} workers "
+                     f"(elastic {record.workers}-{record.config['max_workers']}); continuing from the last checkpoint")
         if fields:
             record = self.store.update(record.id, **fields)
         step = p.metrics.get("step")

@@ -38,6 +38,7 @@ class Progress:
     ready_attempt: int = 0  # the latest attempt whose engine is built (and restored): it is training
     fits: int = 0  # worker groups the runner started on purpose (the first, and one per scale)
     fit_base: int = 0  # attempts made before the runner's latest worker group
+    resizes: int = 0  # elastic resizes made by Ray Train (restarts that are no failure)
 
 
 def worker_error_message(exc: BaseException) -> str:
@@ -146,8 +147,9 @@ class JobRunner:
         self.init_from = init_from
         self.ray_storage = ray_storage
         self.lock = threading.Lock()
-        self.data: dict = {"status": "starting", "attempts": 0, "ready_attempt": 0, "fits": 0, "lines": [],
+        self.data: dict = {"status": "starting", "attempts": 0, "ready_attempt": 0, "fits": 0, "resizes": 0, "lines": [],
                            "pid": os.getpid()}
+        self.elastic = bool(self.record.config.get("max_workers"))
         self.stop: dict | None = None  # {"why": "cancel" | "scale", "job": new config for a scale}
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
@@ -156,7 +158,12 @@ class JobRunner:
     def update(self, fields: dict) -> None:
         with self.lock:
             if fields.get("event") == "attempt":
+                previous = self.data.get("world_size")
                 self.data["attempts"] += 1
+                # Ray Train grew or shrank an elastic group (not a failure, and not a `scale`).
+                if (self.elastic and previous is not None and fields.get("world_size") != previous
+                        and self.data["attempts"] - self.data.get("fit_base", 0) > 1):
+                    self.data["resizes"] += 1
             if fields.get("event") in ("ready", "resumed"):
                 self.data["ready_attempt"] = self.data["attempts"]
             self.data.update({k: v for k, v in fields.items() if k != "event"})
@@ -286,7 +293,8 @@ class JobRunner:
             train_worker,
             train_loop_config={"job": to_dict(job), "spec": spec},
             scaling_config=ScalingConfig(
-                num_workers=job.workers,
+                num_workers=(job.workers, job.max_workers) if job.max_workers else job.workers,
+                elastic_resize_monitor_interval_s=job.cluster.elastic_resize_interval_s,
                 use_gpu=job.cluster.gpus_per_worker > 0,
                 resources_per_worker=job.resources_per_worker(),
                 placement_strategy=job.cluster.placement_strategy,
@@ -371,8 +379,8 @@ class RayLauncher:
         p = Progress(status=snap["status"], checkpoint=snap.get("checkpoint"), export=snap.get("export"),
                      attempts=snap.get("attempts", 0), reason=snap.get("reason"), retryable=snap.get("retryable", True),
                      traceback=snap.get("traceback"), ready_attempt=snap.get("ready_attempt", 0))
-        p.fits, p.fit_base = snap.get("fits", 0), snap.get("fit_base", 0)
-        for key in ("step", "loss", "first_loss", "eval_loss", "tokens"):
+        p.fits, p.fit_base, p.resizes = snap.get("fits", 0), snap.get("fit_base", 0), snap.get("resizes", 0)
+        for key in ("step", "loss", "first_loss", "eval_loss", "tokens", "world_size"):
             if snap.get(key) is not None:
                 p.metrics[key] = snap[key]
         if snap.get("resumed_from"):

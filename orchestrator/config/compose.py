@@ -133,7 +133,20 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict:
         if type(e).__name__ == "MissingMandatoryValue":
             raise ConfigError(f"config key '{key}' has no value (??? in conf/); set it with {key}=...") from None
         raise ConfigError(f"config key '{key}' cannot be resolved: {str(e).strip().splitlines()[0]}") from None
+    _elastic_shorthand(data)
     return data  # type: ignore[return-value]
+
+
+def _elastic_shorthand(data: dict) -> None:
+    """`pipeline.jobs.X.workers=[MIN,MAX]` means workers=MIN, max_workers=MAX (Ray Train's elastic
+    `num_workers=(min, max)`)."""
+    for name, spec in ((data.get("pipeline") or {}).get("jobs") or {}).items():
+        w = spec.get("workers") if isinstance(spec, dict) else None
+        if isinstance(w, list):
+            if len(w) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in w) or w[0] > w[1]:
+                raise ConfigError(f"pipeline.jobs.{name}.workers={w} must be a number or [MIN,MAX] with MIN <= MAX, "
+                                  f"e.g. pipeline.jobs.{name}.workers=[2,4]")
+            spec["workers"], spec["max_workers"] = w[0], w[1]
 
 
 def compose_root(overrides: Sequence[str] = ()) -> RootConfig:
@@ -161,6 +174,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             pipeline=root.pipeline.name,
             depends_on=tuple(spec.depends_on) or tuple(after),
             workers=spec.workers,
+            max_workers=spec.max_workers,
             priority=spec.priority,
             max_failures=spec.max_failures,
             state_dir=root.state_dir,

@@ -194,6 +194,7 @@ class ClusterConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     peak_flops_per_device: Optional[float] = None  # peak FLOP/s for MFU (null: from the GPU's name; unknown on CPU)
     autoscaling: bool = False  # nodes join on demand: admit a job alone even if it does not fit yet
+    elastic_resize_interval_s: float = 60.0  # elastic jobs: how often Ray Train checks for room to grow
 
     def __post_init__(self):
         _positive(self, "num_cpus", "cpus_per_worker", "peak_flops_per_device")
@@ -211,7 +212,8 @@ class JobSpec:
 
     kind: JobKind
     depends_on: tuple[str, ...] = ()  # names of jobs in the same pipeline that must succeed first
-    workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    workers: int = 2  # Ray Train workers (one DeepSpeed rank each); `workers=[MIN,MAX]` sets max_workers
+    max_workers: Optional[int] = None  # elastic: Ray Train grows the group up to this when nodes have room
     priority: int = 0  # higher runs first among queued jobs
     max_failures: int = 0  # worker-group restarts Ray Train may make before the job fails
     data: Optional[DataConfig] = None  # null: the top-level `data`
@@ -221,6 +223,8 @@ class JobSpec:
 
     def __post_init__(self):
         _positive(self, "workers")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ValueError(f"max_workers={self.max_workers} is below workers={self.workers}; use workers=[MIN,MAX] with MIN <= MAX")
         if self.max_failures < 0:
             raise ValueError(f"max_failures={self.max_failures} must be >= 0")
 
@@ -284,7 +288,7 @@ class JobConfig:
     kind: JobKind
     pipeline: str  # pipeline name (W&B group is the pipeline id)
     depends_on: tuple[str, ...]
-    workers: int
+    workers: int  # the gang admitted (elastic: the minimum)
     priority: int
     max_failures: int
     state_dir: str
@@ -298,6 +302,7 @@ class JobConfig:
     cluster: ClusterConfig
     init_from: Optional[str] = None  # weights to start from (else: the dependency's exported weights)
     resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
+    max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
 
     def __post_init__(self):
         if self.kind == "finetune" and not (self.depends_on or self.init_from):
@@ -308,13 +313,15 @@ class JobConfig:
                 f"sft data '{self.data.name}' needs data.tokenizer_uri (the dataset or model folder whose tokenizer it uses), "
                 f"or the job's init_from"
             )
-        per_step = self.trainer.micro_batch_size * self.workers
-        if self.trainer.global_batch_size % per_step:
-            raise ValueError(
-                f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
-                f"workers x trainer.micro_batch_size = {self.workers} x {self.trainer.micro_batch_size}; "
-                f"change one of them"
-            )
+        for n in range(self.workers, (self.max_workers or self.workers) + 1):  # every size Ray Train may pick
+            per_step = self.trainer.micro_batch_size * n
+            if self.trainer.global_batch_size % per_step:
+                raise ValueError(
+                    f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
+                    f"workers x trainer.micro_batch_size = {n} x {self.trainer.micro_batch_size}; "
+                    f"change one of them" + (" (an elastic job must divide it at every size from min to max)"
+                                             if self.max_workers else "")
+                )
         if self.data.seq_len > self.model.block_size:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}; "

@@ -42,13 +42,19 @@ def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
     return out
 
 
-def job_demand(job: JobRecord) -> dict[str, float]:
+def job_demand(job: JobRecord, workers: int | None = None) -> dict[str, float]:
     """All the resources a job's workers need at once (gang)."""
     cluster = job.config["cluster"]
     per = {"CPU": float(cluster["cpus_per_worker"])}
     if cluster.get("gpus_per_worker"):
         per["GPU"] = float(cluster["gpus_per_worker"])
-    return {k: v * job.workers for k, v in per.items()}
+    return {k: v * (workers or job.workers) for k, v in per.items()}
+
+
+def held(job: JobRecord) -> dict[str, float]:
+    """What an active job is charged: its gang; an elastic job its maximum, which Ray Train may
+    grow it to whenever there is room (so it never takes what another admitted job waits for)."""
+    return job_demand(job, job.config.get("max_workers") or job.workers)
 
 
 def fits(demand: dict[str, float], free: dict[str, float]) -> bool:
@@ -64,19 +70,25 @@ def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float], autos
     free = dict(capacity)
     for job in jobs:
         if job.state.active:
-            for k, v in job_demand(job).items():
+            for k, v in held(job).items():
                 free[k] = free.get(k, 0.0) - v
     queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq))
     out = []
     idle = not any(j.state.active for j in jobs)
+    placing = any(j.state in (JobState.STARTING, JobState.RESTARTING) for j in jobs)
     for job in queued:
         demand = job_demand(job)
         if not fits(demand, free):
             if autoscaling and idle and not out:
                 out.append(Decision(job.id, JobState.STARTING, "admitted: the autoscaler adds the nodes it needs"))
             break
-        for k, v in demand.items():
-            free[k] -= v
+        charge = held(job)
+        if job.config.get("max_workers") and not fits(charge, free) and (placing or out):
+            # An elastic job takes all the room it finds up to its maximum: it starts only once the
+            # gangs admitted before it hold their workers, so it cannot take theirs.
+            break
+        for k, v in charge.items():
+            free[k] = free.get(k, 0.0) - v
         out.append(Decision(job.id, JobState.STARTING, "admitted: all workers fit"))
     return out
 
@@ -108,6 +120,9 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
     split evenly over the new workers, and the new gang must fit beside the other active jobs."""
     if job.state is not JobState.RUNNING:
         return f"job {job.id} is {job.state.value}; only a RUNNING job can be scaled"
+    if job.config.get("max_workers"):
+        return (f"job {job.id} is elastic ({job.workers}-{job.config['max_workers']} workers): Ray Train sizes it to "
+                f"the room it finds; submit it with fixed workers to scale it by hand")
     if workers < 1:
         return f"--workers must be at least 1, got {workers}"
     if workers == job.workers:
@@ -121,7 +136,7 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
     free = dict(capacity)
     for other in jobs:
         if other.state.active and other.id != job.id:
-            for k, v in job_demand(other).items():
+            for k, v in held(other).items():
                 free[k] = free.get(k, 0.0) - v
     per = {k: v / job.workers for k, v in job_demand(job).items()}
     demand = {k: v * workers for k, v in per.items()}

@@ -38,7 +38,19 @@ class TrainerState:
     eval_loss: float | None = None
     world_size: int = 0
     wandb_run_id: str | None = None
+    zero_stage: int | None = None
+    config_hash: str | None = None  # of what decides the loss curve: model, data, trainer (see config_hash)
     extra: dict = field(default_factory=dict)
+
+
+def config_hash(job: JobConfig) -> str:
+    """sha256 of the settings a resume must share with its checkpoint to continue the same curve
+    (model, data, trainer); worker count, ZeRO stage, cluster and storage may change."""
+    import hashlib
+    import json
+
+    keep = {k: to_dict(job)[k] for k in ("model", "data", "trainer")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,7 @@ class _Trainer:
         from orchestrator.tracking import make_tracker
 
         job = self.job
-        self._report(event="attempt")
+        self._report(event="attempt", world_size=self.world)
         self.device = get_accelerator().current_device_name()
         manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
@@ -241,6 +253,12 @@ class _Trainer:
         else:
             self._report(event="ready")
         state.world_size = self.world
+        state.zero_stage = job.deepspeed.stage
+        digest = config_hash(job)
+        if state.config_hash and state.config_hash != digest and self.rank == 0:
+            log.warning("resuming a checkpoint saved with other model/data/trainer settings (config hash %s, now %s)",
+                        state.config_hash, digest)
+        state.config_hash = digest
         wandb_id = state.wandb_run_id or self.spec.job_id
         tracker = make_tracker(
             job.tracking, self.rank, run_id=wandb_id, name=f"{job.name}-{self.spec.job_id}", group=self.spec.group,

@@ -57,8 +57,16 @@ class Cli:
     def submit(self, *overrides: str) -> list[str]:
         return self("submit", *overrides).stdout.split()
 
-    def jobs(self) -> dict[str, dict]:
+    def status(self) -> dict[str, dict]:
+        """`orch status --json` from another process, through --address."""
         return {j["id"]: j for j in json.loads(self("status", "--json").stdout)}
+
+    def jobs(self) -> dict[str, dict]:
+        """The durable records, read straight from the controller's SQLite file (cheap to poll on
+        2 cores, where a CLI process per poll would slow the training being watched)."""
+        from orchestrator.jobs.store import JobStore
+
+        return {r.id: {**r.to_json(), "workers": r.workers} for r in JobStore(self.state).list()}
 
     def wait(self, what, timeout: float = 300, poll: float = 1.0) -> dict[str, dict]:
         deadline = time.time() + timeout
@@ -89,7 +97,8 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster):
                       "data.name=nowhere", "data.source=/nonexistent/corpus")
     (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
 
-    jobs = cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
+    cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
+    jobs = cli.status()
     assert jobs[b]["state"] == jobs[c]["state"] == "QUEUED"  # 2 CPUs free: a 4-worker gang does not start
     assert jobs[d]["state"] == "PENDING" and jobs[d]["depends_on"] == [b]
     assert "/nonexistent/corpus" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
@@ -137,7 +146,7 @@ def _losses(job: dict) -> dict[int, float]:
 
 def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     cli = Cli(orch, cluster)
-    steps = 160
+    steps = 120
     common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=1000"]
     (ref,) = cli.submit(*common, "pipeline=pretrain")
     pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8")
@@ -152,7 +161,7 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     log = (cluster["state"] / "logs" / "controller.log").read_text()
     pid = int(log.rsplit("controller started (pid ", 1)[1].split(",")[0])
     os.kill(pid, signal.SIGKILL)
-    cli.wait(lambda j: True, timeout=60)  # answers again (a new controller)
+    cli.status()  # answers again (a new controller)
     assert "scaling to 1 workers" in cli("scale", pre, "--workers", "1").stdout
     jobs = cli.wait(lambda j: j[fin]["state"] in ("SUCCEEDED", "FAILED") and j[ref]["state"] in ("SUCCEEDED", "FAILED"))
     for job in (ref, pre, fin):
@@ -194,3 +203,37 @@ def test_bad_input_gets_one_line_and_exit_2(orch, cluster):
     out = orch("status", "--address", f"127.0.0.1:{port}", timeout=60)
     assert out.returncode == 2 and f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in out.stderr
     assert out.stderr.count("\n") == 1 and time.time() - t0 < 30
+
+
+def test_elastic_job_grows_then_survives_a_head_restart(orch, cluster):
+    """Runs last: it stops and restarts the whole cluster (`orch down`, `orch up`)."""
+    cli = Cli(orch, cluster)
+    (b,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.micro_batch_size=3",
+                      "trainer.max_steps=5000")
+    # 2 to 4 workers: the global batch of 24 splits at every size (micro batch 2, accumulation 6, 4, 3).
+    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=[2,4]", "trainer.micro_batch_size=2",
+                      "trainer.max_steps=5000", "checkpoint.interval=10", "cluster.elastic_resize_interval_s=3")
+    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and j[e]["metrics"].get("world_size") == 2)
+    b_running = next(h["at"] for h in jobs[b]["history"] if h["state"] == "RUNNING")
+    assert b_running <= _span(jobs[e])[0]  # the elastic job waited until the gang before it held its workers
+    # Once `b` has stopped, Ray Train grows the elastic job into the room it left.
+    cli("cancel", b)
+    jobs = cli.wait(lambda j: j[b]["state"] == "CANCELLED" and j[e]["metrics"].get("world_size") == 4, poll=2)
+    assert jobs[e]["state"] == "RUNNING" and jobs[e]["restarts"] == 0
+    grown_at = jobs[e]["metrics"]["step"]
+    jobs = cli.wait(lambda j: int((j[e]["checkpoint"] or "step-0").rsplit("step-", 1)[1]) > grown_at, poll=0.5)
+
+    # The head goes away with everything on it; the records survive, and the job resumes.
+    state = cluster["state"]
+    assert orch("down", "--state-dir", str(state), timeout=120).returncode == 0
+    port = cluster["address"].rsplit(":", 1)[1]
+    up = orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", port, "--state-dir", str(state), timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and "resumed from" in j[e]["history"][-1]["reason"])
+    reasons = [h["reason"] for h in jobs[e]["history"]]
+    assert any("the controller restarted and the job's worker group was gone" in r for r in reasons)
+    assert jobs[e]["restarts"] == 0  # a lost head is no failure of the job
+    assert int(jobs[e]["checkpoint"].rsplit("step-", 1)[1]) > grown_at
+    cli("cancel", e, "--now")
+    log = cli("logs", e).stdout
+    assert "resized by Ray Train from 2 to 4 workers" in log

@@ -319,3 +319,34 @@ def test_scale_keeps_the_global_batch_whole():
     assert "does not split over 4 workers x micro batch 4" in why
     assert scale_refusal(_trained("a"), 0, [], {"CPU": 8}) == "--workers must be at least 1, got 0"
     assert scale_refusal(_trained("a"), 2, [], {"CPU": 8}) == "job a already runs on 2 workers"
+
+
+# ------------------------------------------------------------------------------ elastic jobs
+def elastic(id: str, state: JobState = S.QUEUED, *, lo: int, hi: int, **kw) -> JobRecord:
+    r = job(id, state, workers=lo, **kw)
+    r.config["max_workers"] = hi
+    return r
+
+
+def test_elastic_job_is_charged_its_maximum_once_admitted():
+    e = elastic("e", S.RUNNING, lo=2, hi=4)
+    assert started(admission_decisions([e, job("x", workers=2)], {"CPU": 6})) == ["x"]
+    assert admission_decisions([e, job("x", workers=3)], {"CPU": 6}) == []
+
+
+def test_elastic_job_starts_on_its_minimum_when_the_others_hold_their_workers():
+    assert started(admission_decisions([job("b", S.RUNNING, workers=4), elastic("e", lo=2, hi=4)], {"CPU": 6})) == ["e"]
+
+
+def test_elastic_job_waits_while_an_admitted_gang_is_still_being_placed():
+    assert admission_decisions([job("b", S.STARTING, workers=4), elastic("e", lo=2, hi=4)], {"CPU": 6}) == []
+    # admitted in the same pass as a gang: it waits for the next pass
+    assert started(admission_decisions([job("b", workers=4), elastic("e", lo=2, hi=4)], {"CPU": 6})) == ["b"]
+    # room for its maximum: no race, it starts at once
+    assert started(admission_decisions([job("b", workers=2), elastic("e", lo=2, hi=4)], {"CPU": 6})) == ["b", "e"]
+
+
+def test_elastic_jobs_are_not_scaled_by_hand():
+    e = elastic("e", S.RUNNING, lo=2, hi=4)
+    e.config["trainer"] = {"global_batch_size": 24, "micro_batch_size": 1}
+    assert "is elastic (2-4 workers)" in scale_refusal(e, 3, [e], {"CPU": 8})

@@ -24,7 +24,10 @@ from orchestrator.jobs.store import JobStore
 
 class Launcher(Protocol):
     def start(self, record: JobRecord, init_from: str | None): ...
+    def attach(self, record: JobRecord): ...  # the live handle of a job started earlier, or None
     def poll(self, handle): ...
+    def request_stop(self, handle, why: str, job: dict | None = None) -> None: ...
+    def kill(self, handle) -> None: ...
 
 
 def _resume_note(resumed: dict) -> str:
@@ -150,7 +153,7 @@ class Controller:
         self.say(f"{record.id}: {state.value}" + (f": {reason}" if state is not JobState.SUCCEEDED else ""))
         handle = self.handles.pop(record.id, None)
         if handle is not None:
-            self.launcher.release(handle)
+            self.launcher.kill(handle)  # frees its placement group first, then drops it
 
     # ---------------------------------------------------------------------------- user actions
     def cancel(self, job_id: str, now: bool = False) -> JobRecord:

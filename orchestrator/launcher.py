@@ -151,6 +151,7 @@ class JobRunner:
                            "pid": os.getpid()}
         self.elastic = bool(self.record.config.get("max_workers"))
         self.stop: dict | None = None  # {"why": "cancel" | "scale", "job": new config for a scale}
+        self.placement_groups: list = []
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
 
@@ -183,6 +184,24 @@ class JobRunner:
 
     def ping(self) -> int:
         return self.data["pid"]
+
+    def placement_group(self, pg) -> None:
+        """The placement group of the worker group now running (from a Ray Train callback)."""
+        self.placement_groups.append(pg)
+
+    def release(self) -> int:
+        """Before this runner is killed: free its worker group's resources at once."""
+        from ray.util.placement_group import remove_placement_group
+
+        freed = 0
+        for pg in self.placement_groups:
+            try:
+                remove_placement_group(pg)
+                freed += 1
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+        self.placement_groups.clear()
+        return freed
 
     # ------------------------------------------------------------------------------ the run
     def _say(self, line: str) -> None:
@@ -278,7 +297,7 @@ class JobRunner:
     def _fit(self, record: JobRecord, job: JobConfig, init_from: str | None) -> None:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchConfig
 
         from orchestrator.checkpoint.layout import run_uri
         from orchestrator.train.loop import train_worker
@@ -289,7 +308,7 @@ class JobRunner:
         me = ray.get_runtime_context().current_actor
         spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=record.pipeline_id,
                     init_from=init_from, reporter=me, wandb_root=wandb_root)
-        trainer = TorchTrainer(
+        trainer = _trainer_class(me)(
             train_worker,
             train_loop_config={"job": to_dict(job), "spec": spec},
             scaling_config=ScalingConfig(
@@ -307,6 +326,43 @@ class JobRunner:
             ),
         )
         trainer.fit()
+
+
+def _trainer_class(runner=None):
+    """TorchTrainer without Ray Train's PlacementGroupCleaner, telling `runner` its placement group.
+
+    That detached helper (Ray >= 2.5x) asks the state API whether the Train controller is alive and
+    takes "not found" for dead: on a loaded node it removed the placement group of a live run under
+    our feet (seen on a 3-raylet cluster on 2 cores). Instead the runner learns each worker group's
+    placement group and removes it itself when the job is stopped at once (`orch cancel --now`)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class ReportPlacementGroup(WorkerGroupCallback):
+        def __init__(self, runner):
+            self.runner = runner
+
+        def after_worker_group_start(self, worker_group) -> None:
+            try:
+                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                self.runner.placement_group.remote(pg)
+            except Exception:  # noqa: BLE001 - best effort: only `cancel --now` uses it
+                log.warning("could not report the worker group's placement group", exc_info=True)
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = [c for c in super()._create_default_callbacks()
+                         if not isinstance(c, PlacementGroupCleanerCallback)]
+            return callbacks + ([ReportPlacementGroup(runner)] if runner is not None else [])
+
+    return Trainer
 
 
 @dataclass
@@ -401,8 +457,16 @@ class RayLauncher:
         import ray
 
         try:
+            ray.get(handle.actor.release.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead runner has nothing to release
+            pass
+        self.release(handle)
+
+    def release(self, handle: RunHandle) -> None:
+        """Drop a runner (frees its name); the worker group it owns goes with it."""
+        import ray
+
+        try:
             ray.kill(handle.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-
-    release = kill  # a finished runner is dropped the same way (frees its name)

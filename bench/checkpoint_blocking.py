@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from reader_throughput import shaped_link  # noqa: E402
+from reader_throughput import shaped_link, wait_for_port  # noqa: E402
 
 MODEL = ["model=gpt_small", "model.n_layer=8", "model.n_embd=512", "model.n_head=8", "model.vocab_size=4096",
          "data.vocab_size=512"]
@@ -41,12 +41,7 @@ def _moto(link_mbit: int):
         host, prefix = "10.213.0.2", ["ip", "netns", "exec", netns]
     proc = subprocess.Popen([*prefix, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection((host, port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(host, port)
     return proc, netns, f"http://{host}:{port}"
 
 

@@ -139,6 +139,18 @@ def bench_streaming(endpoint: str, bucket: str, store, uri: str, manifest: Manif
     return elapsed, total
 
 
+def wait_for_port(host: str, port: int, tries: int = 100) -> None:
+    """Until something listens at host:port (a server just started), at most tries x ~0.1 s."""
+    import socket
+
+    for _ in range(tries):
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def shaped_link(mbit: int) -> str:
     """A network namespace joined to this one by a veth pair whose both directions are limited to
     `mbit` Mbit/s (tc tbf): the S3 server runs there, as behind a real network link. Needs root."""
@@ -198,12 +210,7 @@ def main() -> None:
         server = subprocess.Popen([*prefix, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         args.endpoint = f"http://{host}:{port}"
-        for _ in range(100):
-            try:
-                socket.create_connection((host, port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(host, port)
     import boto3
 
     boto3.client("s3", endpoint_url=args.endpoint).create_bucket(Bucket=args.bucket)

@@ -39,6 +39,15 @@ def resolve_address(address: str | None, state_dir: str) -> str | None:
     return None
 
 
+def _listening(hostport: str, timeout: float = 1.0) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
     retries for a long time and prints its retries)."""
@@ -151,19 +160,12 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
         raise ConfigError(f"--nodes and --cpus-per-node must be at least 1 (got {nodes}, {cpus_per_node})")
     f = cluster_file(state_dir)
     if f.exists():
-        address = json.loads(f.read_text())["address"]
-        try:
-            check_reachable(address, timeout=2)
-            raise ClusterError(f"a cluster started by `orch up` already runs at {address} for {state_dir}; "
+        known = json.loads(f.read_text())["address"]
+        if _listening(known):
+            raise ClusterError(f"a cluster started by `orch up` already runs at {known} for {state_dir}; "
                                f"`orch down` stops it")
-        except ClusterError as e:
-            if "already runs" in str(e):
-                raise
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    if _listening(f"127.0.0.1:{port}"):
         raise ClusterError(f"port {port} is in use (another Ray cluster?); pick another with --port")
-    except OSError:
-        pass
     address = f"127.0.0.1:{port}"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):

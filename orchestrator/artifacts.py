@@ -16,9 +16,10 @@ from pathlib import Path
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, latest_committed
 from orchestrator.config.schema import ModelConfig
 from orchestrator.config.typed import build
-from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, JOBS_DB, MODEL_CONFIG, TOKENIZER
-from orchestrator.errors import CheckpointError, ConfigError, JobNotFound
-from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri, open_store, to_uri
+from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, JOBS_DB, MODEL_CONFIG, TOKENIZER
+from orchestrator.errors import CheckpointError, ConfigError, JobNotFound, StorageError
+from orchestrator.storage import LocalStore, ObjectNotFound, ObjectStore, join_uri, open_store, to_uri
+from orchestrator.storage.claim import claim_destination
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -172,37 +173,55 @@ def build_model(artifact: ModelArtifact):
     return model.eval()
 
 
-def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike) -> Path:
+def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (GPT2LMHeadModel),
-    with the tokenizer as a `PreTrainedTokenizerFast`."""
-    from safetensors.torch import save_file
+    with the tokenizer as a `PreTrainedTokenizerFast`. The folder must be new, empty or an earlier
+    `orch export` (its marker file), unless `overwrite`; the files are written beside it first and
+    moved in at the end, so a failure leaves nothing half-written."""
+    from model.hf import gpt_to_hf_config
 
-    from model.hf import gpt_to_hf_config, gpt_to_hf_state_dict
-    from model.tokenizer import EOT_TOKEN, eot_id, tokenizer_from_json
-
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not (out / HF_CONFIG).exists():
-        raise ConfigError(f"export destination {out} is a non-empty folder that is not a model; give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    eot = eot_id(tokenizer_from_json(artifact.tokenizer_json)) if artifact.tokenizer_json else 0
+    eot = _eot_id(artifact.tokenizer_json)
     try:
         hf_config = gpt_to_hf_config(artifact.model.gpt_config(), bos_token_id=eot, eos_token_id=eot)
     except ValueError as e:
         raise ConfigError(f"cannot export {artifact.source} to Hugging Face: {e}") from None
+    try:
+        claim_destination(LocalStore(), to_uri(out), EXPORT_MARKER, "export", overwrite=overwrite)
+        with tempfile.TemporaryDirectory(prefix=".orch-export-", dir=out.parent) as tmp:
+            _write_hf_files(artifact, hf_config, eot, Path(tmp))
+            for f in sorted(Path(tmp).iterdir()):
+                os.replace(f, out / f.name)
+    except (OSError, StorageError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"cannot write the export to {out}: {why}; choose a folder you can write to") from None
+    return out
+
+
+def _eot_id(tokenizer_json: str | None) -> int:
+    from model.tokenizer import eot_id, tokenizer_from_json
+
+    return eot_id(tokenizer_from_json(tokenizer_json)) if tokenizer_json else 0
+
+
+def _write_hf_files(artifact: ModelArtifact, hf_config: dict, eot: int, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from model.hf import gpt_to_hf_state_dict
+    from model.tokenizer import EOT_TOKEN
+
     save_file(gpt_to_hf_state_dict(artifact.state_dict), str(out / HF_WEIGHTS), metadata={"format": "pt"})
     (out / HF_CONFIG).write_text(json.dumps(hf_config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=1))
     if artifact.tokenizer_json:
-        (out / TOKENIZER).write_text(artifact.tokenizer_json)
+        specials = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": artifact.model.block_size,
-                   "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN,
-                   "clean_up_tokenization_spaces": False}
+                   **specials, "clean_up_tokenization_spaces": False}
+        (out / TOKENIZER).write_text(artifact.tokenizer_json)
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
-        (out / "special_tokens_map.json").write_text(json.dumps(
-            {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}, indent=1))
-    return out
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=1))
 
 
 def sample(artifact: ModelArtifact, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,

@@ -288,7 +288,7 @@ def cmd_data_prepare(args) -> int:
 
     from orchestrator.cluster import connect
     from orchestrator.config.compose import compose_root, resolve_jobs
-    from orchestrator.data.prepare import prepare_dataset
+    from orchestrator.data.prepare import check_prepare_destination, prepare_dataset
     from orchestrator.errors import ConfigError
     from orchestrator.storage import open_store, to_uri
 
@@ -316,11 +316,13 @@ def cmd_data_prepare(args) -> int:
             print(f"{d.kind} dataset '{d.name}' from {d.source} -> {d.uri} (seq_len {d.seq_len}, vocab {d.vocab_size})")
         return 0
     storage = root.storage
+    stores = [open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region) for d in datasets]
+    for store, d in zip(stores, datasets):  # refuse a bad destination before starting a cluster
+        store.check(d.uri)
+        check_prepare_destination(store, d, overwrite=args.overwrite)
     with connect(root.cluster, needed_cpus=1):
-        for d in datasets:
-            store = open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region)
-            store.check(d.uri)
-            m = prepare_dataset(store, d, progress=_say)
+        for store, d in zip(stores, datasets):
+            m = prepare_dataset(store, d, progress=_say, overwrite=args.overwrite)
             _say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
                  f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
     return 0
@@ -332,7 +334,7 @@ def cmd_export(args) -> int:
 
     source = artifacts.resolve(args.checkpoint, _state_dir(args), args.endpoint_url)
     artifact = artifacts.load(source)
-    out = artifacts.write_hf(artifact, args.dir)
+    out = artifacts.write_hf(artifact, args.dir, overwrite=args.overwrite)
     _say(f"exported {source.kind} {source.uri} -> {out} (Hugging Face GPT2LMHeadModel, safetensors)")
     return 0
 
@@ -426,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("dir", help="output folder")
     exp.add_argument("--state-dir", help="state folder (to find job ids)")
     exp.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+    exp.add_argument("--overwrite", action="store_true", help="write into DIR even if it holds files orch did not write")
     exp.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="sample text from a checkpoint, export or Hugging Face folder")
@@ -447,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
     prep.add_argument("--state-dir", help="state folder")
     prep.add_argument("--dry-run", action="store_true", help="print what would be prepared, and where")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="prepare into DST even if it holds files orch did not write (they may be replaced)")
     prep.set_defaults(func=cmd_data_prepare)
     return p
 

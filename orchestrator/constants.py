@@ -20,6 +20,8 @@ EXPORT_MANIFEST = "export.json"  # written last in an export folder
 # Dataset layout: <dataset uri>/manifest.json (written last), tokenizer.json, <split>/shard-*.bin
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+DATASET_MARKER = ".orch-dataset"  # written first into an empty destination: orch may write (and clear) there
+EXPORT_MARKER = ".orch-export"  # likewise for a Hugging Face folder written by `orch export`
 DATASET_FORMAT_VERSION = 1
 
 # Environment variables that may carry secrets: never logged, saved or forwarded into configs.

@@ -22,11 +22,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from orchestrator.config.schema import DataConfig
-from orchestrator.constants import DATASET_FORMAT_VERSION, TOKENIZER
+from orchestrator.constants import DATASET_FORMAT_VERSION, DATASET_MARKER, MANIFEST, TOKENIZER
 from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
 from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectStore, join_uri
+from orchestrator.storage.claim import check_destination, claim_destination, overlaps
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,16 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------ entry
+def check_prepare_destination(store: ObjectStore, cfg: DataConfig, overwrite: bool = False) -> None:
+    """Refuse (one line, exit 2) a destination that overlaps the source or holds the user's files."""
+    if cfg.source and not cfg.source.startswith("generated:") and overlaps(cfg.source, cfg.uri):
+        raise DatasetError(
+            f"the dataset destination {cfg.uri} overlaps its source {cfg.source}: preparing there would write into "
+            f"(and clear parts of) the corpus; choose a destination outside the source folder"
+        )
+    check_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
+
+
 def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,
                    runner: Runner | None = None) -> Manifest:
     """What a job does: use the dataset at `cfg.uri` if one is there (however it was prepared: the
@@ -227,14 +238,16 @@ def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str]
 
 
 def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,
-                    runner: Runner | None = None) -> Manifest:
+                    runner: Runner | None = None, overwrite: bool = False) -> Manifest:
     """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there (a
-    dataset from other settings there is an error: it is never overwritten)."""
+    dataset from other settings there is an error: it is never overwritten). `cfg.uri` must not
+    overlap the source, and must be empty or a dataset folder orch wrote, unless `overwrite`."""
     from model.tokenizer import eot_id, tokenizer_from_json, tokenizer_to_json, train_bpe_tokenizer
 
     say = progress or (lambda msg: log.info(msg))
     if not cfg.source:
         raise DatasetError(f"data.source is null: nothing to prepare {cfg.uri} from; set data.source=URI")
+    check_prepare_destination(store, cfg, overwrite)
     tok_json = load_tokenizer_json(cfg.tokenizer_uri, store) if cfg.kind == "sft" else None
     units = plan_units(store, cfg.source, cfg.num_documents, int(cfg.unit_mb * (1 << 20)))
     signature = dataset_signature(cfg, _sha256(tok_json.encode()) if tok_json else None, units)
@@ -248,7 +261,8 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
             f"a different dataset already exists at {cfg.uri} (prepared from other settings or files); "
             f"set data.name or data.uri to a new location, or delete {manifest_uri(cfg.uri)} to rebuild it"
         )
-    for split in SPLITS:  # leftovers of a crashed attempt: nothing references them
+    claim_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
+    for split in SPLITS:  # leftovers of a crashed attempt (or, with overwrite, what the user gave up)
         store.delete_prefix(join_uri(cfg.uri, split) + "/")
 
     if cfg.kind == "text":

@@ -64,7 +64,7 @@ def _prepare_remote():
     @ray.remote(num_cpus=0)
     def prepare(job_dict: dict) -> list[str]:
         from orchestrator.data.prepare import ensure_dataset
-        from orchestrator.train.loop import open_job_store
+        from orchestrator.workspace import open_job_store
 
         job = job_config_from_dict(job_dict)
         lines: list[str] = []
@@ -81,7 +81,7 @@ def _export_remote():
     def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
         from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri
         from orchestrator.checkpoint.manager import export_checkpoint
-        from orchestrator.train.loop import local_scratch, open_job_store
+        from orchestrator.workspace import local_scratch, open_job_store
 
         job = job_config_from_dict(job_dict)
         ref = CheckpointRef(step, checkpoint_uri(run, step), True)
@@ -93,7 +93,7 @@ def _export_remote():
 def check_dataset_matches(job: JobConfig) -> None:
     """Fail before any worker starts if the dataset does not fit the model or the job."""
     from orchestrator.data.manifest import load_manifest
-    from orchestrator.train.loop import open_job_store
+    from orchestrator.workspace import open_job_store
 
     manifest = load_manifest(open_job_store(job), job.data.uri)
     if manifest.vocab_size > job.model.vocab_size:
@@ -223,7 +223,7 @@ class JobRunner:
             # queued behind a job (`--after`): the data is tokenized with the weights' own tokenizer
             job = dataclasses.replace(job, data=dataclasses.replace(job.data, tokenizer_uri=init_from))
         try:
-            from orchestrator.train.loop import open_job_store
+            from orchestrator.workspace import open_job_store
 
             open_job_store(job).check(job.storage.root)
             for line in ray.get(_prepare_remote().remote(to_dict(job))):
@@ -273,7 +273,7 @@ class JobRunner:
         from orchestrator.checkpoint.layout import latest_committed, run_uri
         from orchestrator.constants import TRAINER_STATE
         from orchestrator.storage import join_uri
-        from orchestrator.train.loop import open_job_store
+        from orchestrator.workspace import open_job_store
 
         store, run = open_job_store(job), run_uri(job.storage.root, record.id)
         ref = latest_committed(store, run)

@@ -15,7 +15,7 @@ def preflight(jobs: list[JobConfig]) -> None:
     must fit the model, and weights to start from must match the model's architecture."""
     from orchestrator.data.manifest import try_load_manifest
     from orchestrator.launcher import check_dataset_matches, check_init_matches
-    from orchestrator.train.loop import open_job_store
+    from orchestrator.workspace import open_job_store
 
     from orchestrator.data.prepare import ensure_dataset
 
@@ -38,7 +38,7 @@ def check_resume_source(job: JobConfig) -> None:
     from orchestrator.constants import COMMIT_MARKER
     from orchestrator.errors import CheckpointError
     from orchestrator.storage import join_uri
-    from orchestrator.train.loop import open_job_store
+    from orchestrator.workspace import open_job_store
 
     store, src = open_job_store(job), job.resume_from.rstrip("/")
     if not store.exists(join_uri(src, COMMIT_MARKER)) and latest_committed(store, src) is None:

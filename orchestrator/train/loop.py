@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import LOCAL_DIR_ENV
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.order import eval_batch, micro_batches, rank_slice
 from orchestrator.data.reader import SplitReader
-from orchestrator.storage import ObjectStore, join_uri, open_store
+from orchestrator.storage import join_uri
+from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger("orchestrator.train")
 
@@ -63,16 +61,6 @@ class RunSpec:
     init_from: str | None  # export URI of the dependency whose weights this job starts from
     reporter: object | None  # Ray actor handle receiving rank 0's progress (or None)
     wandb_root: str | None = None  # where W&B writes (None: node-local scratch)
-
-
-def open_job_store(job: JobConfig) -> ObjectStore:
-    return open_store(job.storage.root, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
-
-
-def local_scratch(job_id: str) -> Path:
-    """Node-local scratch for staging, restores and the shard cache."""
-    root = Path(os.environ.get(LOCAL_DIR_ENV) or Path(tempfile.gettempdir()) / "orch")
-    return root / job_id
 
 
 def train_worker(args: dict) -> None:

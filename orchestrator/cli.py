@@ -222,7 +222,7 @@ def cmd_submit(args) -> int:
     from orchestrator.config.compose import compose_dict, resolve_jobs
     from orchestrator.config.schema import RootConfig
     from orchestrator.config.typed import build, to_dict
-    from orchestrator.pipeline import check_no_secrets
+    from orchestrator.preflight import check_no_secrets
 
     state_dir = _state_dir(args)
     args.state_dir = state_dir

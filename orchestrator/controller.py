@@ -1,9 +1,10 @@
 """The controller: submits pipelines into the job store and drives each job's state machine.
 
-One `step()` applies the pure policies (dependencies, admission) and the launcher's progress to
-the durable records; `run()` steps until the given jobs are terminal. Every state change is
-persisted before it is acted on. The Ray dependency is the `launcher` seam, so tests can step the
-loop with a fake one.
+One `step()` applies the pure policies (dependencies, admission) and each runner's new events
+(`orchestrator.jobs.lifecycle`) to the durable records; `run()` steps until the given jobs are
+terminal. Every change is persisted, with the sequence number of the event behind it, before it is
+acted on, so a restarted controller applies each event exactly once. The Ray dependency is the
+`launcher` seam: tests step the loop with a fake one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Protocol
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import CheckpointError, ClusterError, OrchError
+from orchestrator.jobs.events import AttemptReason, RunnerPoll, RunnerStatus
+from orchestrator.jobs.lifecycle import Change, apply_events
 from orchestrator.jobs.policy import (admission_decisions, dependency_decisions, never_fits, restart_decision,
                                       scale_refusal)
 from orchestrator.jobs.record import JobRecord
@@ -23,22 +26,11 @@ from orchestrator.jobs.store import JobStore
 
 
 class Launcher(Protocol):
-    def start(self, record: JobRecord, init_from: str | None): ...
+    def start(self, record: JobRecord, init_from: str | None, reason: AttemptReason): ...
     def attach(self, record: JobRecord): ...  # the live handle of a job started earlier, or None
-    def poll(self, handle): ...
-    def request_stop(self, handle, why: str, job: dict | None = None) -> None: ...
+    def poll(self, handle, after_seq: int) -> RunnerPoll: ...
+    def request_stop(self, handle, request: dict) -> None: ...  # idempotent per request["id"]
     def kill(self, handle) -> None: ...
-
-
-def _resume_note(resumed: dict) -> str:
-    if not resumed.get("from"):
-        return ""
-    note = f", resumed from {resumed['from']}"
-    if resumed.get("universal"):
-        note += " as a universal checkpoint"
-    if resumed.get("skipped"):
-        note += f" (skipped corrupt {', '.join(resumed['skipped'])})"
-    return note
 
 
 def new_pipeline_id() -> str:
@@ -47,15 +39,13 @@ def new_pipeline_id() -> str:
 
 class Controller:
     def __init__(self, store: JobStore, launcher: Launcher, capacity: Callable[[], dict[str, float]],
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, validate: Callable[[dict], object] | None = None):
         self.store = store
         self.launcher = launcher
         self.capacity = capacity
         self.say = say
+        self.validate = validate  # checks a changed job config (a scale's), raising OrchError/ValueError
         self.handles: dict[str, object] = {}
-        self._last_step: dict[str, int] = {}
-        self._restart_base: dict[str, int] = {}  # a job's restart count when its current runner started
-        self._last_progress: dict[str, object] = {}
 
     # ---------------------------------------------------------------------------------- submit
     def submit(self, jobs: list[JobConfig], pipeline_id: str | None = None, after: list[str] = ()) -> list[JobRecord]:
@@ -83,10 +73,22 @@ class Controller:
     # ------------------------------------------------------------------------------------ step
     def step(self, job_ids: list[str]) -> bool:
         """One pass of the loop over `job_ids`. Returns True while any of them is not terminal."""
+        self._decide_dependencies(job_ids)
+        jobs = [self.store.get(i) for i in job_ids]
+        autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
+        for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
+            record = self.store.transition(d.job_id, d.state, d.reason)
+            self.say(f"{d.job_id}: STARTING")
+            self._launch(record, AttemptReason.FIRST)
+        for job_id, handle in list(self.handles.items()):
+            record = self.store.get(job_id)
+            self._observe(record, self.launcher.poll(handle, record.last_event_seq))
+        return any(not self.store.get(i).state.terminal for i in job_ids)
+
+    def _decide_dependencies(self, job_ids: list[str]) -> None:
         jobs = [self.store.get(i) for i in job_ids]
         known = {j.id for j in jobs}
-        deps = {d for j in jobs for d in j.depends_on if d not in known}
-        for d in sorted(deps):
+        for d in sorted({d for j in jobs for d in j.depends_on if d not in known}):
             try:
                 jobs.append(self.store.get(d))
             except OrchError:
@@ -94,64 +96,57 @@ class Controller:
         for d in dependency_decisions(jobs):
             self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: {d.state.value} ({d.reason})")
-        jobs = [self.store.get(i) for i in job_ids]
-        autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
-        for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
-            record = self.store.transition(d.job_id, d.state, d.reason)
-            self.say(f"{d.job_id}: STARTING")
-            try:
-                init_from = self._init_from(record)
-            except OrchError as e:
-                self.store.transition(d.job_id, JobState.FAILED, str(e), failure_reason=str(e))
-                self.say(f"{d.job_id}: FAILED: {e}")
-                continue
-            self._launch(record, init_from)
-        for job_id, handle in list(self.handles.items()):
-            self._observe(self.store.get(job_id), self.launcher.poll(handle))
-        return any(not self.store.get(i).state.terminal for i in job_ids)
 
-    def _launch(self, record: JobRecord, init_from: str | None) -> None:
-        self.handles[record.id] = self.launcher.start(record, init_from)
-        self._restart_base[record.id] = record.restarts
+    def _launch(self, record: JobRecord, reason: AttemptReason) -> None:
+        """Start a new runner for the job; its launch number and event position are persisted first."""
+        try:
+            init_from = self._init_from(record)
+        except OrchError as e:
+            self._end(record, JobState.FAILED, str(e), failure_reason=str(e))
+            return
+        record = self.store.update(record.id, launches=record.launches + 1, last_event_seq=0)
+        self.handles[record.id] = self.launcher.start(record, init_from, reason)
 
     def recover(self) -> None:
-        """After a controller (re)start: re-attach to the runners of the jobs that were active, and
-        restart from their last committed checkpoint those whose runner is gone."""
+        """After a controller (re)start: re-attach to the runners of the jobs that were active (and
+        re-send a stop the user asked for), and restart from their last committed checkpoint those
+        whose runner is gone."""
         for record in self.store.list():
             if not record.state.active or record.id in self.handles:
                 continue
             handle = self.launcher.attach(record)
-            if handle is not None:
-                self.handles[record.id] = handle
-                self._restart_base[record.id] = record.restarts
-                self.say(f"{record.id}: re-attached to its running worker group")
+            if handle is None:
+                self._relaunch(record, "the controller restarted and the job's worker group was gone", failure=False)
                 continue
-            self._relaunch(record, "the controller restarted and the job's worker group was gone", failure=False)
+            self.handles[record.id] = handle
+            self.say(f"{record.id}: re-attached to its running worker group")
+            if record.requested:
+                self.launcher.request_stop(handle, record.requested)  # the runner ignores one it has seen
 
     def _relaunch(self, record: JobRecord, why: str, failure: bool = True) -> None:
         """Start a job again from its last committed checkpoint (the train loop resumes there). A
         runner lost while the controller was away (a head restart) does not count as a failure."""
         decision = restart_decision(record, why, failure)
         if decision.state is not JobState.RESTARTING:
-            self._end(record, decision.state, decision.reason, failure_reason=why if decision.state is JobState.FAILED else None)
+            failed = decision.state is JobState.FAILED
+            self._end(record, decision.state, decision.reason, failure_reason=why if failed else None)
             return
-        restarts = record.restarts + int(failure)
+        # A new runner starts at the config's (possibly just scaled) size: no scale is pending then.
+        fields = {"restarts": record.restarts + int(failure), "requested": None}
         if record.state is not JobState.RESTARTING:
-            record = self.store.transition(record.id, JobState.RESTARTING, decision.reason, restarts=restarts)
-        elif restarts != record.restarts:
-            record = self.store.update(record.id, restarts=restarts)
+            record = self.store.transition(record.id, JobState.RESTARTING, decision.reason, **fields)
+        else:
+            record = self.store.update(record.id, **fields)
         self.say(f"{record.id}: RESTARTING ({why})")
-        try:
-            init_from = self._init_from(record)
-        except OrchError as e:
-            self._end(record, JobState.FAILED, str(e), failure_reason=str(e))
-            return
-        self._launch(record, init_from)
+        self._launch(record, AttemptReason.RELAUNCH)
 
     def _end(self, record: JobRecord, state: JobState, reason: str, **fields) -> None:
         self.store.transition(record.id, state, reason, requested=None, **fields)
         self.say(f"{record.id}: {state.value}" + (f": {reason}" if state is not JobState.SUCCEEDED else ""))
-        handle = self.handles.pop(record.id, None)
+        self._drop(record.id)
+
+    def _drop(self, job_id: str) -> None:
+        handle = self.handles.pop(job_id, None)
         if handle is not None:
             self.launcher.kill(handle)  # frees its placement group first, then drops it
 
@@ -168,15 +163,14 @@ class Controller:
             self._end(record, JobState.CANCELLED, "cancelled by the user (--now: no checkpoint)",
                       failure_reason="cancelled by the user")
         else:
-            self.store.update(job_id, requested={"action": "cancel"})  # persisted before it is acted on
-            self.launcher.request_stop(handle, "cancel")
+            request = {"action": "cancel", "id": f"cancel-{len(record.history)}"}
+            self.store.update(job_id, requested=request)  # persisted before it is acted on
+            self.launcher.request_stop(handle, request)
             self.say(f"{job_id}: cancelling: checkpointing the current step, then stopping")
         return self.store.get(job_id)
 
     def scale(self, job_id: str, workers: int) -> JobRecord:
         """Restart a running job at `workers` workers from a checkpoint of its current step."""
-        from orchestrator.config.compose import job_config_from_dict
-
         record = self.store.get(job_id)
         why = scale_refusal(record, workers, self.store.list(), self.capacity())
         if why is None and job_id not in self.handles:
@@ -184,15 +178,16 @@ class Controller:
         if why:
             raise ClusterError(why)
         new = dict(record.config, workers=workers)
-        try:
-            job_config_from_dict(new)
-        except (OrchError, ValueError) as e:
-            raise ClusterError(f"cannot scale {job_id} to {workers} workers: {e}") from None
+        if self.validate is not None:
+            try:
+                self.validate(new)
+            except (OrchError, ValueError) as e:
+                raise ClusterError(f"cannot scale {job_id} to {workers} workers: {e}") from None
         old = record.workers
-        fits_now = self._last_progress[job_id].fits if job_id in self._last_progress else 1
-        self.store.update(job_id, config=new, requested={"action": "scale", "workers": workers, "fits": fits_now})
+        request = {"action": "scale", "workers": workers, "id": f"scale-{len(record.history)}", "job": new}
+        self.store.update(job_id, config=new, requested=request)
         self.store.transition(job_id, JobState.RESTARTING, f"scaling from {old} to {workers} workers")
-        self.launcher.request_stop(self.handles[job_id], "scale", new)
+        self.launcher.request_stop(self.handles[job_id], request)
         self.say(f"{job_id}: scaling from {old} to {workers} workers: checkpoint, then restart from it")
         return self.store.get(job_id)
 
@@ -209,60 +204,28 @@ class Controller:
             raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights to start from")
         return None
 
-    def _observe(self, record: JobRecord, p) -> None:
-        fields = {}
-        if p.metrics and p.metrics != record.metrics:
-            fields["metrics"] = p.metrics
-        if p.checkpoint and p.checkpoint != record.checkpoint:
-            fields["checkpoint"] = p.checkpoint
-        if p.wandb and p.wandb != record.wandb:
-            fields["wandb"] = p.wandb
-        if p.status == "busy":
-            return
-        self._last_progress[record.id] = p
-        if p.status == "lost":
+    # ------------------------------------------------------------------------------ observe
+    def _observe(self, record: JobRecord, poll: RunnerPoll) -> None:
+        if poll.status is RunnerStatus.LOST:
             self.handles.pop(record.id, None)
-            self._relaunch(record, p.reason or "the job's runner died")
+            self._relaunch(record, poll.reason or "the job's runner died")
             return
-        # Worker-group failures: attempts beyond the ones the runner started on purpose (scaling).
-        restarts = self._restart_base.get(record.id, 0) + max(0, p.attempts - max(p.fits, 1) - p.resizes)
-        size = p.metrics.get("world_size")
-        if size and record.config.get("max_workers") and record.metrics.get("world_size") not in (None, size):
-            self.say(f"{record.id}: resized by Ray Train from {record.metrics['world_size']} to {size} workers "
-                     f"(elastic {record.workers}-{record.config['max_workers']}); continuing from the last checkpoint")
-        if fields:
-            record = self.store.update(record.id, **fields)
-        step = p.metrics.get("step")
-        if step is not None and step != self._last_step.get(record.id):
-            self._last_step[record.id] = step
-            loss = p.metrics.get("loss")
-            if loss is not None:
-                self.say(f"{record.id}: step {step}/{record.config['trainer']['max_steps']} loss {loss:.4f}")
-        resumed = _resume_note(p.resumed) if p.resumed.get("attempt") == p.attempts else ""
-        if p.status == "running" and record.state is JobState.STARTING and p.ready_attempt >= 1:
-            self.store.transition(record.id, JobState.RUNNING, "worker group started" + resumed)
-            self.say(f"{record.id}: RUNNING on {record.workers} workers{resumed}")
-        elif restarts > record.restarts and record.state is JobState.RUNNING:
-            self.store.transition(record.id, JobState.RESTARTING, "worker group failed; restarting from the last checkpoint",
-                                  restarts=restarts)
-            self.say(f"{record.id}: RESTARTING (restart {restarts})")
-        elif record.state is JobState.RESTARTING and p.status == "running" and p.ready_attempt == p.attempts >= 1:
-            requested = record.requested or {}
-            if requested.get("action") != "scale":
-                self.store.transition(record.id, JobState.RUNNING, "worker group restarted" + resumed)
-                self.say(f"{record.id}: RUNNING again{resumed}")
-            elif p.fits > requested.get("fits", 0) and p.ready_attempt > p.fit_base:  # the new-size group trains
-                self.store.transition(record.id, JobState.RUNNING, f"restarted at {record.workers} workers" + resumed,
-                                      requested=None)
-                self.say(f"{record.id}: RUNNING on {record.workers} workers{resumed}")
-        if p.status == "succeeded":
-            self._end(record, JobState.SUCCEEDED, "training finished", export=p.export, restarts=restarts)
-        elif p.status == "stopped":
-            self._end(record, JobState.CANCELLED, f"cancelled by the user after a checkpoint ({p.checkpoint})",
-                      failure_reason="cancelled by the user")
-        elif p.status == "failed":
-            self._end(record, JobState.FAILED, p.reason or "failed", failure_reason=p.reason,
-                      failure_detail=p.traceback, restarts=restarts)
+        for change in apply_events(record, poll.events):
+            self._apply(record.id, change)
+            if change.ends:
+                self._drop(record.id)
+                return
+
+    def _apply(self, job_id: str, change: Change) -> JobRecord:
+        """Persist one change together with its event's sequence number, then say it."""
+        fields = dict(change.fields, last_event_seq=change.seq)
+        if change.state is not None:
+            record = self.store.transition(job_id, change.state, change.reason, **fields)
+        else:
+            record = self.store.update(job_id, **fields)
+        if change.say:
+            self.say(f"{job_id}: {change.say}")
+        return record
 
     def abandon(self, job_ids: list[str], reason: str) -> None:
         """Mark every non-terminal job of `job_ids` CANCELLED (the process driving them is stopping)."""

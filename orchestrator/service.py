@@ -27,19 +27,25 @@ NAMESPACE = "orch"
 HEAD_RESOURCE = "node:__internal_head__"
 
 
-def _answer(fn):
+def _answer(fn=None, *, locked: bool = True):
     """Return {"ok": value} or {"error": message, "kind": class name}: OrchErrors cross the actor
-    boundary as one line, not as a remote traceback."""
+    boundary as one line, not as a remote traceback. `locked` calls wait for the loop's step (they
+    change what it acts on); reads (status, logs) do not: the job store is safe to read any time."""
 
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        try:
-            with self.lock:
-                return {"ok": fn(self, *args, **kwargs)}
-        except OrchError as e:
-            return {"error": str(e), "kind": type(e).__name__}
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            try:
+                if not locked:
+                    return {"ok": fn(self, *args, **kwargs)}
+                with self.lock:
+                    return {"ok": fn(self, *args, **kwargs)}
+            except OrchError as e:
+                return {"error": str(e), "kind": type(e).__name__}
 
-    return wrapper
+        return wrapper
+
+    return wrap(fn) if fn is not None else wrap
 
 
 class ControllerService:
@@ -47,9 +53,8 @@ class ControllerService:
         import ray
 
         from orchestrator.cluster import capacity
-        from orchestrator.controller import Controller
         from orchestrator.jobs.store import JobStore
-        from orchestrator.launcher import RayLauncher
+        from orchestrator.launcher import new_controller
 
         self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
         self.poll_s = poll_s
@@ -59,9 +64,8 @@ class ControllerService:
         self.store = JobStore(self.state_dir)
         self.started_at = time.time()
         node_id = ray.get_runtime_context().get_node_id()
-        launcher = RayLauncher(say=self._say, ray_storage=os.path.join(self.state_dir, "ray_results"), detached=True,
-                               namespace=NAMESPACE, node_id=node_id)
-        self.controller = Controller(self.store, launcher, capacity=capacity, say=self._say)
+        self.controller = new_controller(self.store, capacity, self._say, detached=True, namespace=NAMESPACE,
+                                         node_id=node_id, ray_storage=os.path.join(self.state_dir, "ray_results"))
         self._say(f"controller started (pid {os.getpid()}, state in {self.state_dir})")
         with self.lock:
             self.controller.recover()
@@ -96,15 +100,17 @@ class ControllerService:
     @_answer
     def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
         from orchestrator.config.compose import job_config_from_dict
+        from orchestrator.preflight import preflight
 
         jobs = [job_config_from_dict(d) for d in job_dicts]
+        preflight(jobs)
         records = self.controller.submit(jobs, after=list(after))
         for r in records:
             deps = f" after {', '.join(r.depends_on)}" if r.depends_on else ""
             self._say(f"{r.id}: submitted ({r.kind}, {r.workers} workers, priority {r.priority}){deps}")
         return [r.id for r in records]
 
-    @_answer
+    @_answer(locked=False)
     def status(self, job_id: str | None = None) -> list[dict]:
         records = [self.store.get(job_id)] if job_id else self.store.list()
         return [r.to_json() for r in records]
@@ -117,7 +123,7 @@ class ControllerService:
     def scale(self, job_id: str, workers: int) -> dict:
         return self.controller.scale(job_id, workers).to_json()
 
-    @_answer
+    @_answer(locked=False)
     def logs(self, job_id: str, offset: int = 0) -> dict:
         record = self.store.get(job_id)
         path = self.log_dir / f"{job_id}.log"

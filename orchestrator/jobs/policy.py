@@ -57,6 +57,16 @@ def held(job: JobRecord) -> dict[str, float]:
     return job_demand(job, job.config.get("max_workers") or job.workers)
 
 
+def free_capacity(jobs: list[JobRecord], capacity: dict[str, float], exclude: str | None = None) -> dict[str, float]:
+    """What the active jobs (but `exclude`) leave free of `capacity`."""
+    free = dict(capacity)
+    for job in jobs:
+        if job.state.active and job.id != exclude:
+            for k, v in held(job).items():
+                free[k] = free.get(k, 0.0) - v
+    return free
+
+
 def fits(demand: dict[str, float], free: dict[str, float]) -> bool:
     return all(free.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
 
@@ -67,11 +77,7 @@ def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float], autos
     lower-priority job overtake it (no starvation of big jobs). On an autoscaling cluster the job
     at the head of the queue is admitted when nothing else runs, fitting or not: its placement
     group asks the autoscaler for the nodes."""
-    free = dict(capacity)
-    for job in jobs:
-        if job.state.active:
-            for k, v in held(job).items():
-                free[k] = free.get(k, 0.0) - v
+    free = free_capacity(jobs, capacity)
     queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq))
     out = []
     idle = not any(j.state.active for j in jobs)
@@ -133,11 +139,7 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
                 f"micro batch {trainer['micro_batch_size']}; choose a worker count that divides it")
     if job.config["cluster"].get("autoscaling"):
         return None
-    free = dict(capacity)
-    for other in jobs:
-        if other.state.active and other.id != job.id:
-            for k, v in held(other).items():
-                free[k] = free.get(k, 0.0) - v
+    free = free_capacity(jobs, capacity, exclude=job.id)
     per = {k: v / job.workers for k, v in job_demand(job).items()}
     demand = {k: v * workers for k, v in per.items()}
     if not fits(demand, free):

@@ -28,10 +28,18 @@ class JobRecord:
     history: list[dict] = field(default_factory=list)  # [{"state", "at", "reason"}]
     wandb: dict = field(default_factory=dict)  # run id, group, offline dir
     requested: dict | None = None  # a user action in progress: {"action": "cancel"} or {"action": "scale", ...}
+    launches: int = 0  # runners started for this job (a new one after a lost runner)
+    last_event_seq: int = 0  # the last event of the current runner the controller applied (exactly once)
+    attempt: dict = field(default_factory=dict)  # the current worker group: {"number", "reason", "world_size"}
 
     @property
     def workers(self) -> int:
         return int(self.config["workers"])
+
+    @classmethod
+    def from_json(cls, d: dict) -> "JobRecord":
+        """The inverse of `to_json`."""
+        return cls(**{**d, "state": JobState(d["state"])})
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -42,6 +42,10 @@ class IllegalTransition(ValueError):
     pass
 
 
+def allowed(current: JobState, new: JobState) -> bool:
+    return new in _ALLOWED.get(current, frozenset())
+
+
 def check_transition(current: JobState, new: JobState) -> None:
-    if new not in _ALLOWED.get(current, frozenset()):
+    if not allowed(current, new):
         raise IllegalTransition(f"job cannot go from {current.value} to {new.value}")

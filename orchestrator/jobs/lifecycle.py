@@ -1,0 +1,176 @@
+"""The job lifecycle in one place: (record, runner events) -> state transitions and field updates.
+
+A pure function of the durable record and the events its runner emitted since the last one the
+controller applied. It decides; `Controller` persists each change (with the event's sequence
+number, in one write) and then acts on it. Nothing here touches Ray, files or the clock.
+
+    STARTING --ENGINE_READY--> RUNNING --ATTEMPT_STARTED(failure)--> RESTARTING --ENGINE_READY--> RUNNING
+    RUNNING --ATTEMPT_STARTED(resize)--> RUNNING        (an elastic resize is no failure)
+    RESTARTING (scale requested) --ATTEMPT_STARTED(scale), ENGINE_READY--> RUNNING at the new size
+    any active --SUCCEEDED | STOPPED | FAILED--> SUCCEEDED | CANCELLED | FAILED
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState, allowed
+
+_METRIC_KEYS = ("step", "loss", "first_loss", "eval_loss", "tokens", "world_size")
+
+
+@dataclass(frozen=True)
+class Change:
+    """What applying one event does to a job: persisted together with `seq`."""
+
+    seq: int  # the event's sequence number (the record's last_event_seq once applied)
+    state: JobState | None = None  # the new state, or None to keep it
+    reason: str = ""  # why (the state history's entry)
+    fields: dict = field(default_factory=dict)  # record fields to set (metrics and wandb: merged whole)
+    say: str | None = None  # a line for the job's log
+
+    @property
+    def ends(self) -> bool:
+        return self.state is not None and self.state.terminal
+
+
+def apply_events(record: JobRecord, events: list[RunnerEvent] | tuple[RunnerEvent, ...]) -> list[Change]:
+    """The changes `events` make to `record`, in order. Events at or below the record's
+    `last_event_seq` were applied before and are skipped; nothing follows a terminal change."""
+    changes = []
+    for event in sorted(events, key=lambda e: e.seq):
+        if event.seq <= record.last_event_seq:
+            continue
+        change = on_event(record, event)
+        changes.append(change)
+        record = preview(record, change)
+        if change.ends:
+            break
+    return changes
+
+
+def preview(record: JobRecord, change: Change) -> JobRecord:
+    """The record as it will be once `change` is applied (no history entry)."""
+    fields = dict(change.fields, last_event_seq=change.seq)
+    if change.state is not None:
+        fields["state"] = change.state
+    return dataclasses.replace(record, **fields)
+
+
+def on_event(record: JobRecord, event: RunnerEvent) -> Change:
+    """The change one event makes (see the module docstring for the lifecycle)."""
+    handler = _HANDLERS[event.kind]
+    change = handler(record, event)
+    if change.state is not None and not allowed(record.state, change.state):
+        return Change(event.seq, say=change.say)  # e.g. a late event after the user cancelled
+    return change
+
+
+def _merged(record: JobRecord, metrics: dict) -> dict:
+    return {**record.metrics, **{k: v for k, v in metrics.items() if v is not None}}
+
+
+def _log(record: JobRecord, e: RunnerEvent) -> Change:
+    return Change(e.seq, say=e.data.get("line"))
+
+
+def _attempt_started(record: JobRecord, e: RunnerEvent) -> Change:
+    reason = AttemptReason(e.data.get("reason", AttemptReason.FAILURE))
+    size = e.data.get("world_size")
+    attempt = {"number": e.data.get("attempt"), "reason": reason.value, "world_size": size}
+    fields: dict = {"attempt": attempt}
+    if size:
+        fields["metrics"] = _merged(record, {"world_size": size})
+    if reason is AttemptReason.FAILURE:
+        restarts = record.restarts + 1
+        fields["restarts"] = restarts
+        state = JobState.RESTARTING if record.state is not JobState.RESTARTING else None
+        return Change(e.seq, state, "worker group failed; restarting from the last checkpoint", fields,
+                      say=f"RESTARTING (restart {restarts} of {record.config.get('max_failures', '?')})")
+    if reason is AttemptReason.RESIZE:
+        before = record.attempt.get("world_size")
+        return Change(e.seq, None, "", fields,
+                      say=f"resized by Ray Train from {before} to {size} workers (elastic {record.workers}-"
+                          f"{record.config.get('max_workers')}); continuing from the last checkpoint")
+    return Change(e.seq, None, "", fields)
+
+
+def _resume_note(data: dict) -> str:
+    if not data.get("resumed_from"):
+        return ""
+    note = f", resumed from {data['resumed_from']}"
+    if data.get("universal"):
+        note += " as a universal checkpoint"
+    if data.get("skipped"):
+        note += f" (skipped corrupt {', '.join(data['skipped'])})"
+    return note
+
+
+def _engine_ready(record: JobRecord, e: RunnerEvent) -> Change:
+    note = _resume_note(e.data)
+    workers = record.attempt.get("world_size") or record.workers
+    if record.state is JobState.STARTING:
+        return Change(e.seq, JobState.RUNNING, "worker group started" + note, say=f"RUNNING on {workers} workers{note}")
+    if record.state is not JobState.RESTARTING:
+        return Change(e.seq, say=f"training again on {workers} workers{note}" if note else None)
+    scaling = (record.requested or {}).get("action") == "scale"
+    if not scaling:
+        return Change(e.seq, JobState.RUNNING, "worker group restarted" + note, say=f"RUNNING again{note}")
+    if record.attempt.get("reason") == AttemptReason.SCALE.value:  # the new-size group trains
+        return Change(e.seq, JobState.RUNNING, f"restarted at {record.workers} workers" + note, {"requested": None},
+                      say=f"RUNNING on {record.workers} workers{note}")
+    return Change(e.seq)  # the old group, restarted by Ray Train before the scale took effect
+
+
+def _checkpoint_committed(record: JobRecord, e: RunnerEvent) -> Change:
+    return Change(e.seq, fields={"checkpoint": e.data["uri"]})
+
+
+def _progress(record: JobRecord, e: RunnerEvent) -> Change:
+    fields: dict = {}
+    metrics = {k: v for k, v in (e.data.get("metrics") or {}).items() if k in _METRIC_KEYS}
+    if metrics:
+        fields["metrics"] = _merged(record, metrics)
+    if e.data.get("wandb"):
+        fields["wandb"] = {**record.wandb, **e.data["wandb"]}
+    say = None
+    step, loss = metrics.get("step"), metrics.get("loss")
+    if step is not None and loss is not None and step != record.metrics.get("step"):
+        say = f"step {step}/{record.config.get('trainer', {}).get('max_steps', '?')} loss {loss:.4f}"
+    return Change(e.seq, fields=fields, say=say)
+
+
+def _stopped(record: JobRecord, e: RunnerEvent) -> Change:
+    checkpoint = e.data.get("checkpoint") or record.checkpoint
+    return Change(e.seq, JobState.CANCELLED, f"cancelled by the user after a checkpoint ({checkpoint})",
+                  {"checkpoint": checkpoint, "failure_reason": "cancelled by the user", "requested": None},
+                  say=f"CANCELLED: cancelled by the user after a checkpoint ({checkpoint})")
+
+
+def _succeeded(record: JobRecord, e: RunnerEvent) -> Change:
+    fields = {"export": e.data.get("export"), "metrics": _merged(record, e.data.get("metrics") or {}), "requested": None}
+    if e.data.get("checkpoint"):
+        fields["checkpoint"] = e.data["checkpoint"]
+    return Change(e.seq, JobState.SUCCEEDED, "training finished", fields, say="SUCCEEDED")
+
+
+def _failed(record: JobRecord, e: RunnerEvent) -> Change:
+    reason = e.data.get("reason") or "failed"
+    return Change(e.seq, JobState.FAILED, reason,
+                  {"failure_reason": reason, "failure_detail": e.data.get("traceback"), "requested": None},
+                  say=f"FAILED: {reason}")
+
+
+_HANDLERS = {
+    EventKind.LOG: _log,
+    EventKind.ATTEMPT_STARTED: _attempt_started,
+    EventKind.ENGINE_READY: _engine_ready,
+    EventKind.CHECKPOINT_COMMITTED: _checkpoint_committed,
+    EventKind.PROGRESS: _progress,
+    EventKind.STOPPED: _stopped,
+    EventKind.SUCCEEDED: _succeeded,
+    EventKind.FAILED: _failed,
+}

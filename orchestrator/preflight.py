@@ -1,0 +1,131 @@
+"""Checks made before any worker starts, one line each when they fail (exit 2).
+
+`preflight(jobs)` runs when jobs are submitted (`orch run`, and the controller's submit for `orch
+submit`): secrets, the store, prepared datasets, the weights a job starts or resumes from.
+`check_job_inputs` runs again in the job's runner once its dataset is prepared and its dependency's
+weights are known, just before the worker group starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from orchestrator.config.schema import JobConfig, RootConfig
+from orchestrator.config.typed import to_dict
+from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS
+from orchestrator.errors import CheckpointError, ConfigError, DatasetError
+from orchestrator.storage import join_uri
+from orchestrator.workspace import open_job_store
+
+_ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def preflight(jobs: list[JobConfig]) -> None:
+    """Everything that can be checked when the jobs are submitted. A dataset that is already
+    prepared must fit the model; one that is not must have a source (here or in an earlier job)."""
+    from orchestrator.data.manifest import try_load_manifest
+    from orchestrator.data.prepare import ensure_dataset
+
+    for job in jobs:
+        check_no_secrets(job)
+    for job in jobs:
+        store = open_job_store(job)
+        if try_load_manifest(store, job.data.uri) is not None:
+            check_dataset_matches(job)
+        elif not job.data.source and not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
+            ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
+        if job.init_from:
+            check_weights_match(job, job.init_from, "init_from")
+        if job.resume_from:
+            check_resume_source(job)
+
+
+def check_job_inputs(job: JobConfig, init_from: str | None) -> None:
+    """In the runner, before the worker group starts: the prepared dataset and the weights."""
+    check_dataset_matches(job)
+    if init_from:
+        check_weights_match(job, init_from, "init_from")
+    if job.resume_from:
+        check_resume_source(job)
+
+
+def check_no_secrets(job: JobConfig) -> None:
+    """Refuse a config that holds the value of a secret environment variable: job records, W&B
+    and checkpoints store configs, and secrets must live in the environment only."""
+    secrets = {name: os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(value, str):
+            for name, secret in secrets.items():
+                if secret in value:
+                    raise ConfigError(f"config key '{path}' holds the value of {name}; secrets belong in environment "
+                                      f"variables only, never in a config: remove it from the override or conf/")
+
+    walk(to_dict(job), "")
+
+
+def check_dataset_matches(job: JobConfig) -> None:
+    """Fail before any worker starts if the dataset does not fit the model or the job."""
+    from orchestrator.data.manifest import load_manifest
+
+    manifest = load_manifest(open_job_store(job), job.data.uri)
+    if manifest.vocab_size > job.model.vocab_size:
+        raise DatasetError(
+            f"dataset {job.data.uri} has a {manifest.vocab_size}-token tokenizer but model '{job.model.name}' has "
+            f"vocab_size={job.model.vocab_size}; set model.vocab_size>={manifest.vocab_size} or prepare the data with "
+            f"a smaller vocabulary"
+        )
+    if manifest.seq_len != job.data.seq_len:
+        raise DatasetError(
+            f"dataset {job.data.uri} was prepared with seq_len={manifest.seq_len}, the job asks for "
+            f"data.seq_len={job.data.seq_len}; use data.seq_len={manifest.seq_len} or a new data.name"
+        )
+
+
+def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
+    """Fail before any worker starts if the weights at `uri` (the job's `setting`: init_from or
+    resume_from) do not fit the job's model."""
+    from orchestrator import artifacts  # (it imports the model code: only when weights are named)
+
+    theirs = artifacts.read_model_config(artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url))
+    diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in _ARCHITECTURE
+            if getattr(theirs, f) != getattr(job.model, f)]
+    if diff:
+        raise CheckpointError(
+            f"the model at {setting}={uri} does not match model '{job.model.name}': {', '.join(diff)}; "
+            f"choose the model preset (or model.* overrides) that matches it"
+        )
+
+
+def check_resume_source(job: JobConfig) -> None:
+    """`resume_from` must hold a committed checkpoint of the job's architecture."""
+    from orchestrator.checkpoint.layout import latest_committed
+
+    store, src = open_job_store(job), job.resume_from.rstrip("/")
+    newest = src if store.exists(join_uri(src, COMMIT_MARKER)) else latest_committed(store, src)
+    if newest is None:
+        raise CheckpointError(f"resume_from={job.resume_from} holds no committed checkpoint; give a "
+                              f".../checkpoints/step-N URI or a run URI with checkpoints")
+    check_weights_match(job, job.resume_from, "resume_from")
+
+
+def check_storage_reachable(root: RootConfig) -> None:
+    """A local-folder store only works when every node sees the same folder: one machine, or a
+    shared mount (storage.shared=true)."""
+    import ray  # (ray: only once a cluster is connected)
+
+    if root.storage.backend != "local" or root.storage.shared:
+        return
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if len(hosts) > 1 or root.cluster.autoscaling:
+        raise ConfigError(
+            f"storage=local writes to {root.storage.root} on this machine, which the other nodes of the cluster "
+            f"({len(hosts)} hosts) cannot read; use storage=s3 storage.root=s3://BUCKET/PREFIX, or storage.shared=true "
+            f"if that folder is a mount every node has"
+        )

@@ -1,0 +1,250 @@
+"""One job's driver, as a Ray actor: prepares its data, runs its worker groups, exports the weights,
+and tells the controller what happened as typed, sequence-numbered events.
+
+Under the persistent controller it is a named, detached actor (`orch-job-<id>`): it outlives a
+controller crash, a restarted controller re-attaches to it by name and reads the events it has not
+applied yet, and the name guarantees one runner per job. When it dies, Ray tears down the worker
+group it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+
+from orchestrator.config.compose import job_config_from_dict
+from orchestrator.config.schema import JobConfig
+from orchestrator.config.typed import to_dict
+from orchestrator.errors import CheckpointError, OrchError
+from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent
+from orchestrator.jobs.record import JobRecord
+
+log = logging.getLogger(__name__)
+
+RUNNER_PREFIX = "orch-job-"
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """One line from a Ray Train failure: the workers' own errors, merged over ranks."""
+    failures = getattr(exc, "worker_failures", None)
+    if not failures:
+        text = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return text[-1] if text else type(exc).__name__
+    by_msg: dict[str, list[int]] = {}
+    for rank, err in sorted(failures.items()):
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, OrchError):
+            msg = str(cause)
+        else:
+            text = str(cause).strip().splitlines()
+            msg = f"{type(cause).__name__}: " + next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+        by_msg.setdefault(msg, []).append(rank)
+    return "; ".join(f"rank {', '.join(map(str, ranks))}: {msg}" for msg, ranks in by_msg.items())
+
+
+class _EventLog:
+    """The runner's append-only event list (thread-safe); sequence numbers start at 1."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events: list[RunnerEvent] = []
+
+    def emit(self, kind: EventKind, **data) -> None:
+        with self.lock:
+            self.events.append(RunnerEvent(len(self.events) + 1, kind, data, time.time()))
+
+    def after(self, seq: int) -> list[RunnerEvent]:
+        with self.lock:
+            return self.events[seq:]
+
+
+class JobRunner:
+    """The controller polls `events()`; rank 0 reports through `update()` and polls `control()`
+    every step; Ray Train's controller tells `decision()` why it starts the next worker group."""
+
+    def __init__(self, record: dict, init_from: str | None, reason: str, ray_storage: str | None):
+        self.record = JobRecord.from_json(record)
+        self.init_from = init_from
+        self.ray_storage = ray_storage
+        self.log = _EventLog()
+        self.lock = threading.Lock()
+        self.next_reason: AttemptReason | None = AttemptReason(reason)  # of the next worker group
+        self.world_size: int | None = None
+        self.attempts = 0
+        self.stop: dict | None = None  # the pending request: {"action": "cancel" | "scale", "id", "job"}
+        self.seen_requests: set[str] = set()
+        self.placement_groups: list = []
+        self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
+        self.thread.start()
+
+    # --------------------------------------------------------------------- called by rank 0
+    def update(self, fields: dict) -> None:
+        """Rank 0's report: `event` attempt | ready | resumed | stopped, checkpoints, metrics."""
+        event = fields.get("event")
+        if event == "attempt":
+            self._attempt_started(fields["world_size"])
+        elif event in ("ready", "resumed"):
+            self.log.emit(EventKind.ENGINE_READY, attempt=self.attempts, resumed_from=fields.get("resumed_from"),
+                          step=fields.get("resumed_step"), skipped=fields.get("skipped", []),
+                          universal=fields.get("universal", False))
+        if fields.get("checkpoint"):
+            self.log.emit(EventKind.CHECKPOINT_COMMITTED, uri=fields["checkpoint"], step=fields.get("checkpoint_step"))
+        metrics = {k: fields[k] for k in ("step", "loss", "first_loss", "eval_loss", "tokens") if k in fields}
+        wandb = {k.removeprefix("wandb_"): fields[k] for k in ("wandb_run_id", "wandb_dir") if fields.get(k)}
+        if metrics or wandb:
+            self.log.emit(EventKind.PROGRESS, **({"metrics": metrics} if metrics else {}),
+                          **({"wandb": wandb} if wandb else {}))
+
+    def _attempt_started(self, world_size: int) -> None:
+        with self.lock:
+            self.attempts += 1
+            reason = self.next_reason
+            if reason is None:  # Ray Train said nothing (another Ray): judge from the size
+                elastic = bool(self.record.config.get("max_workers"))
+                reason = AttemptReason.RESIZE if elastic and world_size != self.world_size else AttemptReason.FAILURE
+            self.next_reason, self.world_size = None, world_size
+            attempt = self.attempts
+        self.log.emit(EventKind.ATTEMPT_STARTED, attempt=attempt, reason=reason.value, world_size=world_size)
+
+    def control(self) -> str | None:
+        """'stop' once a stop was requested: every rank checkpoints the current step and returns."""
+        return "stop" if self.stop else None
+
+    # ------------------------------------------------------ called by Ray Train's controller
+    def decision(self, kind: str) -> None:
+        """Why Ray Train starts the next worker group: 'failure' (a retry) or 'resize'. A resize
+        decision also starts every group we start ourselves; then the reason is already set."""
+        with self.lock:
+            if kind == "failure":
+                self.next_reason = AttemptReason.FAILURE
+            elif self.next_reason is None:
+                self.next_reason = AttemptReason.RESIZE
+
+    def placement_group(self, pg) -> None:
+        """The placement group of the worker group now running (from a Ray Train callback)."""
+        self.placement_groups.append(pg)
+
+    # --------------------------------------------------------------- called by the controller
+    def events(self, after_seq: int) -> list[RunnerEvent]:
+        return self.log.after(after_seq)
+
+    def request_stop(self, request: dict) -> None:
+        """Cancel or scale; a request seen before (the controller re-sends after a restart) is ignored."""
+        with self.lock:
+            if request["id"] not in self.seen_requests:
+                self.seen_requests.add(request["id"])
+                self.stop = request
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def release(self) -> int:
+        """Before this runner is killed: free its worker group's resources at once."""
+        from ray.util.placement_group import remove_placement_group  # (ray: only inside the actor)
+
+        freed = 0
+        for pg in self.placement_groups:
+            try:
+                remove_placement_group(pg)
+                freed += 1
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+        self.placement_groups.clear()
+        return freed
+
+    # ------------------------------------------------------------------------------ the run
+    def _say(self, line: str) -> None:
+        self.log.emit(EventKind.LOG, line=line)
+
+    def _job(self) -> JobConfig:
+        job = job_config_from_dict(self.record.config)
+        if job.data.kind == "sft" and not job.data.tokenizer_uri and self.init_from:
+            # queued behind a job (`--after`): the data is tokenized with the weights' own tokenizer
+            job = dataclasses.replace(job, data=dataclasses.replace(job.data, tokenizer_uri=self.init_from))
+        return job
+
+    def _run(self) -> None:
+        try:
+            job = self._job()
+            self._prepare(job)
+            self._fit_until_done(job)
+        except OrchError as e:
+            self.log.emit(EventKind.FAILED, reason=str(e), retryable=False)
+        except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
+            log.debug("job %s failed", self.record.id, exc_info=True)
+            self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=True,
+                          traceback=traceback.format_exc())
+
+    def _prepare(self, job: JobConfig) -> None:
+        """The job's dataset (prepared in a task if needed), then the checks that need it."""
+        import ray  # (ray: only inside the actor)
+
+        from orchestrator import preflight
+        from orchestrator.launcher import prepare_remote
+
+        for line in ray.get(prepare_remote().remote(to_dict(job))):
+            self._say(line)
+        preflight.check_job_inputs(job, self.init_from)
+
+    def _take_stop(self) -> dict | None:
+        with self.lock:
+            stop, self.stop = self.stop, None
+            return stop
+
+    def _fit_until_done(self, job: JobConfig) -> None:
+        """Run worker groups until the job reaches max_steps, a cancel, or a failure; a scale
+        request ends one group (after a checkpoint) and starts the next at the new size."""
+        from orchestrator.launcher import fit
+
+        while True:
+            stop = self._take_stop()
+            if stop and stop["action"] == "cancel":
+                self.log.emit(EventKind.STOPPED, checkpoint=self._final_state(job).get("uri"))
+                return
+            if stop and stop["action"] == "scale":
+                job = job_config_from_dict(stop["job"])
+                with self.lock:
+                    self.next_reason = AttemptReason.SCALE
+                self._say(f"restarting at {job.workers} workers from the last checkpoint")
+            fit(self, self.record, job, self.init_from, self.ray_storage)
+            state = self._final_state(job)
+            if state.get("step") == job.trainer.max_steps:
+                self._finish(job, state)
+                return
+            if not self.stop:
+                raise CheckpointError(f"job {self.record.id} ended at step {state.get('step')} of "
+                                      f"{job.trainer.max_steps} without a committed final checkpoint")
+            self._say(f"stopped at step {state['step']} with a committed checkpoint ({self.stop['action']})")
+
+    def _final_state(self, job: JobConfig) -> dict:
+        """The committed checkpoint the worker group ended on (the store, not the best-effort stream)."""
+        from orchestrator.checkpoint.layout import latest_committed, run_uri
+        from orchestrator.constants import TRAINER_STATE
+        from orchestrator.storage import join_uri
+        from orchestrator.workspace import open_job_store
+
+        store, run = open_job_store(job), run_uri(job.storage.root, self.record.id)
+        ref = latest_committed(store, run)
+        if ref is None:
+            return {}
+        state = json.loads(store.get(join_uri(ref.uri, TRAINER_STATE)))
+        return {**state, "uri": ref.uri, "ref_step": ref.step}
+
+    def _finish(self, job: JobConfig, state: dict) -> None:
+        """After the worker group ended well: export the final checkpoint's weights."""
+        import ray  # (ray: only inside the actor)
+
+        from orchestrator.checkpoint.layout import run_uri
+        from orchestrator.launcher import export_remote
+
+        self._say(f"exporting the weights of {state['uri']}")
+        export = ray.get(export_remote().remote(to_dict(job), run_uri(job.storage.root, self.record.id),
+                                                state["ref_step"], self.record.id))
+        metrics = {"step": state.get("step"), "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
+                   "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen")}
+        self.log.emit(EventKind.SUCCEEDED, export=export, checkpoint=state["uri"], metrics=metrics)

@@ -21,6 +21,13 @@ def _positive(obj, *names: str) -> None:
             raise ValueError(f"{name}={value} must be > 0")
 
 
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT architecture (GPT-2 layout); see model/gpt.py."""
@@ -88,7 +95,12 @@ class TrainerConfig:
     threads_per_worker: int = 1  # torch intra-op threads in each worker
 
     def __post_init__(self):
-        _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval", "threads_per_worker")
+        _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval", "threads_per_worker",
+                  "eval_batches")
+        _non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1) (Adam's moment decay)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} must be divisible by micro_batch_size={self.micro_batch_size}"

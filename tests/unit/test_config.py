@@ -320,3 +320,15 @@ def test_job_config_from_dict_rejects_unknown_keys_and_names_them():
 def test_build_reports_missing_required_key():
     with pytest.raises(ConfigError, match=r"'trainer\.lr' is missing"):
         build(schema.TrainerConfig, {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2}, "trainer")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.warmup_steps=-10", "warmup_steps=-10 must be >= 0"),
+    ("trainer.grad_clip=-1", "grad_clip=-1"),
+    ("trainer.eval_batches=0", "eval_batches=0 must be > 0"),
+    ("trainer.beta1=1.5", "beta1=1.5 must be in [0, 1)"),
+    ("trainer.beta2=-0.1", "beta2=-0.1"),
+    ("trainer.weight_decay=-0.1", "weight_decay=-0.1"),
+])
+def test_nonsense_trainer_values_are_refused_at_compose_time(override, needle):
+    assert needle in config_error(override)

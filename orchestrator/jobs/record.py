@@ -38,6 +38,11 @@ class JobRecord:
         d["state"] = self.state.value
         return d
 
+    @classmethod
+    def from_json(cls, d: dict) -> JobRecord:
+        """The record `to_json` gave `d` (the state back from its name to a `JobState`)."""
+        return cls(**{**d, "state": JobState(d["state"])})
+
     def started_at(self) -> float | None:
         return next((h["at"] for h in self.history if h["state"] == JobState.STARTING.value), None)
 

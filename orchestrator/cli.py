@@ -23,9 +23,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
-from orchestrator.constants import DEFAULT_STATE_DIR, STATE_DIR_ENV
-from orchestrator.errors import OrchError
+# Module-level imports are the standard library and the parts of orchestrator built on it alone;
+# modules that load Hydra, boto3, numpy, YAML, torch or Ray are imported inside the command that
+# needs them, so `orch --help` and the controller commands start fast.
+from orchestrator import __version__
+from orchestrator.client import connect_controller, down, resolve_address, up
+from orchestrator.config.schema import RootConfig
+from orchestrator.config.typed import build, to_dict
+from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
+from orchestrator.errors import ClusterError, ConfigError, OrchError
+from orchestrator.jobs.policy import job_demand
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
+from orchestrator.jobs.store import JobStore
+from orchestrator.pipeline import run_pipeline
 
 
 def _say(msg: str) -> None:
@@ -46,20 +59,22 @@ def _overrides(args) -> list[str]:
     return ov
 
 
-# ------------------------------------------------------------------------------------------ run
-def cmd_run(args) -> int:
+def _compose(args, after: Sequence[str] = ()) -> tuple[dict, RootConfig, list]:
+    """The resolved config (a plain dict, then typed) and the pipeline's jobs, from conf/ and `args`."""
+    # Lazy: composing loads boto3 (through orchestrator.storage), and Hydra when it runs.
     from orchestrator.config.compose import compose_dict, resolve_jobs
-    from orchestrator.config.typed import build
-    from orchestrator.config.schema import RootConfig
 
     raw = compose_dict(_overrides(args))
     root = build(RootConfig, raw)
-    jobs = resolve_jobs(root)
+    return raw, root, resolve_jobs(root, after=after)
+
+
+# ------------------------------------------------------------------------------------------ run
+def cmd_run(args) -> int:
+    raw, root, jobs = _compose(args)
     if args.dry_run:
         _print_dry_run(raw, jobs)
         return 0
-    from orchestrator.pipeline import run_pipeline
-
     records = run_pipeline(root, jobs, say=_say, verbose=args.verbose)
     _print_summary(root, records)
     if args.debug:
@@ -70,12 +85,7 @@ def cmd_run(args) -> int:
 
 
 def _print_dry_run(raw: dict, jobs) -> None:
-    import yaml
-
-    from orchestrator.jobs.policy import job_demand
-    from orchestrator.jobs.record import JobRecord
-    from orchestrator.jobs.state import JobState
-    from orchestrator.config.typed import to_dict
+    import yaml  # only --dry-run prints YAML
 
     print("# resolved config")
     print(yaml.safe_dump(raw, sort_keys=False, width=10**6), end="")  # one line per value
@@ -137,13 +147,6 @@ def status_rows(records) -> list[dict]:
     return out
 
 
-def _records(dicts: list[dict]):
-    from orchestrator.jobs.record import JobRecord
-    from orchestrator.jobs.state import JobState
-
-    return [JobRecord(**{**d, "state": JobState(d["state"])}) for d in dicts]
-
-
 def _print_status(args, records) -> None:
     if args.json:
         print(json.dumps(status_rows(records), indent=1))
@@ -164,17 +167,12 @@ def _print_status(args, records) -> None:
 
 
 def cmd_status(args) -> int:
-    from orchestrator.client import connect_controller, resolve_address
-    from orchestrator.constants import JOBS_DB
-    from orchestrator.errors import ConfigError
-    from orchestrator.jobs.store import JobStore
-
     state_dir = _state_dir(args)
     address = resolve_address(args.address, state_dir)
     if address:
         with connect_controller(address, state_dir, start=False) as client:
             while True:
-                records = _records(client.status(args.job))
+                records = [JobRecord.from_json(d) for d in client.status(args.job)]
                 if args.watch:
                     print("\033[2J\033[H" if sys.stdout.isatty() else "", end="")
                     print(f"# {time.strftime('%H:%M:%S')}  {address}")
@@ -192,49 +190,38 @@ def cmd_status(args) -> int:
 
 
 # ------------------------------------------------------------------- the persistent controller
-def _address_or_fail(args, state_dir: str) -> str:
-    from orchestrator.client import resolve_address
-    from orchestrator.errors import ClusterError
-
+def _controller(args, start: bool = False):
+    """A client of the controller on the cluster `args` names (--address, RAY_ADDRESS, `orch up`'s);
+    `start`: start the controller there if it is not running."""
+    state_dir = _state_dir(args)
     address = resolve_address(args.address, state_dir)
     if not address:
         raise ClusterError(f"no cluster to submit to: start one with `orch up` (state folder {state_dir}), or pass "
                            f"--address / set RAY_ADDRESS; `orch run` runs a pipeline on an embedded cluster instead")
-    return address
+    return connect_controller(address, state_dir, start=start)
 
 
 def cmd_up(args) -> int:
-    from orchestrator.client import up
-
     up(_state_dir(args), args.nodes, args.cpus_per_node or max(1, (os.cpu_count() or 1) // args.nodes), args.port, _say)
     return 0
 
 
 def cmd_down(args) -> int:
-    from orchestrator.client import down
-
     down(_state_dir(args), _say)
     return 0
 
 
 def cmd_submit(args) -> int:
-    from orchestrator.client import connect_controller
-    from orchestrator.config.compose import compose_dict, resolve_jobs
-    from orchestrator.config.schema import RootConfig
-    from orchestrator.config.typed import build, to_dict
-    from orchestrator.preflight import check_no_secrets
+    args.state_dir = _state_dir(args)
+    raw, _, jobs = _compose(args, after=args.after)
+    from orchestrator.preflight import check_no_secrets  # (it reaches the storage backends: boto3)
 
-    state_dir = _state_dir(args)
-    args.state_dir = state_dir
-    raw = compose_dict(_overrides(args))
-    root = build(RootConfig, raw)
-    jobs = resolve_jobs(root, after=args.after)
     for job in jobs:
         check_no_secrets(job)
     if args.dry_run:
         _print_dry_run(raw, jobs)
         return 0
-    with connect_controller(_address_or_fail(args, state_dir), state_dir) as client:
+    with _controller(args, start=True) as client:
         ids = client.submit([to_dict(j) for j in jobs], list(args.after))
     for job_id in ids:
         print(job_id)
@@ -242,10 +229,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from orchestrator.client import connect_controller
-
-    state_dir = _state_dir(args)
-    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+    with _controller(args) as client:
         offset = 0
         while True:
             out = client.logs(args.job, offset)
@@ -257,10 +241,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from orchestrator.client import connect_controller
-
-    state_dir = _state_dir(args)
-    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+    with _controller(args) as client:
         rec = client.cancel(args.job, args.now)
     if rec["state"] == "CANCELLED":
         print(f"{args.job}: CANCELLED")
@@ -271,10 +252,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_scale(args) -> int:
-    from orchestrator.client import connect_controller
-
-    state_dir = _state_dir(args)
-    with connect_controller(_address_or_fail(args, state_dir), state_dir, start=False) as client:
+    with _controller(args) as client:
         client.scale(args.job, args.workers)
     print(f"{args.job}: scaling to {args.workers} workers: checkpoint, then restart from it (`orch status {args.job}`)")
     return 0
@@ -282,55 +260,25 @@ def cmd_scale(args) -> int:
 
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_prepare(args) -> int:
-    """`orch data prepare [SRC DST] [OVERRIDES]`: SRC/DST prepare one dataset (the `data` group's
-    settings, e.g. data.seq_len=1024); without them, every dataset the pipeline's jobs use."""
-    import dataclasses
+    """`orch data prepare [SRC DST] [OVERRIDES]` (orchestrator.data.plan says what is prepared)."""
+    # Lazy: these load boto3 and numpy (and Hydra, Ray when they run).
+    from orchestrator.config.compose import compose_root
+    from orchestrator.data.plan import datasets_to_prepare, describe, prepare_datasets
 
-    from orchestrator.cluster import connect
-    from orchestrator.config.compose import compose_root, resolve_jobs
-    from orchestrator.data.prepare import check_prepare_destination, prepare_dataset
-    from orchestrator.errors import ConfigError
-    from orchestrator.storage import open_store, to_uri
-
-    positional = [a for a in args.overrides if "=" not in a]
-    overrides = [a for a in args.overrides if "=" in a]
-    args.overrides = overrides
+    uris = [a for a in args.overrides if "=" not in a]
+    args.overrides = [a for a in args.overrides if "=" in a]
     root = compose_root(_overrides(args))
-    if len(positional) == 2:
-        src, dst = (to_uri(p) if "://" not in p else p for p in positional)
-        name = dst.rstrip("/").rsplit("/", 1)[-1]
-        data = dataclasses.replace(root.data, source=src, uri=dst.rstrip("/"), name=name)
-        if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
-            raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: set data.tokenizer_uri=URI")
-        datasets = [data]
-    elif not positional:
-        datasets = []
-        for job in resolve_jobs(root):
-            if job.data.uri not in [d.uri for d in datasets]:
-                datasets.append(job.data)
-    else:
-        raise ConfigError(f"orch data prepare takes SRC and DST (or neither), got {' '.join(positional)!r}; "
-                          f"e.g. orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024")
+    datasets = datasets_to_prepare(root, uris)
     if args.dry_run:
-        for d in datasets:
-            print(f"{d.kind} dataset '{d.name}' from {d.source} -> {d.uri} (seq_len {d.seq_len}, vocab {d.vocab_size})")
+        print("\n".join(describe(d) for d in datasets))
         return 0
-    storage = root.storage
-    stores = [open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region) for d in datasets]
-    for store, d in zip(stores, datasets):  # refuse a bad destination before starting a cluster
-        store.check(d.uri)
-        check_prepare_destination(store, d, overwrite=args.overwrite)
-    with connect(root.cluster, needed_cpus=1):
-        for store, d in zip(stores, datasets):
-            m = prepare_dataset(store, d, progress=_say, overwrite=args.overwrite)
-            _say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
-                 f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
+    prepare_datasets(root, datasets, say=_say, overwrite=args.overwrite)
     return 0
 
 
 # --------------------------------------------------------------------------------- export/generate
 def cmd_export(args) -> int:
-    from orchestrator import artifacts
+    from orchestrator import artifacts  # loads boto3; torch when a model is loaded
 
     source = artifacts.resolve(args.checkpoint, _state_dir(args), args.endpoint_url)
     artifact = artifacts.load(source)
@@ -340,8 +288,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from orchestrator import artifacts
-    from orchestrator.errors import ConfigError
+    from orchestrator import artifacts  # loads boto3; torch when a model is loaded
 
     if args.max_new_tokens <= 0 or args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
         raise ConfigError("--max-new-tokens and --top-k must be > 0 and --temperature >= 0 "
@@ -353,106 +300,115 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orch", description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    from orchestrator import __version__
+# --------------------------------------------------------------------------------------- parser
+def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser of one option: the commands that take it list it in `parents`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
 
-    p.add_argument("--version", action="version", version=f"orch {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the pipeline (pretrain -> fine-tune) on an embedded or given Ray cluster")
+ADDRESS = _option("--address", help="Ray cluster address (default: RAY_ADDRESS, else the cluster `orch up` started; "
+                                    "run and data prepare start an embedded local one instead)")
+STATE_DIR = _option("--state-dir", help=f"state folder: job records, the cluster `orch up` started "
+                                        f"(default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
+ENDPOINT_URL = _option("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+DRY_RUN_HELP = "print the resolved config and resources; start or submit nothing"
+
+
+def _add_run(sub) -> None:
+    run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR],
+                         help="run the pipeline (pretrain -> fine-tune) on an embedded or given Ray cluster")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and resources, start nothing")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
-    run.add_argument("--state-dir", help=f"state folder (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
+    run.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     run.add_argument("--verbose", action="store_true", help="stream Ray and worker logs")
     run.set_defaults(func=cmd_run)
 
-    addr_help = "Ray cluster address (default: RAY_ADDRESS, else the cluster `orch up` started)"
-    sd_help = f"state folder (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})"
 
-    upp = sub.add_parser("up", help="start a persistent local Ray cluster (several raylets with --nodes) and the controller")
+def _add_cluster_commands(sub) -> None:
+    upp = sub.add_parser("up", parents=[STATE_DIR],
+                         help="start a persistent local Ray cluster (several raylets with --nodes) and the controller")
     upp.add_argument("--nodes", type=int, default=1, help="raylets, the head included (default 1)")
     upp.add_argument("--cpus-per-node", type=int, default=None, help="CPUs each node offers (default: this machine's / nodes)")
     upp.add_argument("--port", type=int, default=6379, help="the head's GCS port (default 6379)")
-    upp.add_argument("--state-dir", help=sd_help)
     upp.set_defaults(func=cmd_up)
 
-    dn = sub.add_parser("down", help="stop the cluster `orch up` started (job records stay)")
-    dn.add_argument("--state-dir", help=sd_help)
+    dn = sub.add_parser("down", parents=[STATE_DIR], help="stop the cluster `orch up` started (job records stay)")
     dn.set_defaults(func=cmd_down)
 
-    sb = sub.add_parser("submit", help="queue a pipeline's jobs on the controller (prints the job ids)")
+
+def _add_job_commands(sub) -> None:
+    """submit, status, logs, cancel, scale: they talk to the controller (status reads the state folder without one)."""
+    shared = [ADDRESS, STATE_DIR]
+    sb = sub.add_parser("submit", parents=shared, help="queue a pipeline's jobs on the controller (prints the job ids)")
     sb.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
                     help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
-    sb.add_argument("--dry-run", action="store_true", help="print the resolved config and resources, submit nothing")
-    sb.add_argument("--address", help=addr_help)
-    sb.add_argument("--state-dir", help=sd_help)
+    sb.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     sb.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", help="list jobs and their states")
+    st = sub.add_parser("status", parents=shared, help="list jobs and their states")
     st.add_argument("job", nargs="?", help="one job id")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", action="store_true", help="refresh until every job listed has ended")
     st.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    st.add_argument("--address", help=addr_help)
-    st.add_argument("--state-dir", help=sd_help)
     st.set_defaults(func=cmd_status)
 
-    lg = sub.add_parser("logs", help="a job's events: state changes, progress, failures")
+    lg = sub.add_parser("logs", parents=shared, help="a job's events: state changes, progress, failures")
     lg.add_argument("job")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
-    lg.add_argument("--address", help=addr_help)
-    lg.add_argument("--state-dir", help=sd_help)
     lg.set_defaults(func=cmd_logs)
 
-    cn = sub.add_parser("cancel", help="checkpoint a job, then stop it (its dependents become BLOCKED)")
+    cn = sub.add_parser("cancel", parents=shared, help="checkpoint a job, then stop it (its dependents become BLOCKED)")
     cn.add_argument("job")
     cn.add_argument("--now", action="store_true", help="stop at once, without a checkpoint")
-    cn.add_argument("--address", help=addr_help)
-    cn.add_argument("--state-dir", help=sd_help)
     cn.set_defaults(func=cmd_cancel)
 
-    sc = sub.add_parser("scale", help="restart a running job at N workers from a checkpoint (same global batch)")
+    sc = sub.add_parser("scale", parents=shared, help="restart a running job at N workers from a checkpoint (same global batch)")
     sc.add_argument("job")
     sc.add_argument("--workers", type=int, required=True)
-    sc.add_argument("--address", help=addr_help)
-    sc.add_argument("--state-dir", help=sd_help)
     sc.set_defaults(func=cmd_scale)
 
-    exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
+
+def _add_model_commands(sub) -> None:
+    shared = [STATE_DIR, ENDPOINT_URL]
+    exp = sub.add_parser("export", parents=shared,
+                         help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
     exp.add_argument("checkpoint", help="job id, checkpoint URI (.../checkpoints/step-N), run URI or export URI")
     exp.add_argument("dir", help="output folder")
-    exp.add_argument("--state-dir", help="state folder (to find job ids)")
-    exp.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
     exp.add_argument("--overwrite", action="store_true", help="write into DIR even if it holds files orch did not write")
     exp.set_defaults(func=cmd_export)
 
-    gen = sub.add_parser("generate", help="sample text from a checkpoint, export or Hugging Face folder")
+    gen = sub.add_parser("generate", parents=shared, help="sample text from a checkpoint, export or Hugging Face folder")
     gen.add_argument("checkpoint", help="job id, checkpoint URI, run URI, export URI or HF folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--state-dir", help="state folder (to find job ids)")
-    gen.add_argument("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="dataset commands")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prep = dsub.add_parser("prepare", help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
+    prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR],
+                           help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
     prep.add_argument("overrides", nargs="*", metavar="[SRC DST] OVERRIDES",
                       help="source and destination URIs, then Hydra overrides (data.seq_len=..., data=qa, storage=s3 ...)")
-    prep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
-    prep.add_argument("--state-dir", help="state folder")
     prep.add_argument("--dry-run", action="store_true", help="print what would be prepared, and where")
     prep.add_argument("--overwrite", action="store_true",
                       help="prepare into DST even if it holds files orch did not write (they may be replaced)")
     prep.set_defaults(func=cmd_data_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orch", description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"orch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands):
+        add(sub)
     return p
 
 

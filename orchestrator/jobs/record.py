@@ -36,15 +36,15 @@ class JobRecord:
     def workers(self) -> int:
         return int(self.config["workers"])
 
-    @classmethod
-    def from_json(cls, d: dict) -> "JobRecord":
-        """The inverse of `to_json`."""
-        return cls(**{**d, "state": JobState(d["state"])})
-
     def to_json(self) -> dict:
         d = asdict(self)
         d["state"] = self.state.value
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> JobRecord:
+        """The record `to_json` gave `d` (the state back from its name to a `JobState`)."""
+        return cls(**{**d, "state": JobState(d["state"])})
 
     def started_at(self) -> float | None:
         return next((h["at"] for h in self.history if h["state"] == JobState.STARTING.value), None)

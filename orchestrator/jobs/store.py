@@ -61,9 +61,7 @@ class JobStore:
 
     @staticmethod
     def _record(body: str) -> JobRecord:
-        d = json.loads(body)
-        d["state"] = JobState(d["state"])
-        return JobRecord(**d)
+        return JobRecord.from_json(json.loads(body))
 
     def add(self, records: list[JobRecord]) -> None:
         """Insert new records (one transaction: a pipeline is submitted whole or not at all)."""

@@ -6,6 +6,7 @@ restarted controller): it must see exactly what the first one committed.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -166,3 +167,24 @@ def test_empty_state_folder_lists_nothing_and_creates_the_db(tmp_path):
     store = JobStore(tmp_path / "fresh" / "nested")
     assert store.list() == []
     assert store.path.is_file()
+
+
+def test_record_round_trips_through_its_json():
+    r = record("finetune-1", state=S.RUNNING, priority=3, depends_on=["pretrain-1"])
+    r.seq, r.restarts, r.checkpoint, r.export = 7, 2, "file:///ck/step-4", None
+    r.metrics = {"step": 4, "loss": 1.5}
+    r.history = [{"state": "PENDING", "at": 1.0, "reason": "submitted"}, {"state": "RUNNING", "at": 2.0, "reason": ""}]
+    r.failure_reason, r.wandb, r.requested = "worker died", {"run_id": "abc"}, {"action": "scale", "workers": 1}
+    d = r.to_json()
+    assert d["state"] == "RUNNING"  # a plain name, as stored and sent over the wire
+    back = JobRecord.from_json(json.loads(json.dumps(d)))
+    assert back == r and back.state is S.RUNNING
+    assert d["state"] == "RUNNING"  # from_json leaves its argument alone
+
+
+def test_from_json_rejects_an_unknown_state_or_field():
+    d = record("a-1").to_json()
+    with pytest.raises(ValueError, match="BOGUS"):
+        JobRecord.from_json({**d, "state": "BOGUS"})
+    with pytest.raises(TypeError, match="bogus"):
+        JobRecord.from_json({**d, "bogus": 1})

@@ -1,0 +1,70 @@
+"""What `orch data prepare` prepares, and preparing it.
+
+`orch data prepare SRC DST [OVERRIDES]` prepares one dataset: the `data` group's settings, read from
+SRC and written at DST. Without SRC and DST it prepares every dataset the pipeline's jobs use. Every
+destination is checked before a Ray cluster starts, so a bad one fails in a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from orchestrator.cluster import connect
+from orchestrator.config.compose import resolve_jobs
+from orchestrator.config.schema import DataConfig, RootConfig
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.prepare import check_prepare_destination, prepare_dataset
+from orchestrator.errors import ConfigError
+from orchestrator.storage import open_store, to_uri
+
+EXAMPLE = "orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024"
+
+
+def datasets_to_prepare(root: RootConfig, uris: Sequence[str]) -> list[DataConfig]:
+    """SRC and DST (`uris`): one dataset, `root.data` read from SRC into DST and named after DST's
+    last part. Neither: each dataset the pipeline's jobs use, once (in job order)."""
+    if len(uris) == 2:
+        return [dataset_at(root, uris[0], uris[1])]
+    if uris:
+        raise ConfigError(f"orch data prepare takes SRC and DST (or neither), got {' '.join(uris)!r}; e.g. {EXAMPLE}")
+    datasets: list[DataConfig] = []
+    for job in resolve_jobs(root):
+        if job.data.uri not in [d.uri for d in datasets]:
+            datasets.append(job.data)
+    return datasets
+
+
+def dataset_at(root: RootConfig, src: str, dst: str) -> DataConfig:
+    """`root.data` prepared from `src` into `dst` (paths or URIs). An sft dataset must name the
+    tokenizer to reuse: the `data` group's default (its own old location) cannot have one."""
+    uri = to_uri(dst).rstrip("/")
+    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1])
+    if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
+        raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: set data.tokenizer_uri=URI")
+    return data
+
+
+def describe(data: DataConfig) -> str:
+    """One line for `--dry-run`: what would be prepared, from where, to where."""
+    return (f"{data.kind} dataset '{data.name}' from {data.source} -> {data.uri} "
+            f"(seq_len {data.seq_len}, vocab {data.vocab_size})")
+
+
+def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Callable[[str], None],
+                     overwrite: bool = False) -> list[Manifest]:
+    """Check every destination, then prepare each dataset on the cluster `root.cluster` names (an
+    embedded one when it names none). `overwrite`: prepare into folders of files orch did not write."""
+    storage = root.storage
+    stores = [open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region) for d in datasets]
+    for store, d in zip(stores, datasets):  # refuse a bad destination before starting a cluster
+        store.check(d.uri)
+        check_prepare_destination(store, d, overwrite=overwrite)
+    manifests = []
+    with connect(root.cluster, needed_cpus=1):
+        for store, d in zip(stores, datasets):
+            m = prepare_dataset(store, d, progress=say, overwrite=overwrite)
+            say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
+                f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
+            manifests.append(m)
+    return manifests

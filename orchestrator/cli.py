@@ -202,6 +202,8 @@ def _controller(args, start: bool = False):
 
 
 def cmd_up(args) -> int:
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1 (the head is one), got {args.nodes}")
     up(_state_dir(args), args.nodes, args.cpus_per_node or max(1, (os.cpu_count() or 1) // args.nodes), args.port, _say)
     return 0
 

@@ -27,16 +27,25 @@ def cluster_file(state_dir: str) -> Path:
     return Path(state_dir) / CLUSTER_FILE
 
 
+def recorded_address(state_dir: str) -> str | None:
+    """The address `orch up` recorded in the state folder, or None; a damaged file is one line."""
+    f = cluster_file(state_dir)
+    if not f.exists():
+        return None
+    try:
+        return str(json.loads(f.read_text())["address"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(f"{f} is damaged ({type(e).__name__}: {e}); delete it (the job records stay) and run "
+                          f"`orch up` again, or pass --address") from None
+
+
 def resolve_address(address: str | None, state_dir: str) -> str | None:
     """The Ray cluster to talk to, or None when there is none to find."""
     if address:
         return address
     if os.environ.get(RAY_ADDRESS_ENV):
         return os.environ[RAY_ADDRESS_ENV]
-    f = cluster_file(state_dir)
-    if f.exists():
-        return json.loads(f.read_text())["address"]
-    return None
+    return recorded_address(state_dir)
 
 
 def _listening(hostport: str, timeout: float = 1.0) -> bool:
@@ -51,7 +60,7 @@ def _listening(hostport: str, timeout: float = 1.0) -> bool:
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
     retries for a long time and prints its retries)."""
-    if "://" in address and not address.startswith("ray://"):
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -158,9 +167,8 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     controller on it; remember the address in the state folder."""
     if nodes < 1 or cpus_per_node < 1:
         raise ConfigError(f"--nodes and --cpus-per-node must be at least 1 (got {nodes}, {cpus_per_node})")
-    f = cluster_file(state_dir)
-    if f.exists():
-        known = json.loads(f.read_text())["address"]
+    known = recorded_address(state_dir)
+    if known is not None:
         if _listening(known):
             raise ClusterError(f"a cluster started by `orch up` already runs at {known} for {state_dir}; "
                                f"`orch down` stops it")

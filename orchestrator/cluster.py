@@ -41,6 +41,9 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
     started = False
     try:
         if address:
+            from orchestrator.client import check_reachable
+
+            check_reachable(address)  # seconds, where Ray would retry for minutes
             try:
                 ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
                          logging_level=logging.INFO if verbose else logging.ERROR)

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from orchestrator.errors import OrchError
+
 JobKind = Literal["pretrain", "finetune"]
 
 
@@ -178,6 +180,13 @@ class StorageConfig:
             raise ValueError(f"root={self.root!r} must start with s3:// when backend='s3' (set storage.root=s3://BUCKET/PREFIX)")
         if self.backend == "local" and self.root.startswith("s3://"):
             raise ValueError(f"root={self.root!r} is an S3 URI but backend='local'; choose storage=s3")
+        if self.endpoint_url is not None:
+            from orchestrator.storage.base import check_endpoint_url  # (it imports no boto3)
+
+            try:
+                check_endpoint_url(self.endpoint_url)
+            except OrchError as e:
+                raise ValueError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from orchestrator.config.schema import DataConfig
 from orchestrator.constants import DATASET_FORMAT_VERSION, DATASET_MARKER, MANIFEST, TOKENIZER
 from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
 from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
-from orchestrator.errors import DatasetError
+from orchestrator.errors import DatasetError, OrchError
 from orchestrator.storage import ObjectStore, join_uri
 from orchestrator.storage.claim import check_destination, claim_destination, overlaps
 
@@ -51,7 +51,14 @@ def ray_runner(fn: Callable, args: list[tuple]) -> Iterator:
     pending = [remote.remote(*a) for a in args]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        try:
+            yield ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, OrchError):  # the task's own one-line error, not Ray's traceback
+                for ref in pending:
+                    ray.cancel(ref)
+                raise e.cause from None
+            raise
 
 
 def default_runner() -> Runner:

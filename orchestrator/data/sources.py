@@ -79,12 +79,16 @@ def plan_units(store: ObjectStore, source: str, num_documents: int, unit_bytes: 
 
 
 def _decompress(name: str, data: bytes) -> str:
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    elif name.endswith(".zst"):
-        import zstandard
+    import zstandard  # (only for .zst corpora)
 
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    try:
+        if name.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif name.endswith(".zst"):
+            data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        kind = "gzip" if name.endswith(".gz") else "zstd"
+        raise DatasetError(f"{name} is not a valid {kind} file ({e}); recompress it or remove it from the corpus") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

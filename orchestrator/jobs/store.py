@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.constants import JOBS_DB
-from orchestrator.errors import JobNotFound
+from orchestrator.errors import ConfigError, JobNotFound
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState, check_transition
 
@@ -41,8 +41,13 @@ class JobStore:
         self.path = Path(state_dir) / JOBS_DB
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        try:
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+                db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{self.path} is not a readable job database ({e}); move it aside (mv {self.path} "
+                              f"{self.path}.damaged) to start a new one: the checkpoints in the store are kept") from None
 
     @contextmanager
     def _connect(self):

@@ -81,6 +81,18 @@ class ObjectStore(ABC):
         unreachable endpoint, local folder not writable)."""
 
 
+def check_endpoint_url(url: str | None) -> None:
+    """An S3 endpoint must be an http(s) URL with a host (boto3 would fail later with a traceback)."""
+    if url is None:
+        return
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StorageError(f"S3 endpoint {url!r} is not a URL; give http(s)://HOST[:PORT] in storage.endpoint_url "
+                           f"(or AWS_ENDPOINT_URL_S3), or leave it unset for AWS")
+
+
 def join_uri(base: str, *parts: str) -> str:
     """Join a URI and path parts with single slashes: join_uri("s3://b/", "/x", "y") == "s3://b/x/y".
 

@@ -21,14 +21,16 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
 from orchestrator.errors import StorageError
-from orchestrator.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, parse_s3_uri
+from orchestrator.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, check_endpoint_url, parse_s3_uri
 
 MiB = 1024 * 1024
 
@@ -75,6 +77,7 @@ class S3Store(ObjectStore):
             raise StorageError(
                 f"S3 multipart chunk size {multipart_chunksize} is below the 5 MiB S3 minimum: raise it"
             )
+        check_endpoint_url(endpoint_url)
         self.endpoint_url = endpoint_url
         self.region = region
         self.multipart_threshold = multipart_threshold

@@ -13,7 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, latest_committed
+from orchestrator.checkpoint.export import consolidate_fp32, load_exported_weights
+from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint, latest_committed, step_of
 from orchestrator.config.schema import ModelConfig
 from orchestrator.config.typed import build
 from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, JOBS_DB, MODEL_CONFIG, TOKENIZER
@@ -124,9 +125,7 @@ def load(source: ModelSource) -> ModelArtifact:
     """fp32 weights (our names), architecture and tokenizer of a model source."""
     with tempfile.TemporaryDirectory(prefix="orch-model-") as tmp:
         if source.kind == "checkpoint":
-            from orchestrator.checkpoint.manager import consolidate_fp32, download_checkpoint
-
-            step = int(source.uri.rstrip("/").rsplit("step-", 1)[1])
+            step = step_of(source.uri)
             tag = checkpoint_tag(step)
             model = _model_config(source.store, source.uri)  # before the heavy part
             download_checkpoint(source.store, CheckpointRef(step, source.uri, True), Path(tmp) / tag)
@@ -134,8 +133,6 @@ def load(source: ModelSource) -> ModelArtifact:
             return ModelArtifact(model, dict(state),
                                  _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
         if source.kind == "export":
-            from orchestrator.checkpoint.manager import load_exported_weights
-
             state = load_exported_weights(source.store, source.uri, tmp)
             return ModelArtifact(_model_config(source.store, source.uri), state,
                                  _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)

@@ -68,8 +68,8 @@ def export_remote():
 
     @ray.remote(num_cpus=1)
     def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+        from orchestrator.checkpoint.export import export_checkpoint
         from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri
-        from orchestrator.checkpoint.manager import export_checkpoint
         from orchestrator.workspace import local_scratch, open_job_store
 
         job = job_config_from_dict(job_dict)

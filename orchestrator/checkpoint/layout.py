@@ -1,4 +1,5 @@
-"""Where a run's checkpoints and export live in the store, and which of them are committed.
+"""Where a run's checkpoints and export live in the store, which of them are committed, and
+fetching a committed checkpoint's files as its commit marker lists them.
 
     <run>/checkpoints/step-<N>/<DeepSpeed files of every rank>
     <run>/checkpoints/step-<N>/trainer_state.json
@@ -13,11 +14,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from orchestrator.constants import CHECKPOINTS_DIR, COMMIT_MARKER, EXPORT_DIR, EXPORT_MANIFEST, RUNS_PREFIX
+from orchestrator.errors import CheckpointError
 from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
+from orchestrator.storage.digest import file_matches
 
-_STEP_DIR = re.compile(r"/step-(\d+)/")
+_STEP_DIR = re.compile(r"/step-(\d+)/")  # a checkpoint folder inside an object's URI
+_STEP_NAME = re.compile(r"step-(\d+)")  # a checkpoint folder's name
 
 
 def run_uri(storage_root: str, job_id: str) -> str:
@@ -34,6 +40,15 @@ def checkpoint_tag(step: int) -> str:
 
 def checkpoint_uri(run: str, step: int) -> str:
     return join_uri(checkpoints_uri(run), checkpoint_tag(step))
+
+
+def step_of(uri: str) -> int:
+    """The step of a checkpoint URI `.../step-N` (a trailing slash is allowed)."""
+    m = _STEP_NAME.fullmatch(uri.rstrip("/").rsplit("/", 1)[-1])
+    if m is None:
+        raise CheckpointError(f"{uri} is not a checkpoint folder: its name is not step-N; "
+                              f"give a .../checkpoints/step-N URI")
+    return int(m.group(1))
 
 
 def export_uri(run: str) -> str:
@@ -65,6 +80,28 @@ def latest_committed(store: ObjectStore, run: str) -> CheckpointRef | None:
 
 def read_marker(store: ObjectStore, ckpt: CheckpointRef) -> dict:
     return json.loads(store.get(join_uri(ckpt.uri, COMMIT_MARKER)))
+
+
+def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path,
+                        only: Callable[[dict], bool] | None = None) -> dict:
+    """Fetch the files a checkpoint's commit marker lists (those `only(file)` accepts, default all)
+    into `dest`, verifying size and sha256. Returns the marker."""
+    marker = read_marker(store, ref)
+    for f in marker["files"]:
+        if only is not None and not only(f):
+            continue
+        path = dest / f["path"]
+        try:
+            store.get_file(join_uri(ref.uri, f["path"]), path)
+        except ObjectNotFound:
+            raise CheckpointError(f"checkpoint file {join_uri(ref.uri, f['path'])} listed in its commit marker is missing; "
+                                  f"the checkpoint is partial: use an earlier one") from None
+        if not file_matches(path, f["size"], f["sha256"]):
+            raise CheckpointError(
+                f"checkpoint file {join_uri(ref.uri, f['path'])} does not match its commit marker (size or sha256); "
+                f"the checkpoint is corrupt: use an earlier one"
+            )
+    return marker
 
 
 def read_export(store: ObjectStore, run: str) -> dict | None:

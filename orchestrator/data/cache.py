@@ -23,7 +23,6 @@ The cache owns its folder: only one process may use a folder at a time (give eac
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import os
@@ -41,6 +40,7 @@ import numpy as np
 
 from orchestrator.errors import DatasetError, StorageError
 from orchestrator.storage import ObjectNotFound, ObjectStore
+from orchestrator.storage.digest import file_matches, sha256_hasher
 
 MiB = 1 << 20
 CHUNK_BYTES = 8 * MiB  # bytes per ranged GET
@@ -189,7 +189,7 @@ class ShardCache:
             _remove_partials(self.folder, {f.key for f in new})
         for _, f in sorted(found, key=lambda t: t[0]):  # oldest first: they are evicted first
             path = self.path(f.key)
-            if path.stat().st_size == f.size and _file_sha256(path) == f.sha256:
+            if file_matches(path, f.size, f.sha256):
                 with self._lock:
                     entry = self._entries[f.key]
                     entry.state = _READY
@@ -454,7 +454,7 @@ class ShardCache:
 
     def _fetch(self, f: ShardFile, tmp: Path) -> str | None:
         """Write the object into `tmp` chunk by chunk; what is wrong with it, or None."""
-        digest, got = hashlib.sha256(), 0
+        digest, got = sha256_hasher(), 0
         with open(tmp, "wb") as out:
             while True:
                 end = min(got + self.chunk_bytes, f.size)
@@ -500,14 +500,6 @@ def _map(path: Path, size: int) -> np.ndarray:
     if size == 0:  # an empty file cannot be mapped
         return np.empty(0, dtype=np.uint8)
     return np.memmap(os.fspath(path), dtype=np.uint8, mode="r", shape=(size,))
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _remove_partials(folder: Path, keys: set[str]) -> None:

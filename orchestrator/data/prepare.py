@@ -10,7 +10,6 @@ prepare leaves no usable dataset, and a re-run clears its leftovers and starts a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
 from orchestrator.errors import DatasetError, OrchError
 from orchestrator.storage import ObjectStore, join_uri
 from orchestrator.storage.claim import check_destination, claim_destination, overlaps
+from orchestrator.storage.digest import sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ def default_runner() -> Runner:
     return ray_runner if ray is not None and ray.is_initialized() else local_runner
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None, units: list[Unit]) -> str:
     """A hash of everything that changes the prepared bytes (settings, tokenizer, source files)."""
     keys = dict(kind=cfg.kind, source=cfg.source, seq_len=cfg.seq_len, num_documents=cfg.num_documents,
@@ -79,7 +75,7 @@ def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None, units: list
         keys["vocab_size"] = cfg.vocab_size
     else:
         keys["tokenizer"] = tokenizer_sha256
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(keys, sort_keys=True).encode())[:16]
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -114,7 +110,7 @@ def _upload(store: ObjectStore, uri: str, array: np.ndarray) -> tuple[int, str]:
         store.put_file(uri, path)
     finally:
         os.unlink(path)
-    return len(data), _sha256(data)
+    return len(data), sha256_bytes(data)
 
 
 def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +253,7 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     check_prepare_destination(store, cfg, overwrite)
     tok_json = load_tokenizer_json(cfg.tokenizer_uri, store) if cfg.kind == "sft" else None
     units = plan_units(store, cfg.source, cfg.num_documents, int(cfg.unit_mb * (1 << 20)))
-    signature = dataset_signature(cfg, _sha256(tok_json.encode()) if tok_json else None, units)
+    signature = dataset_signature(cfg, sha256_bytes(tok_json.encode()) if tok_json else None, units)
 
     existing = try_load_manifest(store, cfg.uri)
     if existing is not None:
@@ -278,7 +274,7 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     tok = tokenizer_from_json(tok_json)
     vocab, eot = tok.get_vocab_size(), eot_id(tok)
     dtype = token_dtype(vocab)
-    tok_sha = _sha256(tok_json.encode())
+    tok_sha = sha256_bytes(tok_json.encode())
     store.put(join_uri(cfg.uri, TOKENIZER), tok_json.encode())
 
     bar = _Progress(say, cfg.name, len(units))

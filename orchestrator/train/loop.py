@@ -203,7 +203,7 @@ class _Trainer:
     def run(self) -> None:
         from deepspeed.accelerator import get_accelerator
 
-        from orchestrator.checkpoint.manager import Checkpointer
+        from orchestrator.checkpoint.checkpointer import Checkpointer
         from orchestrator.tracking import make_tracker
 
         job = self.job

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from model.gpt import GPT, GPTConfig
+from orchestrator.checkpoint.export import load_exported_weights
 from orchestrator.checkpoint.layout import list_checkpoints, read_marker
-from orchestrator.checkpoint.manager import load_exported_weights
 from orchestrator.constants import COMMIT_MARKER
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.order import global_batch, micro_batches, rank_slice

@@ -1,13 +1,14 @@
-"""Checkpoint policy as pure functions: the interval forms, Young/Daly, retention."""
+"""Checkpoint policy as pure functions: the interval forms, Young/Daly, retention, step-N URIs."""
 
 import math
 
 import pytest
 
 from orchestrator.checkpoint.interval import AUTO_FIRST_S, CheckpointSchedule, Interval, parse_interval, young_daly_s
-from orchestrator.checkpoint.layout import CheckpointRef
+from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, step_of
 from orchestrator.checkpoint.retention import to_delete
 from orchestrator.config.schema import CheckpointConfig
+from orchestrator.errors import CheckpointError
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -70,3 +71,22 @@ def test_leftovers_of_crashed_saves_are_removed_but_never_the_newest_committed()
     # fallback), and that newer committed one is not this save's to delete
     existing = refs(10, 20, 30)
     assert steps(to_delete(existing, keep_last=1, keep_every=0, just_committed=20)) == [10]
+
+
+@pytest.mark.parametrize("uri, step", [
+    ("s3://b/runs/j/checkpoints/step-0", 0), ("s3://b/runs/j/checkpoints/step-120/", 120),
+    ("/abs/step-3/checkpoints/step-42", 42), (checkpoint_uri("file:///r/runs/j", 7), 7),
+])
+def test_step_of_reads_the_folder_name(uri, step):
+    assert step_of(uri) == step
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://b/runs/j/checkpoints/latest", "s3://b/runs/j/checkpoints/step-", "s3://b/runs/j/checkpoints/step-3a",
+    "s3://b/runs/j/checkpoints/mystep-3", "s3://b/runs/j/checkpoints/step-3/universal", "s3://b/runs/j",
+])
+def test_step_of_refuses_a_folder_not_named_step_n(uri):
+    with pytest.raises(CheckpointError) as e:
+        step_of(uri)
+    message = str(e.value)
+    assert uri in message and ".../checkpoints/step-N" in message and "\n" not in message

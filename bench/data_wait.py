@@ -34,7 +34,6 @@ def main() -> None:
     args = p.parse_args()
 
     import socket
-    import time
 
     creds = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     os.environ.update(creds)

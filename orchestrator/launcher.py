@@ -79,9 +79,9 @@ def export_remote():
     return export
 
 
-def fit(runner, record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:
+def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
-    `max_failures`), rank 0 reporting to `runner`'s actor."""
+    `max_failures`); called in the job's runner actor, to which rank 0 reports."""
     import ray  # (ray, ray.train: only inside the runner actor)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig

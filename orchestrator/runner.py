@@ -211,7 +211,7 @@ class JobRunner:
                 with self.lock:
                     self.next_reason = AttemptReason.SCALE
                 self._say(f"restarting at {job.workers} workers from the last checkpoint")
-            fit(self, self.record, job, self.init_from, self.ray_storage)
+            fit(self.record, job, self.init_from, self.ray_storage)
             state = self._final_state(job)
             if state.get("step") == job.trainer.max_steps:
                 self._finish(job, state)

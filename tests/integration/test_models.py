@@ -5,12 +5,10 @@ starts from a Hugging Face folder."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from model.gpt import GPT
 from orchestrator import artifacts
 from orchestrator.jobs.store import JobStore
 from tests.integration.test_pipeline import _first_loss_from

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +22,13 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
@@ -42,6 +47,10 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 5  # total attempts per request, first try included
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
+
+# A response body cut short (a reset, a timeout, fewer bytes than Content-Length) after the status
+# line arrived: botocore does not retry these, so `_read_object` does, up to `max_attempts` in all.
+_BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _CREDENTIAL_CODES = {
@@ -138,9 +147,7 @@ class S3Store(ObjectStore):
 
     def get(self, uri: str) -> bytes:
         """Return the whole object; `ObjectNotFound` if it is missing."""
-        bucket, key = parse_s3_uri(uri)
-        with self._errors(uri):
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return self._read_object(uri)
 
     def get_range(self, uri: str, start: int, end: int) -> bytes:
         """Return bytes [start, end) through a Range request, cut short at the object's end."""
@@ -148,15 +155,28 @@ class S3Store(ObjectStore):
             raise StorageError(f"invalid byte range [{start}, {end}) for {uri}: need 0 <= start <= end")
         if start == end:  # "bytes=5-4" is not a valid range; S3 would send the whole object
             return b""
-        bucket, key = parse_s3_uri(uri)
         try:
-            with self._errors(uri):
-                response = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-                return response["Body"].read()
+            return self._read_object(uri, Range=f"bytes={start}-{end - 1}")
         except StorageError as err:
             if _error_code(err.__cause__) == "InvalidRange":  # start is at or past the end
                 return b""
             raise
+
+    def _read_object(self, uri: str, **get_args: Any) -> bytes:
+        """GetObject and read its body; a body cut short is asked for again (bounded, with backoff)."""
+        bucket, key = parse_s3_uri(uri)
+        for attempt in range(1, self.max_attempts + 1):
+            with self._errors(uri):
+                response = self.client.get_object(Bucket=bucket, Key=key, **get_args)
+                try:
+                    return response["Body"].read()
+                except _BODY_ERRORS as e:
+                    cut = type(e).__name__
+            if attempt < self.max_attempts:
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+        raise StorageError(f"the S3 endpoint {self.endpoint_url or 'AWS'} cut the response for {uri} short "
+                           f"{self.max_attempts} times in a row ({cut}): the endpoint answers but the transfer "
+                           f"breaks; check the network or the endpoint's load, then run again")
 
     def put(self, uri: str, data: bytes) -> None:
         """Store `data` in one PutObject call (S3 writes are atomic)."""

@@ -1,0 +1,111 @@
+"""A fault-injecting HTTP proxy for tests, on loopback only, in front of the test S3 endpoint.
+
+Each request is forwarded to the upstream endpoint; at the configured rates (a seeded RNG) the
+proxy instead answers 503 SlowDown or 500, resets the connection before answering, or sends a
+response whose body is cut short after half of its Content-Length. Counters say what it did.
+
+    with FaultProxy(s3_server.endpoint_url, truncate=0.3, seed=1) as proxy:
+        store = S3Store(endpoint_url=proxy.url)
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "host"}
+_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+_INTERNAL = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code></Error>'
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, slowdown: float = 0.0, error500: float = 0.0, reset: float = 0.0,
+                 truncate: float = 0.0, only_get: bool = False, seed: int = 0):
+        self.upstream = urlparse(upstream)
+        self.rates = {"slowdown": slowdown, "error500": error500, "reset": reset, "truncate": truncate}
+        self.only_get = only_get  # inject into GETs only (reads), or into every request
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultProxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _fault(self, method: str) -> str | None:
+        if self.only_get and method != "GET":
+            return None
+        with self.lock:
+            self.counts["requests"] += 1
+            roll, edge = self.rng.random(), 0.0
+            for name, rate in self.rates.items():
+                edge += rate
+                if roll < edge and (name != "truncate" or method == "GET"):
+                    self.counts[name] += 1
+                    return name
+        return None
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._fault(self.command)
+                if fault == "reset":  # RST instead of an answer
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if fault in ("slowdown", "error500"):
+                    status, payload = (503, _SLOWDOWN) if fault == "slowdown" else (500, _INTERNAL)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers["Host"] = proxy.upstream.netloc
+                up.request(self.command, self.path, body=body, headers=headers)
+                resp = up.getresponse()
+                data = resp.read()
+                up.close()
+                self.send_response(resp.status)
+                head = self.command == "HEAD"  # no body: keep the object's own Content-Length
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and (head or k.lower() != "content-length"):
+                        self.send_header(k, v)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fault == "truncate" and len(data) > 1 and self.command == "GET":
+                    self.wfile.write(data[: len(data) // 2])  # then hang up: the body is cut short
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        return Handler

@@ -18,8 +18,13 @@ from orchestrator.config.typed import to_dict
 from orchestrator.errors import CheckpointError, ClusterError, OrchError
 from orchestrator.jobs.events import AttemptReason, RunnerPoll, RunnerStatus
 from orchestrator.jobs.lifecycle import Change, apply_events
-from orchestrator.jobs.policy import (admission_decisions, dependency_decisions, never_fits, restart_decision,
-                                      scale_refusal)
+from orchestrator.jobs.policy import (
+    admission_decisions,
+    dependency_decisions,
+    never_fits,
+    restart_decision,
+    scale_refusal,
+)
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
@@ -201,7 +206,8 @@ class Controller:
             if export:
                 return export
         if record.depends_on:  # never start from random weights by accident
-            raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights to start from")
+            raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights "
+                                  f"to start from")
         return None
 
     # ------------------------------------------------------------------------------ observe

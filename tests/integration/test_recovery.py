@@ -75,7 +75,8 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 killed = pids
-                committed = sorted((int(p.parent.name.split("-")[1]), p.parent) for p in run.glob("step-*/COMMITTED.json"))
+                committed = sorted((int(p.parent.name.split("-")[1]), p.parent)
+                                   for p in run.glob("step-*/COMMITTED.json"))
                 corrupt_step, folder = committed[-1]
                 victim = max((p for p in folder.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
                 data = bytearray(victim.read_bytes())
@@ -94,7 +95,7 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     assert "RESTARTING" in [h["state"] for h in job.history]
     # It resumed from the checkpoint before the corrupted one, and said so.
     resumed = [h["reason"] for h in job.history if h["reason"].startswith("worker group restarted")]
-    assert resumed and f"step-{corrupt_step - 25}" in resumed[0] and f"skipped corrupt" in resumed[0], job.history
+    assert resumed and f"step-{corrupt_step - 25}" in resumed[0] and "skipped corrupt" in resumed[0], job.history
     assert f"step-{corrupt_step}" in resumed[0]
     # Same final loss as the uninterrupted run, and every step's loss matches after the resume.
     assert job.metrics["loss"] == pytest.approx(ref_job.metrics["loss"], rel=1e-6, abs=1e-7)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.tokenizer import EOT_TOKEN, tokenizer_from_json
 from orchestrator.config.schema import DataConfig
 from orchestrator.constants import MANIFEST
 from orchestrator.data.corpus import generate_qa, generate_stories
@@ -20,8 +21,6 @@ from orchestrator.data.prepare import prepare_dataset
 from orchestrator.data.reader import IGNORE_INDEX, SplitReader
 from orchestrator.errors import DatasetError, StorageError
 from orchestrator.storage import join_uri, local_path, open_store
-
-from model.tokenizer import EOT_TOKEN, tokenizer_from_json
 
 SEQ_LEN = 32
 SFT_SEQ_LEN = 64  # the generated prompts alone are ~40 tokens with a 300-token vocabulary

@@ -118,7 +118,8 @@ def main() -> None:
             job, attempts = _rows(state)
             after = [r for r in attempts[-1] if "train/loss" in r]
             resumed_step = after[0]["_step"] - 1
-            print(f"kill -9 at step ~{step_at_kill}: first step after resume {after[0]['_timestamp'] - killed_at:.1f} s "
+            print(f"kill -9 at step ~{step_at_kill}: first step after resume "
+                  f"{after[0]['_timestamp'] - killed_at:.1f} s "
                   f"later, resumed from step {resumed_step}: {step_at_kill - resumed_step} steps redone "
                   f"(checkpoint.interval={args.interval}; job {job.state.value}, restarts {job.restarts})")
     finally:

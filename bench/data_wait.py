@@ -78,8 +78,8 @@ def main() -> None:
     link = f"{args.link_mbit} Mbit/s link" if args.link_mbit else "loopback"
     print(f"{args.model}, {len(rows)} steps, S3 at {endpoint} ({link})")
     print(f"first step: data wait {first['perf/data_wait_s'] * 1e3:.1f} ms of {first['perf/step_time_s'] * 1e3:.1f} ms")
-    print(f"steps 2..{len(rows)}: data wait {wait / len(rest) * 1e3:.2f} ms of {step / len(rest) * 1e3:.1f} ms per step "
-          f"= {wait / step:.2%} of step time   (target < 1%)")
+    print(f"steps 2..{len(rows)}: data wait {wait / len(rest) * 1e3:.2f} ms of {step / len(rest) * 1e3:.1f} ms "
+          f"per step = {wait / step:.2%} of step time   (target < 1%)")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,8 @@ def shaped_link(mbit: int) -> str:
         ["ip", "netns", "exec", ns, "ip", "addr", "add", "10.213.0.2/24", "dev", "obench1"],
         ["ip", "netns", "exec", ns, "ip", "link", "set", "obench1", "up"],
         ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        ["tc", "qdisc", "add", "dev", "obench0", "root", "tbf", "rate", f"{mbit}mbit", "burst", "1mb", "latency", "50ms"],
+        ["tc", "qdisc", "add", "dev", "obench0", "root", "tbf", "rate", f"{mbit}mbit",
+         "burst", "1mb", "latency", "50ms"],
         ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "obench1", "root", "tbf", "rate", f"{mbit}mbit",
          "burst", "1mb", "latency", "50ms"],
     ]
@@ -198,7 +199,8 @@ def main() -> None:
         import socket
         import subprocess
 
-        for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
             os.environ.setdefault(k, v)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

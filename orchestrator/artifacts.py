@@ -44,7 +44,8 @@ class ModelArtifact:
 def _not_a_model(ref: str) -> CheckpointError:
     return CheckpointError(
         f"{ref} is not a model: no {COMMIT_MARKER} (checkpoint), {EXPORT_MANIFEST} (export) or {HF_CONFIG} "
-        f"(Hugging Face folder) there; pass a job id, a checkpoint URI (.../checkpoints/step-N), an export URI or an HF folder"
+        f"(Hugging Face folder) there; pass a job id, a checkpoint URI (.../checkpoints/step-N), an export URI "
+        f"or an HF folder"
     )
 
 
@@ -63,10 +64,12 @@ def resolve(ref: str, state_dir: str | None = None, endpoint_url: str | None = N
             store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
             if record.checkpoint:
                 return ModelSource("checkpoint", record.checkpoint, store)
-            raise CheckpointError(f"job {ref} has no committed checkpoint yet (state {record.state.value}); wait for one or pick another job")
+            raise CheckpointError(f"job {ref} has no committed checkpoint yet (state {record.state.value}); "
+                                  f"wait for one or pick another job")
     if "://" not in ref and not os.path.isabs(ref):
         if not os.path.exists(ref):
-            raise CheckpointError(f"{ref} is neither a job id in {state_dir} nor an existing path; pass a job id, a URI or a folder")
+            raise CheckpointError(f"{ref} is neither a job id in {state_dir} nor an existing path; "
+                                  f"pass a job id, a URI or a folder")
         ref = os.path.abspath(ref)
     uri = to_uri(ref).rstrip("/")
     store = open_store(uri, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"))
@@ -99,7 +102,8 @@ def _model_config(store: ObjectStore, folder: str) -> ModelConfig:
     try:
         return build(ModelConfig, json.loads(text), "model")
     except (ValueError, ConfigError) as e:
-        raise CheckpointError(f"{join_uri(folder, MODEL_CONFIG)} is not a valid model config ({e}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{join_uri(folder, MODEL_CONFIG)} is not a valid model config ({e}); "
+                              f"the checkpoint is damaged") from None
 
 
 def read_model_config(source: ModelSource) -> ModelConfig:
@@ -118,7 +122,8 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 
 def _from_gpt(gpt, name: str) -> ModelConfig:
     return ModelConfig(name=name, **{k: getattr(gpt, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                   "n_embd", "dropout", "bias", "activation_checkpointing")})
+                                                                   "n_embd", "dropout", "bias",
+                                                                   "activation_checkpointing")})
 
 
 def load(source: ModelSource) -> ModelArtifact:
@@ -156,7 +161,8 @@ def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> Mod
     try:
         store.get_file(join_uri(folder, HF_WEIGHTS), weights)
     except ObjectNotFound:
-        raise CheckpointError(f"{folder} has no {HF_WEIGHTS}; orch reads Hugging Face weights in safetensors format only") from None
+        raise CheckpointError(f"{folder} has no {HF_WEIGHTS}; "
+                              f"orch reads Hugging Face weights in safetensors format only") from None
     state = {k: v.float() for k, v in hf_state_dict_to_gpt(load_file(str(weights)), gpt).items()}
     return ModelArtifact(_from_gpt(gpt, name), state, _get_text(store, join_uri(folder, TOKENIZER)), folder)
 
@@ -236,7 +242,8 @@ def sample(artifact: ModelArtifact, prompt: str, *, max_new_tokens: int, tempera
     if not ids:
         raise ConfigError("--prompt is empty; give some text to continue")
     if max(ids) >= artifact.model.vocab_size:
-        raise CheckpointError(f"the tokenizer of {artifact.source} does not match its model (vocab_size {artifact.model.vocab_size})")
+        raise CheckpointError(f"the tokenizer of {artifact.source} does not match its model "
+                              f"(vocab_size {artifact.model.vocab_size})")
     gen = torch.Generator().manual_seed(seed)
     model = build_model(artifact)
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)

@@ -91,16 +91,17 @@ def _print_dry_run(raw: dict, jobs) -> None:
     print(yaml.safe_dump(raw, sort_keys=False, width=10**6), end="")  # one line per value
     print("# resources (each job is admitted only when all its workers fit at once)")
     for j in jobs:
-        rec = JobRecord(id=j.name, pipeline_id="", name=j.name, kind=j.kind, state=JobState.PENDING, priority=j.priority,
-                        depends_on=list(j.depends_on), config=to_dict(j), created_at=0)
+        rec = JobRecord(id=j.name, pipeline_id="", name=j.name, kind=j.kind, state=JobState.PENDING,
+                        priority=j.priority, depends_on=list(j.depends_on), config=to_dict(j), created_at=0)
         per = ", ".join(f"{k}: {v:g}" for k, v in j.resources_per_worker().items())
         total = ", ".join(f"{k}: {v:g}" for k, v in job_demand(rec).items())
         after = f", after {', '.join(j.depends_on)}" if j.depends_on else ""
-        count = f"{j.workers} workers" if not j.max_workers else f"{j.workers}-{j.max_workers} workers (elastic; the gang admitted is {j.workers})"
+        count = (f"{j.workers} workers" if not j.max_workers
+                 else f"{j.workers}-{j.max_workers} workers (elastic; the gang admitted is {j.workers})")
         print(f"{j.name}: {j.kind}, {count} x {{{per}}} = {{{total}}} ({j.cluster.placement_strategy}), "
               f"ZeRO-{j.deepspeed.stage} {j.deepspeed.precision} over {j.cluster.backend}, global batch "
-              f"{j.trainer.global_batch_size} = {j.workers} x {j.trainer.micro_batch_size} x {j.gradient_accumulation_steps(j.workers)} "
-              f"accumulation, {j.trainer.max_steps} steps{after}")
+              f"{j.trainer.global_batch_size} = {j.workers} x {j.trainer.micro_batch_size} x "
+              f"{j.gradient_accumulation_steps(j.workers)} accumulation, {j.trainer.max_steps} steps{after}")
 
 
 def _fmt(v, spec=".4f") -> str:
@@ -157,8 +158,8 @@ def _print_status(args, records) -> None:
         workers = str(m.get("world_size") or r.workers) if r.state.active else str(r.workers)
         if r.config.get("max_workers"):
             workers = f"{workers} ({r.workers}-{r.config['max_workers']})"
-        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} {_fmt(m.get('loss')):>8} "
-              f"{r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
+        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} "
+              f"{_fmt(m.get('loss')):>8} {r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
         if args.job:
             print(json.dumps(status_rows([r])[0], indent=1))
     for r in records:
@@ -321,7 +322,8 @@ DRY_RUN_HELP = "print the resolved config and resources; start or submit nothing
 def _add_run(sub) -> None:
     run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR],
                          help="run the pipeline (pretrain -> fine-tune) on an embedded or given Ray cluster")
-    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
+    run.add_argument("overrides", nargs="*",
+                     help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
     run.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     run.add_argument("--verbose", action="store_true", help="stream Ray and worker logs")
     run.set_defaults(func=cmd_run)
@@ -331,7 +333,8 @@ def _add_cluster_commands(sub) -> None:
     upp = sub.add_parser("up", parents=[STATE_DIR],
                          help="start a persistent local Ray cluster (several raylets with --nodes) and the controller")
     upp.add_argument("--nodes", type=int, default=1, help="raylets, the head included (default 1)")
-    upp.add_argument("--cpus-per-node", type=int, default=None, help="CPUs each node offers (default: this machine's / nodes)")
+    upp.add_argument("--cpus-per-node", type=int, default=None,
+                     help="CPUs each node offers (default: this machine's / nodes)")
     upp.add_argument("--port", type=int, default=6379, help="the head's GCS port (default 6379)")
     upp.set_defaults(func=cmd_up)
 
@@ -343,7 +346,8 @@ def _add_job_commands(sub) -> None:
     """submit, status, logs, cancel, scale: they talk to the controller (status reads the state folder without one)."""
     shared = [ADDRESS, STATE_DIR]
     sb = sub.add_parser("submit", parents=shared, help="queue a pipeline's jobs on the controller (prints the job ids)")
-    sb.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
+    sb.add_argument("overrides", nargs="*",
+                    help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
                     help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
     sb.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
@@ -366,7 +370,8 @@ def _add_job_commands(sub) -> None:
     cn.add_argument("--now", action="store_true", help="stop at once, without a checkpoint")
     cn.set_defaults(func=cmd_cancel)
 
-    sc = sub.add_parser("scale", parents=shared, help="restart a running job at N workers from a checkpoint (same global batch)")
+    sc = sub.add_parser("scale", parents=shared,
+                        help="restart a running job at N workers from a checkpoint (same global batch)")
     sc.add_argument("job")
     sc.add_argument("--workers", type=int, required=True)
     sc.set_defaults(func=cmd_scale)
@@ -378,10 +383,12 @@ def _add_model_commands(sub) -> None:
                          help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
     exp.add_argument("checkpoint", help="job id, checkpoint URI (.../checkpoints/step-N), run URI or export URI")
     exp.add_argument("dir", help="output folder")
-    exp.add_argument("--overwrite", action="store_true", help="write into DIR even if it holds files orch did not write")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="write into DIR even if it holds files orch did not write")
     exp.set_defaults(func=cmd_export)
 
-    gen = sub.add_parser("generate", parents=shared, help="sample text from a checkpoint, export or Hugging Face folder")
+    gen = sub.add_parser("generate", parents=shared,
+                         help="sample text from a checkpoint, export or Hugging Face folder")
     gen.add_argument("checkpoint", help="job id, checkpoint URI, run URI, export URI or HF folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=40)
@@ -397,7 +404,8 @@ def _add_data_commands(sub) -> None:
     prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR],
                            help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
     prep.add_argument("overrides", nargs="*", metavar="[SRC DST] OVERRIDES",
-                      help="source and destination URIs, then Hydra overrides (data.seq_len=..., data=qa, storage=s3 ...)")
+                      help="source and destination URIs, then Hydra overrides "
+                           "(data.seq_len=..., data=qa, storage=s3 ...)")
     prep.add_argument("--dry-run", action="store_true", help="print what would be prepared, and where")
     prep.add_argument("--overwrite", action="store_true",
                       help="prepare into DST even if it holds files orch did not write (they may be replaced)")
@@ -405,7 +413,8 @@ def _add_data_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orch", description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
+    p = argparse.ArgumentParser(prog="orch",
+                                description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

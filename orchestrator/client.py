@@ -189,7 +189,7 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
         _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--resources={{\"orch-node-{i}\": 1}}",
              *common)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
+    cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
     with connect_controller(address, state_dir) as client:
         import ray
 

@@ -26,7 +26,8 @@ def _use_token_auth_if_available() -> None:
     a client must opt in explicitly, so do it when a token is present and the mode is unset."""
     if os.environ.get("RAY_AUTH_MODE"):
         return
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
 
 

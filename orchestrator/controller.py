@@ -206,7 +206,8 @@ class Controller:
             if export:
                 return export
         if record.depends_on:  # never start from random weights by accident
-            raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights to start from")
+            raise CheckpointError(f"job {record.id}: its dependencies succeeded but none exported weights "
+                                  f"to start from")
         return None
 
     # ------------------------------------------------------------------------------ observe

@@ -74,7 +74,8 @@ def export_remote():
 
         job = job_config_from_dict(job_dict)
         ref = CheckpointRef(step, checkpoint_uri(run, step), True)
-        return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind}, local_scratch(job_id))
+        return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
+                                 local_scratch(job_id))
 
     return export
 
@@ -237,7 +238,8 @@ class RayLauncher:
         except GetTimeoutError:
             return RunnerPoll(RunnerStatus.BUSY)
         except RayActorError as e:
-            return RunnerPoll(RunnerStatus.LOST, reason=f"the job's runner died ({str(e).strip().splitlines()[0][:200]})")
+            return RunnerPoll(RunnerStatus.LOST,
+                              reason=f"the job's runner died ({str(e).strip().splitlines()[0][:200]})")
         return RunnerPoll(RunnerStatus.ALIVE, tuple(events))
 
     def request_stop(self, handle: RunHandle, request: dict) -> None:

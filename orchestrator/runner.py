@@ -42,7 +42,8 @@ def worker_error_message(exc: BaseException) -> str:
             msg = str(cause)
         else:
             text = str(cause).strip().splitlines()
-            msg = f"{type(cause).__name__}: " + next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+            msg = f"{type(cause).__name__}: " + next((line for line in reversed(text) if line.strip()),
+                                                     type(cause).__name__)
         by_msg.setdefault(msg, []).append(rank)
     return "; ".join(f"rank {', '.join(map(str, ranks))}: {msg}" for msg, ranks in by_msg.items())
 

@@ -67,7 +67,8 @@ def run_info(path: str | Path) -> dict:
     for rec in read_records(path):
         if rec.WhichOneof("record_type") == "run":
             return {"run_id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
-                    "project": rec.run.project, "config": {i.key: json.loads(i.value_json) for i in rec.run.config.update}}
+                    "project": rec.run.project,
+                    "config": {i.key: json.loads(i.value_json) for i in rec.run.config.update}}
     return {}
 
 

@@ -127,7 +127,8 @@ class Checkpointer:
         staging = self.local / "staging" / save_id[0]
         shutil.rmtree(staging, ignore_errors=True)
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False,
-                               client_state={"trainer_state": trainer_state, "universal_checkpoint_info": UNIVERSAL_INFO})
+                               client_state={"trainer_state": trainer_state,
+                                             "universal_checkpoint_info": UNIVERSAL_INFO})
         torch.save(_rng_state(), staging / tag / rng_file(self.rank))
         if self.rank == 0:
             extra = dict(self.rank0_files)

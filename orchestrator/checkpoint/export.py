@@ -33,7 +33,8 @@ def consolidate_fp32(checkpoint_dir: Path, tag: str) -> dict:
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
-def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict, local_dir: str | os.PathLike) -> str:
+def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict,
+                      local_dir: str | os.PathLike) -> str:
     """Consolidate a committed checkpoint's fp32 weights (any ZeRO stage, any world size) into the
     run's model-only export: safetensors weights, tokenizer, model config, manifest written last."""
     from safetensors.torch import save_file  # lazy: loads torch, which the CLI's other commands do without
@@ -67,11 +68,13 @@ def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.P
     try:
         manifest = json.loads(store.get(manifest_uri))
     except StorageError:
-        raise CheckpointError(f"no exported model at {export} (missing {EXPORT_MANIFEST}); the job that made it must succeed first") from None
+        raise CheckpointError(f"no exported model at {export} (missing {EXPORT_MANIFEST}); "
+                              f"the job that made it must succeed first") from None
     path = Path(local_dir) / "init" / EXPORT_WEIGHTS
     store.get_file(join_uri(export, manifest["weights"]), path)
     if sha256_file(path) != manifest["sha256"]:
-        raise CheckpointError(f"exported weights {join_uri(export, manifest['weights'])} do not match their sha256; export again")
+        raise CheckpointError(f"exported weights {join_uri(export, manifest['weights'])} do not match their sha256; "
+                              f"export again")
     state = load_file(str(path))
     if "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -27,7 +27,8 @@ def parse_interval(value) -> Interval:
         raise ValueError(f"interval={value!r}: use a number of steps, a duration like '10m', or 'auto'")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"interval={value} must be >= 0 steps; use a number of steps (e.g. 500), a duration ('10m') or 'auto'")
+            raise ValueError(f"interval={value} must be >= 0 steps; use a number of steps (e.g. 500), "
+                             f"a duration ('10m') or 'auto'")
         return Interval("steps", value) if value else Interval("final")
     text = str(value).strip().lower()
     if text == "auto":
@@ -36,7 +37,8 @@ def parse_interval(value) -> Interval:
         return parse_interval(int(text))
     m = _DURATION.match(text)
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"interval={value!r}: use a number of steps (e.g. 500), a duration ('90s', '10m', '2h') or 'auto'")
+        raise ValueError(f"interval={value!r}: use a number of steps (e.g. 500), "
+                         f"a duration ('90s', '10m', '2h') or 'auto'")
     return Interval("seconds", float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -65,5 +67,5 @@ class CheckpointSchedule:
         """After a save: interval=auto re-derives the interval from its measured blocking time."""
         if self.interval.kind == "auto":
             self.seconds = young_daly_s(blocking_s, self.mtbf_s)
-            self.reason = (f"checkpoint interval auto: sqrt(2 x {blocking_s:.3f} s blocking x {self.mtbf_s:.0f} s MTBF) "
-                           f"= {self.seconds:.0f} s")
+            self.reason = (f"checkpoint interval auto: sqrt(2 x {blocking_s:.3f} s blocking "
+                           f"x {self.mtbf_s:.0f} s MTBF) = {self.seconds:.0f} s")

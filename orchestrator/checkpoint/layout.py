@@ -94,8 +94,8 @@ def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path,
         try:
             store.get_file(join_uri(ref.uri, f["path"]), path)
         except ObjectNotFound:
-            raise CheckpointError(f"checkpoint file {join_uri(ref.uri, f['path'])} listed in its commit marker is missing; "
-                                  f"the checkpoint is partial: use an earlier one") from None
+            raise CheckpointError(f"checkpoint file {join_uri(ref.uri, f['path'])} listed in its commit marker "
+                                  f"is missing; the checkpoint is partial: use an earlier one") from None
         if not file_matches(path, f["size"], f["sha256"]):
             raise CheckpointError(
                 f"checkpoint file {join_uri(ref.uri, f['path'])} does not match its commit marker (size or sha256); "

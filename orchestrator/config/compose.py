@@ -26,7 +26,8 @@ def conf_dir() -> Path:
     env = os.environ.get(CONF_DIR_ENV)
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
     if not (path / f"{CONFIG_NAME}.yaml").is_file():
-        raise ConfigError(f"config folder {path} has no {CONFIG_NAME}.yaml; set {CONF_DIR_ENV} to the project's conf/ folder")
+        raise ConfigError(f"config folder {path} has no {CONFIG_NAME}.yaml; "
+                          f"set {CONF_DIR_ENV} to the project's conf/ folder")
     return path
 
 
@@ -62,7 +63,8 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
         group, option = m.group(1).split("/")[-1], m.group(2)
         if group in _groups():
             return ConfigError(
-                f"unknown option {option!r} for config group '{group}'; valid choices: {', '.join(group_options(group))}"
+                f"unknown option {option!r} for config group '{group}'; "
+                f"valid choices: {', '.join(group_options(group))}"
             )
     m = re.search(r"Could not override '([^']+)'", msg)
     if m:

@@ -97,15 +97,16 @@ class TrainerConfig:
     threads_per_worker: int = 1  # torch intra-op threads in each worker
 
     def __post_init__(self):
-        _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval", "threads_per_worker",
-                  "eval_batches")
+        _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval",
+                  "threads_per_worker", "eval_batches")
         _non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1) (Adam's moment decay)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
-                f"global_batch_size={self.global_batch_size} must be divisible by micro_batch_size={self.micro_batch_size}"
+                f"global_batch_size={self.global_batch_size} must be divisible by "
+                f"micro_batch_size={self.micro_batch_size}"
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} must be <= lr={self.lr}")
@@ -139,7 +140,9 @@ class DataConfig:
     name: str  # dataset name; the prepared dataset lives at `uri`
     kind: Literal["text", "sft"]  # text: pretraining tokens; sft: prompt/response with a loss mask
     uri: str  # where the prepared shards and manifest live (s3://... or file://...)
-    source: Optional[str]  # what to prepare from: "generated:stories"/"generated:qa", a URI of .txt/.jsonl files, or null (already prepared at `uri`)
+    # what to prepare from: "generated:stories"/"generated:qa", a URI of .txt/.jsonl files, or null
+    # (already prepared at `uri`)
+    source: Optional[str]
     seq_len: int  # tokens per training sample
     vocab_size: int = 512  # tokenizer vocabulary (text datasets train their own tokenizer)
     tokenizer_uri: Optional[str] = None  # sft: the dataset whose tokenizer to reuse (its URI)
@@ -160,7 +163,8 @@ class DataConfig:
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches={self.prefetch_batches} must be >= 0")
         if self.kind == "text" and self.vocab_size < 257:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small for a byte-level BPE: use at least 257 (256 bytes + end-of-text)")
+            raise ValueError(f"vocab_size={self.vocab_size} is too small for a byte-level BPE: "
+                             f"use at least 257 (256 bytes + end-of-text)")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
 
@@ -240,12 +244,14 @@ class JobSpec:
     data: Optional[DataConfig] = None  # null: the top-level `data`
     trainer: dict = field(default_factory=dict)  # overrides of the top-level `trainer` for this job
     init_from: Optional[str] = None  # weights to start from: a Hugging Face folder, or an orch export/checkpoint URI
-    resume_from: Optional[str] = None  # continue another run's training state (a checkpoint or run URI), at any worker count
+    # continue another run's training state (a checkpoint or run URI), at any worker count
+    resume_from: Optional[str] = None
 
     def __post_init__(self):
         _positive(self, "workers")
         if self.max_workers is not None and self.max_workers < self.workers:
-            raise ValueError(f"max_workers={self.max_workers} is below workers={self.workers}; use workers=[MIN,MAX] with MIN <= MAX")
+            raise ValueError(f"max_workers={self.max_workers} is below workers={self.workers}; "
+                             f"use workers=[MIN,MAX] with MIN <= MAX")
         if self.max_failures < 0:
             raise ValueError(f"max_failures={self.max_failures} must be >= 0")
 
@@ -263,7 +269,8 @@ class PipelineConfig:
         for name, spec in self.jobs.items():
             for dep in spec.depends_on:
                 if dep not in self.jobs:
-                    raise ValueError(f"job '{name}' depends on '{dep}', which is not a job of this pipeline ({', '.join(self.jobs)})")
+                    raise ValueError(f"job '{name}' depends on '{dep}', which is not a job of this pipeline "
+                                     f"({', '.join(self.jobs)})")
         _check_acyclic({n: s.depends_on for n, s in self.jobs.items()})
 
 
@@ -331,8 +338,8 @@ class JobConfig:
                              "--after JOB_ID`), or init_from=MODEL")
         if self.data.kind == "sft" and not self.data.tokenizer_uri and not self.depends_on:
             raise ValueError(
-                f"sft data '{self.data.name}' needs data.tokenizer_uri (the dataset or model folder whose tokenizer it uses), "
-                f"or the job's init_from"
+                f"sft data '{self.data.name}' needs data.tokenizer_uri "
+                f"(the dataset or model folder whose tokenizer it uses), or the job's init_from"
             )
         for n in range(self.workers, (self.max_workers or self.workers) + 1):  # every size Ray Train may pick
             per_step = self.trainer.micro_batch_size * n
@@ -350,13 +357,15 @@ class JobConfig:
             )
         if self.data.kind == "text" and self.data.vocab_size > self.model.vocab_size:
             raise ValueError(
-                f"data.vocab_size={self.data.vocab_size} (the tokenizer to train) exceeds model.vocab_size={self.model.vocab_size}; "
-                f"lower data.vocab_size or raise model.vocab_size"
+                f"data.vocab_size={self.data.vocab_size} (the tokenizer to train) exceeds "
+                f"model.vocab_size={self.model.vocab_size}; lower data.vocab_size or raise model.vocab_size"
             )
         if self.kind == "finetune" and self.data.kind != "sft":
-            raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
+            raise ValueError(f"a finetune job needs an sft dataset, got data '{self.data.name}' "
+                             f"of kind {self.data.kind!r}")
         if self.kind == "pretrain" and self.data.kind != "text":
-            raise ValueError(f"a pretrain job needs a text dataset, got data '{self.data.name}' of kind {self.data.kind!r}")
+            raise ValueError(f"a pretrain job needs a text dataset, got data '{self.data.name}' "
+                             f"of kind {self.data.kind!r}")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         return self.trainer.global_batch_size // (self.trainer.micro_batch_size * world_size)

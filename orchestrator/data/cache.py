@@ -136,7 +136,8 @@ class ShardCache:
     def __init__(self, store: ObjectStore, folder: str | os.PathLike, limit_bytes: int, *, workers: int = 4,
                  retry: RetryPolicy = RetryPolicy(), chunk_bytes: int = CHUNK_BYTES):
         if limit_bytes <= 0 or workers < 1 or chunk_bytes < 1:
-            raise ValueError(f"invalid shard cache: limit_bytes={limit_bytes}, workers={workers}, chunk_bytes={chunk_bytes}")
+            raise ValueError(f"invalid shard cache: limit_bytes={limit_bytes}, workers={workers}, "
+                             f"chunk_bytes={chunk_bytes}")
         self.store, self.folder = store, Path(folder)
         self.workers, self.retry, self.chunk_bytes = workers, retry, chunk_bytes
         self.folder.mkdir(parents=True, exist_ok=True)

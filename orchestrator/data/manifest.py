@@ -74,7 +74,8 @@ class Manifest:
         except DatasetError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise DatasetError(f"dataset manifest {uri} is not a valid manifest ({e}); prepare the dataset again") from None
+            raise DatasetError(f"dataset manifest {uri} is not a valid manifest ({e}); "
+                               f"prepare the dataset again") from None
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -83,7 +84,8 @@ class Manifest:
     def split(self, name: str, uri: str) -> SplitInfo:
         if name not in self.splits or not self.splits[name].samples:
             raise DatasetError(
-                f"dataset {uri} has no samples in split '{name}'; prepare it with more documents or a larger val_fraction"
+                f"dataset {uri} has no samples in split '{name}'; "
+                f"prepare it with more documents or a larger val_fraction"
             )
         return self.splits[name]
 

@@ -44,12 +44,14 @@ def shard_permutation(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, _SHARD_STREAM]).permutation(num_shards)
 
 
-def _window_ids(counts: np.ndarray, starts: np.ndarray, shards: np.ndarray, seed: int, epoch: int, window: int) -> np.ndarray:
+def _window_ids(counts: np.ndarray, starts: np.ndarray, shards: np.ndarray, seed: int, epoch: int,
+                window: int) -> np.ndarray:
     ids = np.concatenate([np.arange(starts[s], starts[s] + counts[s], dtype=np.int64) for s in shards])
     return np.random.default_rng([seed, epoch, _WINDOW_STREAM, window]).permutation(ids)
 
 
-def window_order(samples_per_shard: Sequence[int], seed: int, epoch: int, shuffle_window: int, window: int) -> np.ndarray:
+def window_order(samples_per_shard: Sequence[int], seed: int, epoch: int, shuffle_window: int,
+                 window: int) -> np.ndarray:
     """Sample ids of window `window` of epoch `epoch`, in the order they are read."""
     counts = _counts(samples_per_shard)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -137,7 +139,8 @@ class GlobalOrder:
         return np.concatenate(parts)
 
 
-def global_batch(samples_per_shard: Sequence[int], global_batch_size: int, seed: int, cursor: int, shuffle_window: int) -> np.ndarray:
+def global_batch(samples_per_shard: Sequence[int], global_batch_size: int, seed: int, cursor: int,
+                 shuffle_window: int) -> np.ndarray:
     """Sample ids of the global batch that starts at `cursor` (see `GlobalOrder`, which caches)."""
     return GlobalOrder(samples_per_shard, seed, shuffle_window, global_batch_size).batch(cursor)
 

@@ -41,7 +41,8 @@ def dataset_at(root: RootConfig, src: str, dst: str) -> DataConfig:
     uri = to_uri(dst).rstrip("/")
     data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1])
     if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
-        raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: set data.tokenizer_uri=URI")
+        raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: "
+                          "set data.tokenizer_uri=URI")
     return data
 
 

@@ -70,7 +70,8 @@ def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None, units: list
     """A hash of everything that changes the prepared bytes (settings, tokenizer, source files)."""
     keys = dict(kind=cfg.kind, source=cfg.source, seq_len=cfg.seq_len, num_documents=cfg.num_documents,
                 shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                version=DATASET_FORMAT_VERSION, unit_mb=cfg.unit_mb, files=[(f.uri, f.size) for u in units for f in u.files])
+                version=DATASET_FORMAT_VERSION, unit_mb=cfg.unit_mb,
+                files=[(f.uri, f.size) for u in units for f in u.files])
     if cfg.kind == "text":
         keys["vocab_size"] = cfg.vocab_size
     else:
@@ -279,7 +280,8 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
 
     bar = _Progress(say, cfg.name, len(units))
     results = []
-    for result in (runner or default_runner())(tokenize_unit, [(store, cfg, cfg.source, u, tok_json, dtype) for u in units]):
+    for result in (runner or default_runner())(tokenize_unit,
+                                               [(store, cfg, cfg.source, u, tok_json, dtype) for u in units]):
         results.append(result)
         bar.update(result)
     results.sort(key=lambda r: r["unit"])

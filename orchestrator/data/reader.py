@@ -31,6 +31,7 @@ IGNORE_INDEX = -100  # same as model.gpt.IGNORE_INDEX; targets the loss skips
 
 # The reading settings' defaults live in DataConfig, in one place.
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+_DEFAULT_RETRY = RetryPolicy()  # immutable (a frozen dataclass), so one instance serves every reader
 
 
 class SplitReader:
@@ -53,7 +54,7 @@ class SplitReader:
         cache_limit_mb: float = _DEFAULTS["cache_limit_mb"],
         prefetch_batches: int = _DEFAULTS["prefetch_batches"],
         download_workers: int = _DEFAULTS["download_workers"],
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = _DEFAULT_RETRY,
     ):
         self.store = store
         self.uri = dataset_uri
@@ -90,8 +91,8 @@ class SplitReader:
         info = self.split.shards[i]
         itemsize = self.manifest.np_dtype.itemsize
         if info.bytes != info.tokens * itemsize:
-            raise DatasetError(f"shard {join_uri(self.uri, info.key)}: the manifest says {info.tokens} {self.manifest.dtype} "
-                               f"tokens but {info.bytes} bytes; prepare the dataset again")
+            raise DatasetError(f"shard {join_uri(self.uri, info.key)}: the manifest says {info.tokens} "
+                               f"{self.manifest.dtype} tokens but {info.bytes} bytes; prepare the dataset again")
         files = (ShardFile(info.key, join_uri(self.uri, info.key), info.bytes, info.sha256),)
         if (self.manifest.kind == "sft") != bool(info.mask_key):
             raise DatasetError(f"shard {join_uri(self.uri, info.key)} of a {self.manifest.kind} dataset "
@@ -189,7 +190,8 @@ class SplitReader:
         if self.prefetch_batches:
             # Ask only for batches not asked for at the previous step (a sliding window); start
             # over after a jump (a resume, or another order).
-            key = (id(order), rank, world_size, self.cache.stats.prefetch_skipped)  # skipped for lack of room: ask again
+            key = (id(order), rank, world_size,
+                   self.cache.stats.prefetch_skipped)  # skipped for lack of room: ask again
             last = self._prefetched.get(key)
             if last is None or not cursor <= last <= cursor + self.prefetch_batches * gbs:
                 self.prefetch(share, 0)

@@ -88,7 +88,8 @@ def _decompress(name: str, data: bytes) -> str:
             data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
     except (OSError, EOFError, zstandard.ZstdError) as e:
         kind = "gzip" if name.endswith(".gz") else "zstd"
-        raise DatasetError(f"{name} is not a valid {kind} file ({e}); recompress it or remove it from the corpus") from None
+        raise DatasetError(f"{name} is not a valid {kind} file ({e}); "
+                           f"recompress it or remove it from the corpus") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -123,7 +124,8 @@ def read_unit(store: ObjectStore, source: str, unit: Unit, kind: str, seed: int)
                     if not isinstance(item, str):
                         raise TypeError
                 else:
-                    item = _chat_to_pair(row["messages"]) if "messages" in row else {"prompt": row["prompt"], "response": row["response"]}
+                    item = (_chat_to_pair(row["messages"]) if "messages" in row
+                            else {"prompt": row["prompt"], "response": row["response"]})
             except (ValueError, KeyError, TypeError, IndexError):
                 need = "a 'text' field" if kind == "text" else "'prompt' and 'response' (or 'messages')"
                 raise DatasetError(f"{f.uri} line {n} is not a JSON object with {need}; fix the file") from None

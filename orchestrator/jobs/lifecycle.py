@@ -151,7 +151,8 @@ def _stopped(record: JobRecord, e: RunnerEvent) -> Change:
 
 
 def _succeeded(record: JobRecord, e: RunnerEvent) -> Change:
-    fields = {"export": e.data.get("export"), "metrics": _merged(record, e.data.get("metrics") or {}), "requested": None}
+    fields = {"export": e.data.get("export"), "metrics": _merged(record, e.data.get("metrics") or {}),
+              "requested": None}
     if e.data.get("checkpoint"):
         fields["checkpoint"] = e.data["checkpoint"]
     return Change(e.seq, JobState.SUCCEEDED, "training finished", fields, say="SUCCEEDED")

@@ -135,8 +135,9 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
         return f"job {job.id} already runs on {workers} workers"
     trainer = job.config["trainer"]
     if trainer["global_batch_size"] % (trainer["micro_batch_size"] * workers):
-        return (f"the global batch of {job.id} ({trainer['global_batch_size']}) does not split over {workers} workers x "
-                f"micro batch {trainer['micro_batch_size']}; choose a worker count that divides it")
+        return (f"the global batch of {job.id} ({trainer['global_batch_size']}) does not split over "
+                f"{workers} workers x micro batch {trainer['micro_batch_size']}; "
+                f"choose a worker count that divides it")
     if job.config["cluster"].get("autoscaling"):
         return None
     free = free_capacity(jobs, capacity, exclude=job.id)
@@ -145,5 +146,6 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
     if not fits(demand, free):
         need = ", ".join(f"{v:g} {k}" for k, v in demand.items())
         have = ", ".join(f"{max(free.get(k, 0.0), 0):g} {k}" for k in demand)
-        return f"{workers} workers of {job.id} need {need}; the cluster has {have} for it; choose fewer workers or add nodes"
+        return (f"{workers} workers of {job.id} need {need}; the cluster has {have} for it; "
+                f"choose fewer workers or add nodes")
     return None

@@ -47,7 +47,8 @@ class JobStore:
                 db.execute("SELECT COUNT(*) FROM jobs").fetchone()
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{self.path} is not a readable job database ({e}); move it aside (mv {self.path} "
-                              f"{self.path}.damaged) to start a new one: the checkpoints in the store are kept") from None
+                              f"{self.path}.damaged) to start a new one: "
+                              f"the checkpoints in the store are kept") from None
 
     @contextmanager
     def _connect(self):
@@ -75,7 +76,8 @@ class JobStore:
             for i, r in enumerate(records, 1):
                 r.seq = top + i
                 r.history.append({"state": r.state.value, "at": time.time(), "reason": "submitted"})
-                db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._row(r))
+                db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           self._row(r))
 
     def get(self, job_id: str) -> JobRecord:
         with self._connect() as db:

@@ -36,7 +36,8 @@ def cluster(tmp_path_factory):
 
     state = tmp_path_factory.mktemp("controller-state")
     port = _free_port()
-    up = run_orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", str(port), "--state-dir", str(state), timeout=180)
+    up = run_orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", str(port), "--state-dir", str(state),
+                  timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "3 node(s) x 2 CPU(s)" in up.stdout
     yield {"address": f"127.0.0.1:{port}", "state": state}
@@ -87,14 +88,15 @@ def _span(job: dict) -> tuple[float, float]:
 
 def test_gang_priority_dependencies_and_cancel(orch, cluster):
     cli = Cli(orch, cluster)
-    big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000", "trainer.micro_batch_size=3"]
+    big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000",
+           "trainer.micro_batch_size=3"]
     (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
     (b,) = cli.submit(*big)
     (c,) = cli.submit(*big, "pipeline.jobs.pretrain.priority=5")  # submitted last, more urgent
     (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
     # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
-    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1", "pipeline.jobs.pretrain.priority=9",
-                      "data.name=nowhere", "data.source=/nonexistent/corpus")
+    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1",
+                      "pipeline.jobs.pretrain.priority=9", "data.name=nowhere", "data.source=/nonexistent/corpus")
     (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
 
     cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
@@ -121,7 +123,7 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster):
     assert 3 <= step < 5000 and "after a checkpoint" in jobs[c]["history"][-1]["reason"]
     assert (Path(ckpt.removeprefix("file://")) / "COMMITTED.json").exists()
     # Gang admission: the two 4-worker jobs never held the cluster at the same time.
-    (a0, a1), (c0, c1) = _span(jobs[a]), _span(jobs[c])
+    (_a0, a1), (c0, _c1) = _span(jobs[a]), _span(jobs[c])
     assert a1 <= c0
     assert not any(h["state"] == "STARTING" for h in jobs[b]["history"])
 
@@ -193,7 +195,8 @@ def test_bad_input_gets_one_line_and_exit_2(orch, cluster):
     ]:
         out = cli(*args, ok=False)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert expect in out.stderr and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, (args, out.stderr)
+        assert (expect in out.stderr and out.stderr.count("\n") == 1
+                and "Traceback" not in out.stderr), (args, out.stderr)
     done = next(j for j in cli.jobs().values() if j["state"] in ("SUCCEEDED", "CANCELLED", "FAILED"))
     out = cli("scale", done["id"], "--workers", "2", ok=False)
     assert out.returncode == 2 and f"is {done['state']}; only a RUNNING job can be scaled" in out.stderr

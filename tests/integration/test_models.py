@@ -66,8 +66,10 @@ def test_export_loads_in_transformers_with_equal_logits(pretrained, orch, tmp_pa
 
 def test_generate_is_deterministic_under_a_seed(pretrained, orch):
     job = pretrained["job"]
-    args = ("generate", job.id, "--prompt", "Mia lives in", "--max-new-tokens", "16", "--state-dir", str(pretrained["state"]))
-    first, again, other = orch(*args, "--seed", "3"), orch(*args, "--seed", "3"), orch(*args, "--seed", "4", "--temperature", "1.5")
+    args = ("generate", job.id, "--prompt", "Mia lives in", "--max-new-tokens", "16",
+            "--state-dir", str(pretrained["state"]))
+    first, again, other = (orch(*args, "--seed", "3"), orch(*args, "--seed", "3"),
+                           orch(*args, "--seed", "4", "--temperature", "1.5"))
     assert first.returncode == 0, first.stderr
     assert first.stdout == again.stdout
     assert first.stdout.startswith("Mia lives in") and len(first.stdout) > len("Mia lives in") + 5
@@ -120,4 +122,5 @@ def test_model_mismatch_and_non_models_fail_in_one_line(pretrained, orch, tmp_pa
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     one_line(orch("generate", str(llama), "--prompt", "hi"), "llama")
     # A dataset whose tokenizer is larger than the model's vocabulary.
-    one_line(orch("run", "model=gpt_tiny", "data.vocab_size=1024", "--dry-run"), "data.vocab_size=1024", "model.vocab_size=512")
+    one_line(orch("run", "model=gpt_tiny", "data.vocab_size=1024", "--dry-run"),
+             "data.vocab_size=1024", "model.vocab_size=512")

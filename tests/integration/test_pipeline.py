@@ -50,7 +50,8 @@ def _first_loss_from(weights: dict, cfg: dict, store, data_uri: str, workers: in
     tr = cfg["trainer"]
     losses = []
     with SplitReader(store, data_uri, manifest, "train", scratch) as reader, torch.no_grad():
-        batch = global_batch(reader.samples_per_shard, tr["global_batch_size"], tr["seed"], 0, cfg["data"]["shuffle_window"])
+        batch = global_batch(reader.samples_per_shard, tr["global_batch_size"], tr["seed"], 0,
+                             cfg["data"]["shuffle_window"])
         for rank in range(workers):
             for mb in micro_batches(rank_slice(batch, rank, workers), tr["micro_batch_size"]):
                 x, y = reader.batch(mb)

@@ -25,7 +25,8 @@ def _write_corpus(folder: Path) -> list[str]:
     docs = stories(0, 1200, seed=7)
     parts = [docs[0:300], docs[300:600], docs[600:900], docs[900:1200]]
     (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in parts[0]))
-    (folder / "b.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in parts[1]).encode()))
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in parts[1]).encode()))
     (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
         "".join(json.dumps({"text": d}) + "\n" for d in parts[2]).encode()))
     sub = folder / "txt"

@@ -50,7 +50,8 @@ def prepared(request, tmp_path_factory):
                      num_documents=200, shard_tokens=2048, tokenizer_uri=text.uri)
     manifests = {"text": prepare_dataset(store, text), "sft": prepare_dataset(store, sft)}
     assert len(manifests["text"].splits["train"].shards) >= 12
-    return dict(backend=request.param, store=store, root=root, uri={"text": text.uri, "sft": sft.uri}, manifest=manifests)
+    return dict(backend=request.param, store=store, root=root, uri={"text": text.uri, "sft": sft.uri},
+                manifest=manifests)
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +117,8 @@ def expected_batch(raw, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reader(prepared, kind: str, cache_dir: Path, store=None, split: str = "train", **kw) -> SplitReader:
     kw.setdefault("retry", FAST_RETRY)
-    return SplitReader(store or prepared["store"], prepared["uri"][kind], prepared["manifest"][kind], split, cache_dir, **kw)
+    return SplitReader(store or prepared["store"], prepared["uri"][kind], prepared["manifest"][kind], split,
+                       cache_dir, **kw)
 
 
 def shard_limit_mb(shards: float) -> float:
@@ -228,8 +230,9 @@ def test_global_batches_are_identical_for_every_world_size_over_an_epoch(prepare
     runs = {}
     for world in (1, 2, 4):
         micro = 2 if world == 4 else 4  # different gradient accumulation too
-        runs[world], _ = read_steps(lambda r: reader(prepared, kind, tmp_path / f"w{world}-r{r}", prefetch_batches=2,
-                                                     cache_limit_mb=shard_limit_mb(10)),
+        runs[world], _ = read_steps(lambda r, world=world: reader(prepared, kind, tmp_path / f"w{world}-r{r}",
+                                                                  prefetch_batches=2,
+                                                                  cache_limit_mb=shard_limit_mb(10)),
                                     world, gbs, micro, cursor=0, steps=steps)
     for step in range(steps):
         ex, ey = expected_batch(raw, order.batch(step * gbs))
@@ -246,7 +249,8 @@ def test_resuming_from_a_cursor_at_another_world_size_continues_the_sequence(pre
     total = per_epoch_steps + 6  # into the second epoch
 
     def make(tag):
-        return lambda r: reader(prepared, "text", tmp_path / f"{tag}-r{r}", prefetch_batches=3, cache_limit_mb=shard_limit_mb(8))
+        return lambda r: reader(prepared, "text", tmp_path / f"{tag}-r{r}", prefetch_batches=3,
+                                cache_limit_mb=shard_limit_mb(8))
 
     uninterrupted, _ = read_steps(make("all"), 1, gbs, micro, cursor=0, steps=total)
     stop = per_epoch_steps - 2  # a restart shortly before the epoch ends
@@ -456,7 +460,8 @@ def test_without_prefetch_nothing_is_downloaded_ahead(prepared, tmp_path):
         order = rd.order(SEED, WINDOW, gbs)
         rd.read_rank_share(order, 0, 0, 1, micro)
         now = {f.key for f in rd.files_of(order.batch(0))}
-        later = [f for k in range(1, order.samples_per_epoch // gbs) for f in rd.files_of(order.batch(k * gbs)) if f.key not in now]
+        later = [f for k in range(1, order.samples_per_epoch // gbs) for f in rd.files_of(order.batch(k * gbs))
+                 if f.key not in now]
         time.sleep(0.2)
         assert later and not any(rd.cache.is_ready(f.key) for f in later)
 

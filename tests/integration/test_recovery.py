@@ -75,7 +75,8 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 killed = pids
-                committed = sorted((int(p.parent.name.split("-")[1]), p.parent) for p in run.glob("step-*/COMMITTED.json"))
+                committed = sorted((int(p.parent.name.split("-")[1]), p.parent)
+                                   for p in run.glob("step-*/COMMITTED.json"))
                 corrupt_step, folder = committed[-1]
                 victim = max((p for p in folder.iterdir() if p.name.endswith(".pt")), key=lambda p: p.stat().st_size)
                 data = bytearray(victim.read_bytes())

@@ -135,7 +135,8 @@ def test_get_range_returns_the_half_open_interval(store_root: tuple[ObjectStore,
         store.get_range(uri, 10, 5)
 
 
-def test_put_file_get_file_round_trip_large(store_root: tuple[ObjectStore, str], big_file: Path, tmp_path: Path) -> None:
+def test_put_file_get_file_round_trip_large(store_root: tuple[ObjectStore, str], big_file: Path,
+                                            tmp_path: Path) -> None:
     store, root = store_root
     uri = join_uri(root, "ckpt", "big.bin")
     store.put_file(uri, big_file)

@@ -144,7 +144,8 @@ def test_history_is_ordered_in_time(store):
     for new in (S.QUEUED, S.STARTING, S.RUNNING, S.RESTARTING, S.RUNNING, S.SUCCEEDED):
         store.transition("a-1", new, f"to {new.value}")
     got = store.get("a-1")
-    assert [h["state"] for h in got.history] == ["PENDING", "QUEUED", "STARTING", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
+    assert [h["state"] for h in got.history] == ["PENDING", "QUEUED", "STARTING", "RUNNING", "RESTARTING",
+                                                 "RUNNING", "SUCCEEDED"]
     times = [h["at"] for h in got.history]
     assert times == sorted(times)
     assert got.started_at() == got.history[2]["at"]

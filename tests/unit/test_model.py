@@ -180,14 +180,14 @@ def test_overfits_one_batch():
     model = tiny_model()
     idx, targets = random_batch(B=4, T=16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(300):
+    for _step in range(300):
         _, loss = model(idx, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if loss.item() < 0.02:
             break
-    assert loss.item() < 0.05, f"loss {loss.item():.4f} after {step + 1} steps"
+    assert loss.item() < 0.05, f"loss {loss.item():.4f} after {_step + 1} steps"
 
 
 def test_dropout_zero_train_equals_eval():

@@ -142,7 +142,8 @@ def test_cursor_crosses_epoch_boundaries(layout, gbs):
     order = GlobalOrder(counts, SEED, window, gbs)
     per_epoch = order.samples_per_epoch
     assert order.epoch_of(per_epoch - 1) == 0 and order.epoch_of(per_epoch) == 1 and order.epoch_of(2 * per_epoch) == 2
-    np.testing.assert_array_equal(order.batch(per_epoch - gbs), epoch_order(counts, SEED, 0, window)[per_epoch - gbs : per_epoch])
+    np.testing.assert_array_equal(order.batch(per_epoch - gbs),
+                                  epoch_order(counts, SEED, 0, window)[per_epoch - gbs : per_epoch])
     np.testing.assert_array_equal(order.batch(per_epoch), epoch_order(counts, SEED, 1, window)[:gbs])
     np.testing.assert_array_equal(order.batch(2 * per_epoch), epoch_order(counts, SEED, 2, window)[:gbs])
 
@@ -230,7 +231,8 @@ def test_resuming_at_another_world_size_continues_the_sequence(layout, window, g
 
 
 # ------------------------------------------------------------------------------ micro-batches
-@pytest.mark.parametrize("gbs,world_size,micro", [(16, 1, 4), (16, 2, 4), (16, 4, 2), (12, 3, 2), (12, 2, 6), (8, 4, 1)])
+@pytest.mark.parametrize("gbs,world_size,micro",
+                         [(16, 1, 4), (16, 2, 4), (16, 4, 2), (12, 3, 2), (12, 2, 6), (8, 4, 1)])
 def test_micro_batches_split_a_rank_share_exactly(gbs, world_size, micro):
     batch = global_batch(LAYOUTS["uniform"], gbs, SEED, 0, 2)
     for r in range(world_size):

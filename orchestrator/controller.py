@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import CheckpointError, ClusterError, OrchError
-from orchestrator.jobs.events import AttemptReason, RunnerPoll, RunnerStatus
+from orchestrator.jobs.events import Action, AttemptReason, RunnerPoll, RunnerStatus
 from orchestrator.jobs.lifecycle import Change, apply_events
 from orchestrator.jobs.policy import (
     admission_decisions,
@@ -168,7 +168,7 @@ class Controller:
             self._end(record, JobState.CANCELLED, "cancelled by the user (--now: no checkpoint)",
                       failure_reason="cancelled by the user")
         else:
-            request = {"action": "cancel", "id": f"cancel-{len(record.history)}"}
+            request = {"action": Action.CANCEL.value, "id": f"cancel-{len(record.history)}"}
             self.store.update(job_id, requested=request)  # persisted before it is acted on
             self.launcher.request_stop(handle, request)
             self.say(f"{job_id}: cancelling: checkpointing the current step, then stopping")
@@ -189,7 +189,7 @@ class Controller:
             except (OrchError, ValueError) as e:
                 raise ClusterError(f"cannot scale {job_id} to {workers} workers: {e}") from None
         old = record.workers
-        request = {"action": "scale", "workers": workers, "id": f"scale-{len(record.history)}", "job": new}
+        request = {"action": Action.SCALE.value, "workers": workers, "id": f"scale-{len(record.history)}", "job": new}
         self.store.update(job_id, config=new, requested=request)
         self.store.transition(job_id, JobState.RESTARTING, f"scaling from {old} to {workers} workers")
         self.launcher.request_stop(self.handles[job_id], request)

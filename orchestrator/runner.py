@@ -21,7 +21,7 @@ from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import CheckpointError, OrchError
-from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent
+from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,10 @@ class JobRunner:
 
         while True:
             stop = self._take_stop()
-            if stop and stop["action"] == "cancel":
+            if stop and stop["action"] == Action.CANCEL:
                 self.log.emit(EventKind.STOPPED, checkpoint=self._final_state(job).get("uri"))
                 return
-            if stop and stop["action"] == "scale":
+            if stop and stop["action"] == Action.SCALE:
                 job = job_config_from_dict(stop["job"])
                 with self.lock:
                     self.next_reason = AttemptReason.SCALE

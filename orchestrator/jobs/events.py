@@ -33,6 +33,13 @@ class AttemptReason(str, enum.Enum):
     SCALE = "scale"  # the user's `orch scale`: a new group at the new size
 
 
+class Action(str, enum.Enum):
+    """A user request the runner acts on (kept in the record's `requested` until it took effect)."""
+
+    CANCEL = "cancel"  # commit a checkpoint of the current step, then stop
+    SCALE = "scale"  # commit a checkpoint, then a new worker group at `workers`
+
+
 class RunnerStatus(str, enum.Enum):
     """What polling a runner found (not an event: the runner cannot report its own death)."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent
+from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState, allowed
 
@@ -116,7 +116,7 @@ def _engine_ready(record: JobRecord, e: RunnerEvent) -> Change:
         return Change(e.seq, JobState.RUNNING, "worker group started" + note, say=f"RUNNING on {workers} workers{note}")
     if record.state is not JobState.RESTARTING:
         return Change(e.seq, say=f"training again on {workers} workers{note}" if note else None)
-    scaling = (record.requested or {}).get("action") == "scale"
+    scaling = (record.requested or {}).get("action") == Action.SCALE
     if not scaling:
         return Change(e.seq, JobState.RUNNING, "worker group restarted" + note, say=f"RUNNING again{note}")
     if record.attempt.get("reason") == AttemptReason.SCALE.value:  # the new-size group trains

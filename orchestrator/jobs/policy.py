@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.jobs.events import Action
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 
@@ -113,7 +114,7 @@ def restart_decision(job: JobRecord, why: str, failure: bool = True) -> Decision
     """A job whose worker group is gone: CANCELLED if a cancel was pending, FAILED once its
     `max_failures` restarts are spent (a lost controller is no failure of the job), else
     RESTARTING from its last committed checkpoint."""
-    if (job.requested or {}).get("action") == "cancel":
+    if (job.requested or {}).get("action") == Action.CANCEL:
         return Decision(job.id, JobState.CANCELLED, "cancelled (its worker group was already gone)")
     limit = int(job.config["max_failures"])
     if failure and job.restarts >= limit:

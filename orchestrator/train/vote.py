@@ -1,0 +1,42 @@
+"""What the ranks agree on after every step, in one float64 all-reduce: the mean loss, whether a
+checkpoint is due and whether a stop was requested.
+
+A time-based checkpoint interval is judged by each rank's own clock and a stop request reaches only
+rank 0, so every such decision goes through this vote: all ranks then act the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class StepVote:
+    """The outcome of one step's vote, the same on every rank."""
+
+    loss: float  # mean micro-batch loss over all ranks
+    checkpoint_due: bool  # some rank says a checkpoint is due
+    stop: bool  # some rank (rank 0: the runner asked) says stop
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum of a small vector over all ranks (one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_mean(values: list[float], device) -> float:
+    """Mean of a per-rank list of floats over all ranks."""
+    total, n = all_sum([sum(values), len(values)], device)
+    return total / n
+
+
+def step_vote(losses: list[float], checkpoint_due: bool, stop: bool, device) -> StepVote:
+    """This rank's micro-batch losses and votes in; everyone's agreed outcome out."""
+    loss_sum, loss_n, due_votes, stop_votes = all_sum([sum(losses), len(losses), float(checkpoint_due), float(stop)],
+                                                      device)
+    return StepVote(loss=loss_sum / loss_n, checkpoint_due=due_votes > 0, stop=stop_votes > 0)

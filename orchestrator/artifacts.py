@@ -19,6 +19,7 @@ from orchestrator.config.schema import ModelConfig
 from orchestrator.config.typed import build
 from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, JOBS_DB, MODEL_CONFIG, TOKENIZER
 from orchestrator.errors import CheckpointError, ConfigError, JobNotFound, StorageError
+from orchestrator.jobs.store import JobStore
 from orchestrator.storage import LocalStore, ObjectNotFound, ObjectStore, join_uri, open_store, to_uri
 from orchestrator.storage.claim import claim_destination
 
@@ -53,8 +54,6 @@ def resolve(ref: str, state_dir: str | None = None, endpoint_url: str | None = N
     """What `ref` names: a job id (from the state folder), or a URI/path of a checkpoint, a run, an
     export, or a Hugging Face folder."""
     if state_dir and "/" not in ref and (Path(state_dir) / JOBS_DB).exists():
-        from orchestrator.jobs.store import JobStore
-
         try:
             record = JobStore(state_dir).get(ref)
         except JobNotFound:
@@ -110,7 +109,7 @@ def read_model_config(source: ModelSource) -> ModelConfig:
     """The architecture of a model source, without loading its weights."""
     if source.kind in ("checkpoint", "export"):
         return _model_config(source.store, source.uri)
-    from model.hf import hf_config_to_gpt
+    from model.hf import hf_config_to_gpt  # (model/ loads torch: only with weights)
 
     text = _get_text(source.store, join_uri(source.uri, HF_CONFIG))
     try:
@@ -146,9 +145,9 @@ def load(source: ModelSource) -> ModelArtifact:
 
 def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> ModelArtifact:
     """A Hugging Face GPT-2-layout folder (config.json + model.safetensors) as our weights."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # (torch: only with weights)
 
-    from model.hf import hf_config_to_gpt, hf_state_dict_to_gpt
+    from model.hf import hf_config_to_gpt, hf_state_dict_to_gpt  # (model/ loads torch: only with weights)
 
     text = _get_text(store, join_uri(folder, HF_CONFIG))
     if text is None:
@@ -169,7 +168,7 @@ def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> Mod
 
 def build_model(artifact: ModelArtifact):
     """An eval-mode GPT holding the artifact's weights."""
-    from model.gpt import GPT
+    from model.gpt import GPT  # (model/ loads torch: only with weights)
 
     model = GPT(artifact.model.gpt_config())
     model.load_state_dict(artifact.state_dict)
@@ -181,7 +180,7 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
     with the tokenizer as a `PreTrainedTokenizerFast`. The folder must be new, empty or an earlier
     `orch export` (its marker file), unless `overwrite`; the files are written beside it first and
     moved in at the end, so a failure leaves nothing half-written."""
-    from model.hf import gpt_to_hf_config
+    from model.hf import gpt_to_hf_config  # (model/ loads torch: only with weights)
 
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
@@ -204,15 +203,15 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
 
 
 def _eot_id(tokenizer_json: str | None) -> int:
-    from model.tokenizer import eot_id, tokenizer_from_json
+    from model.tokenizer import eot_id, tokenizer_from_json  # (model/ loads torch: only with weights)
 
     return eot_id(tokenizer_from_json(tokenizer_json)) if tokenizer_json else 0
 
 
 def _write_hf_files(artifact: ModelArtifact, hf_config: dict, eot: int, out: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # (torch: only with weights)
 
-    from model.hf import gpt_to_hf_state_dict
+    from model.hf import gpt_to_hf_state_dict  # (model/ loads torch: only with weights)
     from model.tokenizer import EOT_TOKEN
 
     save_file(gpt_to_hf_state_dict(artifact.state_dict), str(out / HF_WEIGHTS), metadata={"format": "pt"})
@@ -230,9 +229,9 @@ def _write_hf_files(artifact: ModelArtifact, hf_config: dict, eot: int, out: Pat
 def sample(artifact: ModelArtifact, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
            seed: int) -> str:
     """Text the model continues `prompt` with (KV-cached sampling)."""
-    import torch
+    import torch  # (only with weights)
 
-    from model.gpt import generate
+    from model.gpt import generate  # (model/ loads torch: only with weights)
     from model.tokenizer import eot_id, tokenizer_from_json
 
     if not artifact.tokenizer_json:

@@ -38,7 +38,6 @@ from orchestrator.jobs.policy import job_demand
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
-from orchestrator.pipeline import run_pipeline
 
 
 def _say(msg: str) -> None:
@@ -62,7 +61,7 @@ def _overrides(args) -> list[str]:
 def _compose(args, after: Sequence[str] = ()) -> tuple[dict, RootConfig, list]:
     """The resolved config (a plain dict, then typed) and the pipeline's jobs, from conf/ and `args`."""
     # Lazy: composing loads boto3 (through orchestrator.storage), and Hydra when it runs.
-    from orchestrator.config.compose import compose_dict, resolve_jobs
+    from orchestrator.config.compose import compose_dict, resolve_jobs  # (Hydra: not for --help)
 
     raw = compose_dict(_overrides(args))
     root = build(RootConfig, raw)
@@ -75,6 +74,8 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _print_dry_run(raw, jobs)
         return 0
+    from orchestrator.pipeline import run_pipeline  # (Ray, boto3: only when a pipeline runs)
+
     records = run_pipeline(root, jobs, say=_say, verbose=args.verbose)
     _print_summary(root, records)
     if args.debug:
@@ -265,7 +266,7 @@ def cmd_scale(args) -> int:
 def cmd_data_prepare(args) -> int:
     """`orch data prepare [SRC DST] [OVERRIDES]` (orchestrator.data.plan says what is prepared)."""
     # Lazy: these load boto3 and numpy (and Hydra, Ray when they run).
-    from orchestrator.config.compose import compose_root
+    from orchestrator.config.compose import compose_root  # (Hydra, boto3, numpy: not for --help)
     from orchestrator.data.plan import datasets_to_prepare, describe, prepare_datasets
 
     uris = [a for a in args.overrides if "=" not in a]

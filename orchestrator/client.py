@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from orchestrator import errors
+from orchestrator.cluster import _code_runtime_env, _listening, _use_token_auth_if_available, check_reachable
 from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
 
@@ -48,31 +50,6 @@ def resolve_address(address: str | None, state_dir: str) -> str | None:
     return recorded_address(state_dir)
 
 
-def _listening(hostport: str, timeout: float = 1.0) -> bool:
-    host, _, port = hostport.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
-    retries for a long time and prints its retries)."""
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start one with "
-                           f"`orch up` (or `ray start --head`), or fix --address / {RAY_ADDRESS_ENV}") from None
-
-
 _ERRORS = {c.__name__: c for c in (ClusterError, ConfigError, JobNotFound, OrchError)}
 
 
@@ -83,19 +60,17 @@ class Client:
         self.actor = actor
 
     def _call(self, method: str, *args, timeout: float = 120):
-        import ray
+        import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
         answer = ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
         if "error" in answer:
-            from orchestrator import errors
-
             cls = getattr(errors, answer.get("kind", ""), None)
             cls = cls if isinstance(cls, type) and issubclass(cls, OrchError) else ClusterError
             raise cls(answer["error"])
         return answer["ok"]
 
     def ping(self) -> dict:
-        import ray
+        import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
         return ray.get(self.actor.ping.remote(), timeout=120)
 
@@ -119,12 +94,11 @@ class Client:
 def connect_controller(address: str, state_dir: str | None = None, start: bool = True):
     """Yield a `Client` for the controller on the cluster at `address`; start the controller
     there (state in `state_dir` on the head node) when `start` and there is none."""
-    from orchestrator.cluster import _code_runtime_env, _use_token_auth_if_available
-    from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller
+    from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (Ray: see _call)
 
     check_reachable(address)
     _use_token_auth_if_available()
-    import ray
+    import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
     try:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(), log_to_driver=False,
@@ -191,7 +165,7 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
     with connect_controller(address, state_dir) as client:
-        import ray
+        import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < nodes and time.time() < deadline:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.config.schema import ClusterConfig
-from orchestrator.errors import ClusterError
+from orchestrator.config.schema import ClusterConfig, RootConfig
+from orchestrator.constants import RAY_ADDRESS_ENV
+from orchestrator.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def _code_runtime_env() -> dict:
     """Ship this checkout's packages to a remote cluster's workers (no secrets: env vars stay on the nodes)."""
-    import model
+    import model  # (model/ loads torch: only when a remote cluster is used)
     import orchestrator
 
     return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(model.__file__).parent)]}
@@ -31,19 +33,42 @@ def _use_token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _listening(hostport: str, timeout: float = 1.0) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
+    retries for a long time and prints its retries)."""
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start one with "
+                           f"`orch up` (or `ray start --head`), or fix --address / {RAY_ADDRESS_ENV}") from None
+
+
 @contextmanager
 def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = False):
     """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
     address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _use_token_auth_if_available()  # before ray reads its config
-    import ray
+    import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
     started = False
     try:
         if address:
-            from orchestrator.client import check_reachable
-
             check_reachable(address)  # seconds, where Ray would retry for minutes
             try:
                 ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
@@ -70,7 +95,23 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
 
 def capacity() -> dict[str, float]:
     """Total CPU/GPU of the connected cluster."""
-    import ray
+    import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
     res = ray.cluster_resources()
     return {k: float(v) for k, v in res.items() if k in ("CPU", "GPU")}
+
+
+def check_storage_reachable(root: RootConfig) -> None:
+    """A local-folder store only works when every node sees the same folder: one machine, or a
+    shared mount (storage.shared=true)."""
+    import ray  # (ray: the CLI imports this module; Ray loads only once a cluster is used)
+
+    if root.storage.backend != "local" or root.storage.shared:
+        return
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if len(hosts) > 1 or root.cluster.autoscaling:
+        raise ConfigError(
+            f"storage=local writes to {root.storage.root} on this machine, which the other nodes of the cluster "
+            f"({len(hosts)} hosts) cannot read; use storage=s3 storage.root=s3://BUCKET/PREFIX, or storage.shared=true "
+            f"if that folder is a mount every node has"
+        )

@@ -5,18 +5,17 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from orchestrator.cluster import capacity, check_storage_reachable, connect
 from orchestrator.config.schema import JobConfig, RootConfig
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.store import JobStore
+from orchestrator.launcher import new_controller
+from orchestrator.preflight import preflight
+from orchestrator.storage import open_store
 
 
 def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
                  verbose: bool = False) -> list[JobRecord]:
-    from orchestrator.cluster import capacity, connect
-    from orchestrator.launcher import new_controller
-    from orchestrator.preflight import check_storage_reachable, preflight
-    from orchestrator.storage import open_store
-
     store = open_store(root.storage.root, endpoint_url=root.storage.endpoint_url, region=root.storage.region)
     store.check(root.storage.root)  # fail fast on a missing bucket or bad credentials
     preflight(jobs)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.config.schema import JobConfig, RootConfig
+from orchestrator import artifacts
+from orchestrator.checkpoint.layout import latest_committed
+from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS
+from orchestrator.data.manifest import load_manifest, try_load_manifest
+from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
 from orchestrator.storage import join_uri
 from orchestrator.workspace import open_job_store
@@ -23,9 +27,6 @@ _ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bia
 def preflight(jobs: list[JobConfig]) -> None:
     """Everything that can be checked when the jobs are submitted. A dataset that is already
     prepared must fit the model; one that is not must have a source (here or in an earlier job)."""
-    from orchestrator.data.manifest import try_load_manifest
-    from orchestrator.data.prepare import ensure_dataset
-
     for job in jobs:
         check_no_secrets(job)
     for job in jobs:
@@ -72,8 +73,6 @@ def check_no_secrets(job: JobConfig) -> None:
 
 def check_dataset_matches(job: JobConfig) -> None:
     """Fail before any worker starts if the dataset does not fit the model or the job."""
-    from orchestrator.data.manifest import load_manifest
-
     manifest = load_manifest(open_job_store(job), job.data.uri)
     if manifest.vocab_size > job.model.vocab_size:
         raise DatasetError(
@@ -91,8 +90,6 @@ def check_dataset_matches(job: JobConfig) -> None:
 def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
     """Fail before any worker starts if the weights at `uri` (the job's `setting`: init_from or
     resume_from) do not fit the job's model."""
-    from orchestrator import artifacts  # (it imports the model code: only when weights are named)
-
     theirs = artifacts.read_model_config(artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url))
     diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in _ARCHITECTURE
             if getattr(theirs, f) != getattr(job.model, f)]
@@ -105,27 +102,9 @@ def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
 
 def check_resume_source(job: JobConfig) -> None:
     """`resume_from` must hold a committed checkpoint of the job's architecture."""
-    from orchestrator.checkpoint.layout import latest_committed
-
     store, src = open_job_store(job), job.resume_from.rstrip("/")
     newest = src if store.exists(join_uri(src, COMMIT_MARKER)) else latest_committed(store, src)
     if newest is None:
         raise CheckpointError(f"resume_from={job.resume_from} holds no committed checkpoint; give a "
                               f".../checkpoints/step-N URI or a run URI with checkpoints")
     check_weights_match(job, job.resume_from, "resume_from")
-
-
-def check_storage_reachable(root: RootConfig) -> None:
-    """A local-folder store only works when every node sees the same folder: one machine, or a
-    shared mount (storage.shared=true)."""
-    import ray  # (ray: only once a cluster is connected)
-
-    if root.storage.backend != "local" or root.storage.shared:
-        return
-    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    if len(hosts) > 1 or root.cluster.autoscaling:
-        raise ConfigError(
-            f"storage=local writes to {root.storage.root} on this machine, which the other nodes of the cluster "
-            f"({len(hosts)} hosts) cannot read; use storage=s3 storage.root=s3://BUCKET/PREFIX, or storage.shared=true "
-            f"if that folder is a mount every node has"
-        )

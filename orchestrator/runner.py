@@ -17,12 +17,20 @@ import threading
 import time
 import traceback
 
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from orchestrator import preflight
+from orchestrator.checkpoint.layout import latest_committed, run_uri
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
+from orchestrator.constants import TRAINER_STATE
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord
+from orchestrator.storage import join_uri
+from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +154,6 @@ class JobRunner:
 
     def release(self) -> int:
         """Before this runner is killed: free its worker group's resources at once."""
-        from ray.util.placement_group import remove_placement_group  # (ray: only inside the actor)
-
         freed = 0
         for pg in self.placement_groups:
             try:
@@ -183,10 +189,7 @@ class JobRunner:
 
     def _prepare(self, job: JobConfig) -> None:
         """The job's dataset (prepared in a task if needed), then the checks that need it."""
-        import ray  # (ray: only inside the actor)
-
-        from orchestrator import preflight
-        from orchestrator.launcher import prepare_remote
+        from orchestrator.ray_train import prepare_remote  # (torch: only where a job runs)
 
         for line in ray.get(prepare_remote().remote(to_dict(job))):
             self._say(line)
@@ -200,7 +203,7 @@ class JobRunner:
     def _fit_until_done(self, job: JobConfig) -> None:
         """Run worker groups until the job reaches max_steps, a cancel, or a failure; a scale
         request ends one group (after a checkpoint) and starts the next at the new size."""
-        from orchestrator.launcher import fit
+        from orchestrator.ray_train import fit  # (torch: only where a job runs, not in the controller)
 
         while True:
             stop = self._take_stop()
@@ -224,11 +227,6 @@ class JobRunner:
 
     def _final_state(self, job: JobConfig) -> dict:
         """The committed checkpoint the worker group ended on (the store, not the best-effort stream)."""
-        from orchestrator.checkpoint.layout import latest_committed, run_uri
-        from orchestrator.constants import TRAINER_STATE
-        from orchestrator.storage import join_uri
-        from orchestrator.workspace import open_job_store
-
         store, run = open_job_store(job), run_uri(job.storage.root, self.record.id)
         ref = latest_committed(store, run)
         if ref is None:
@@ -238,10 +236,7 @@ class JobRunner:
 
     def _finish(self, job: JobConfig, state: dict) -> None:
         """After the worker group ended well: export the final checkpoint's weights."""
-        import ray  # (ray: only inside the actor)
-
-        from orchestrator.checkpoint.layout import run_uri
-        from orchestrator.launcher import export_remote
+        from orchestrator.ray_train import export_remote  # (torch: only where a job runs)
 
         self._say(f"exporting the weights of {state['uri']}")
         export = ray.get(export_remote().remote(to_dict(job), run_uri(job.storage.root, self.record.id),

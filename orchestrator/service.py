@@ -18,7 +18,14 @@ import time
 import traceback
 from pathlib import Path
 
+import ray
+
+from orchestrator.cluster import capacity
+from orchestrator.config.compose import job_config_from_dict
 from orchestrator.errors import OrchError
+from orchestrator.jobs.store import JobStore
+from orchestrator.launcher import new_controller
+from orchestrator.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +57,6 @@ def _answer(fn=None, *, locked: bool = True):
 
 class ControllerService:
     def __init__(self, state_dir: str, poll_s: float = 1.0):
-        import ray
-
-        from orchestrator.cluster import capacity
-        from orchestrator.jobs.store import JobStore
-        from orchestrator.launcher import new_controller
-
         self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
         self.poll_s = poll_s
         self.log_dir = Path(self.state_dir) / "logs"
@@ -99,9 +100,6 @@ class ControllerService:
 
     @_answer
     def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
-        from orchestrator.config.compose import job_config_from_dict
-        from orchestrator.preflight import preflight
-
         jobs = [job_config_from_dict(d) for d in job_dicts]
         preflight(jobs)
         records = self.controller.submit(jobs, after=list(after))
@@ -139,8 +137,6 @@ class ControllerService:
 
 def start_controller(state_dir: str):
     """Create the controller actor (detached, restarted forever, on the head node)."""
-    import ray
-
     cls = ray.remote(ControllerService)
     return cls.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,

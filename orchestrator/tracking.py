@@ -45,7 +45,7 @@ class WandbTracker:
 
     def __init__(self, cfg: TrackingConfig, *, run_id: str, name: str, group: str, job_type: str,
                  config: dict, root_dir: str):
-        import wandb
+        import wandb  # (slow to import; only rank 0 of a tracked run needs it)
 
         directory = cfg.dir or root_dir
         os.makedirs(directory, exist_ok=True)

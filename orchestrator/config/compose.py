@@ -9,8 +9,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig
 from orchestrator.config.typed import build, to_dict
@@ -41,7 +48,6 @@ def _groups() -> list[str]:
 
 
 def _check_override_syntax(overrides: Sequence[str]) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     for ov in overrides:
@@ -85,8 +91,6 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
 
 def _valid_keys(path: str) -> list[str]:
     """The field names of the schema dataclass at a dotted path of RootConfig, if there is one."""
-    import dataclasses
-    import typing
 
     cls: object = RootConfig
     skip_key = False  # the next part is a key of a dict (a job name), not a field
@@ -109,10 +113,6 @@ def _valid_keys(path: str) -> list[str]:
 
 def compose_dict(overrides: Sequence[str] = ()) -> dict:
     """Compose conf/ + overrides into a resolved plain dict (state_dir made absolute first)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
     _check_override_syntax(overrides)

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from orchestrator.checkpoint.interval import parse_interval
 from orchestrator.errors import OrchError
 
 JobKind = Literal["pretrain", "finetune"]
@@ -52,7 +53,7 @@ class ModelConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
     def gpt_config(self):
-        from model.gpt import GPTConfig
+        from model.gpt import GPTConfig  # (model/ loads torch: the CLI imports this module)
 
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         return GPTConfig(**kw)
@@ -125,8 +126,6 @@ class CheckpointConfig:
     commit_timeout_s: float = 3600.0  # how long rank 0 waits for every rank's upload before the save fails
 
     def __post_init__(self):
-        from orchestrator.checkpoint.interval import parse_interval
-
         parse_interval(self.interval)  # raises ValueError with the accepted forms
         _positive(self, "keep_last", "mtbf_hours", "upload_limit_mbps", "commit_timeout_s")
         if self.keep_every < 0:
@@ -185,7 +184,7 @@ class StorageConfig:
         if self.backend == "local" and self.root.startswith("s3://"):
             raise ValueError(f"root={self.root!r} is an S3 URI but backend='local'; choose storage=s3")
         if self.endpoint_url is not None:
-            from orchestrator.storage.base import check_endpoint_url  # (it imports no boto3)
+            from orchestrator.storage.base import check_endpoint_url  # (the storage package loads boto3)
 
             try:
                 check_endpoint_url(self.endpoint_url)

@@ -25,7 +25,7 @@ from orchestrator.constants import DATASET_FORMAT_VERSION, DATASET_MARKER, MANIF
 from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
 from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
 from orchestrator.errors import DatasetError, OrchError
-from orchestrator.storage import ObjectStore, join_uri
+from orchestrator.storage import ObjectNotFound, ObjectStore, S3Store, join_uri, open_store
 from orchestrator.storage.claim import check_destination, claim_destination, overlaps
 from orchestrator.storage.digest import sha256_bytes
 
@@ -45,7 +45,7 @@ def local_runner(fn: Callable, args: list[tuple]) -> Iterator:
 
 def ray_runner(fn: Callable, args: list[tuple]) -> Iterator:
     """One Ray task per argument tuple (1 CPU each), results as they finish."""
-    import ray
+    import ray  # (only when a cluster runs the tasks; local_runner needs none)
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     pending = [remote.remote(*a) for a in args]
@@ -85,8 +85,6 @@ def token_dtype(vocab_size: int) -> str:
 
 def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
     """The tokenizer of a prepared dataset (via its manifest) or of a model folder (tokenizer.json)."""
-    from orchestrator.storage import ObjectNotFound, S3Store, open_store
-
     if isinstance(store, S3Store) != uri.startswith("s3://"):  # e.g. a local model folder, data in S3
         store = open_store(uri)
     manifest = try_load_manifest(store, uri)
@@ -135,7 +133,7 @@ def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -
 
 def tokenize_unit(store: ObjectStore, cfg: DataConfig, source: str, unit: Unit, tok_json: str, dtype: str) -> dict:
     """Tokenize one unit and upload its shards. Runs as a Ray task; returns what the manifest needs."""
-    from model.tokenizer import eot_id, tokenizer_from_json
+    from model.tokenizer import eot_id, tokenizer_from_json  # (model/ loads torch: not at import)
 
     tok = tokenizer_from_json(tok_json)
     eot = eot_id(tok)
@@ -246,7 +244,12 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there (a
     dataset from other settings there is an error: it is never overwritten). `cfg.uri` must not
     overlap the source, and must be empty or a dataset folder orch wrote, unless `overwrite`."""
-    from model.tokenizer import eot_id, tokenizer_from_json, tokenizer_to_json, train_bpe_tokenizer
+    from model.tokenizer import (  # (model/ loads torch: not at import)
+        eot_id,
+        tokenizer_from_json,
+        tokenizer_to_json,
+        train_bpe_tokenizer,
+    )
 
     say = progress or (lambda msg: log.info(msg))
     if not cfg.source:

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from orchestrator.config.schema import DataConfig
 from orchestrator.data.cache import MiB, RetryPolicy, ShardCache, ShardFile
@@ -164,8 +165,6 @@ class SplitReader:
 
     def batch(self, indices) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
         """(inputs, targets), each (B, seq_len) int64; masked targets are IGNORE_INDEX."""
-        import torch
-
         tokens, mask = self._gather(indices)
         tokens = tokens.astype(np.int64)
         x, y = tokens[:, :-1], tokens[:, 1:].copy()

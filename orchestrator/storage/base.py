@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from orchestrator.errors import StorageError
 
@@ -85,8 +86,6 @@ def check_endpoint_url(url: str | None) -> None:
     """An S3 endpoint must be an http(s) URL with a host (boto3 would fail later with a traceback)."""
     if url is None:
         return
-    from urllib.parse import urlparse
-
     parts = urlparse(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise StorageError(f"S3 endpoint {url!r} is not a URL; give http(s)://HOST[:PORT] in storage.endpoint_url "

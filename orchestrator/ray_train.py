@@ -1,0 +1,141 @@
+"""The Ray Train run of one job, and the Ray tasks around it (preparing its data, exporting its
+weights). Used inside the job's runner actor.
+
+`fit` builds a TorchTrainer (ScalingConfig, FailureConfig) whose workers run
+`orchestrator.train.loop.train_worker`. It uses Ray Train V2 internals (callbacks that report the
+worker group's placement group and the reason of each restart), so the Ray version is pinned in
+pyproject.toml and checked when a launcher starts (`orchestrator.launcher.check_ray_version`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.checkpoint.export import export_checkpoint
+from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, run_uri
+from orchestrator.config.compose import job_config_from_dict
+from orchestrator.config.schema import JobConfig
+from orchestrator.config.typed import to_dict
+from orchestrator.data.prepare import ensure_dataset
+from orchestrator.errors import ClusterError
+from orchestrator.jobs.record import JobRecord
+from orchestrator.workspace import local_scratch, open_job_store
+
+log = logging.getLogger(__name__)
+
+def prepare_remote():
+    """A Ray task that prepares a job's dataset if needed; returns its progress lines."""
+    @ray.remote(num_cpus=0)
+    def prepare(job_dict: dict) -> list[str]:
+        job = job_config_from_dict(job_dict)
+        store = open_job_store(job)
+        store.check(job.storage.root)
+        lines: list[str] = []
+        ensure_dataset(store, job.data, progress=lines.append)
+        return lines
+
+    return prepare
+
+
+def export_remote():
+    """A Ray task (1 CPU) that consolidates a committed checkpoint into the run's export."""
+    @ray.remote(num_cpus=1)
+    def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+        job = job_config_from_dict(job_dict)
+        ref = CheckpointRef(step, checkpoint_uri(run, step), True)
+        return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
+                                 local_scratch(job_id))
+
+    return export
+
+
+def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:
+    """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
+    `max_failures`); called in the job's runner actor, to which rank 0 reports."""
+    from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not the controller)
+
+    # W&B files: the state folder on an embedded cluster (this machine), else node-local scratch
+    # on rank 0's node (or tracking.dir); online runs upload as they go, offline ones with `wandb sync`.
+    wandb_root = job.tracking.dir or (job.state_dir if not job.cluster.address else None)
+    me = ray.get_runtime_context().current_actor
+    spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=record.pipeline_id,
+                init_from=init_from, reporter=me, wandb_root=wandb_root)
+    trainer = _trainer_class(me)(
+        train_worker,
+        train_loop_config={"job": to_dict(job), "spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=(job.workers, job.max_workers) if job.max_workers else job.workers,
+            elastic_resize_monitor_interval_s=job.cluster.elastic_resize_interval_s,
+            use_gpu=job.cluster.gpus_per_worker > 0,
+            resources_per_worker=job.resources_per_worker(),
+            placement_strategy=job.cluster.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend=job.cluster.backend),
+        run_config=RunConfig(name=f"{record.id}-{int(time.time())}", storage_path=ray_storage,
+                             failure_config=FailureConfig(max_failures=job.max_failures)),
+    )
+    trainer.fit()
+
+
+def _trainer_class(runner):
+    """TorchTrainer without Ray Train's PlacementGroupCleaner, with two callbacks that tell `runner`
+    each worker group's placement group and why Ray Train starts the next group.
+
+    The cleaner (a detached helper) asks the state API whether the Train controller is alive and
+    takes "not found" for dead: on a loaded node it removed the placement group of a live run under
+    our feet (seen on a 3-raylet cluster on 2 cores). Instead the runner learns each worker group's
+    placement group and removes it itself when the job is stopped at once (`orch cancel --now`)."""
+    try:  # (internals of one Ray release: imported where used, so another Ray fails with one line)
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+        from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    except ImportError as e:
+        raise ClusterError(f"this Ray has no Ray Train V2 internals orch relies on ({e}); "
+                           f"install the Ray version pyproject.toml names") from None
+
+    class ReportPlacementGroup(WorkerGroupCallback):
+        def __init__(self, runner):
+            self.runner = runner
+
+        def after_worker_group_start(self, worker_group) -> None:
+            try:
+                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                self.runner.placement_group.remote(pg)
+            except Exception:  # noqa: BLE001 - best effort: only `cancel --now` uses it
+                log.warning("could not report the worker group's placement group", exc_info=True)
+
+    class ReportDecisions(ControllerCallback):
+        """Tells the runner (and waits, so it knows before the next group's rank 0 reports) why the
+        next worker group starts: a retry after a failure, or a resize."""
+
+        def __init__(self, runner):
+            self.runner = runner
+
+        def _tell(self, kind: str) -> None:
+            try:
+                ray.get(self.runner.decision.remote(kind), timeout=10)
+            except Exception:  # noqa: BLE001 - the runner then judges from the group's size
+                log.warning("could not tell the job's runner about a %s decision", kind, exc_info=True)
+
+        def before_controller_execute_failure_decision(self, failure_decision) -> None:
+            if failure_decision == FailureDecision.RETRY:
+                self._tell("failure")
+
+        def before_controller_execute_resize_decision(self, resize_decision) -> None:
+            self._tell("resize")
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = [c for c in super()._create_default_callbacks()
+                         if not isinstance(c, PlacementGroupCleanerCallback)]
+            return callbacks + [ReportPlacementGroup(runner), ReportDecisions(runner)]
+
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        raise ClusterError("this Ray's TorchTrainer has no _create_default_callbacks; install the Ray version "
+                           "pyproject.toml names")
+    return Trainer

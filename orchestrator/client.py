@@ -94,11 +94,11 @@ class Client:
 def connect_controller(address: str, state_dir: str | None = None, start: bool = True):
     """Yield a `Client` for the controller on the cluster at `address`; start the controller
     there (state in `state_dir` on the head node) when `start` and there is none."""
-    from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (Ray: see _call)
-
     check_reachable(address)
-    _use_token_auth_if_available()
+    _use_token_auth_if_available()  # before Ray is imported: it reads the auth mode once
     import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
+
+    from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (it imports Ray)
 
     try:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(), log_to_driver=False,

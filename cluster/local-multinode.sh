@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=".venv/bin/ray"
+# Ray's command, with every node on 127.0.0.1 only (GCS, raylets, dashboard, client server):
+# see orchestrator/local_ray.py.
+LOCAL_RAY=(.venv/bin/python -m orchestrator.local_ray)
 PORT="${ORCH_LOCAL_RAY_PORT:-6399}"
 CPUS_PER_NODE="${ORCH_CPUS_PER_NODE:-1}"
 # Token authentication (Ray's default for new clusters): every raylet and client of this machine
@@ -16,14 +19,16 @@ export RAY_AUTH_MODE=token
 case "${1:-}" in
   start)
     n="${2:-2}"
-    "$RAY" start --head --port="$PORT" --num-cpus=0 --include-dashboard=true --disable-usage-stats >/dev/null
+    "${LOCAL_RAY[@]}" start --head --port="$PORT" --node-ip-address=127.0.0.1 --num-cpus=0 --include-dashboard=true \
+      --dashboard-host=127.0.0.1 --ray-client-server-port="$((PORT + 1))" --disable-usage-stats >/dev/null
     for i in $(seq 1 "$n"); do
-      "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="$CPUS_PER_NODE" --resources="{\"node-$i\": 1}" \
-        --disable-usage-stats >/dev/null
+      "${LOCAL_RAY[@]}" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$CPUS_PER_NODE" \
+        --resources="{\"node-$i\": 1}" --disable-usage-stats >/dev/null
     done
     echo "Ray head at 127.0.0.1:$PORT with $n worker nodes of $CPUS_PER_NODE CPU(s): export RAY_ADDRESS=127.0.0.1:$PORT"
     ;;
   stop)
+    # (every Ray process of this machine; `orch up` / `orch down` stop only their own cluster's)
     "$RAY" stop --force >/dev/null && echo "stopped"
     ;;
   *)

@@ -12,15 +12,22 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator import errors
-from orchestrator.cluster import _code_runtime_env, _listening, _use_token_auth_if_available, check_reachable
+from orchestrator.cluster import (
+    _code_runtime_env,
+    _listening,
+    _use_token_auth_if_available,
+    check_reachable,
+    is_loopback_address,
+    keep_ray_on_loopback,
+)
 from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
+from orchestrator.local_ray import cluster_pids, process_table, ray_command, session_of, stop
 
 CLUSTER_FILE = "cluster.json"  # written by `orch up` into the state folder
 
@@ -96,6 +103,8 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
     there (state in `state_dir` on the head node) when `start` and there is none."""
     check_reachable(address)
     _use_token_auth_if_available()  # before Ray is imported: it reads the auth mode once
+    if is_loopback_address(address):
+        keep_ray_on_loopback()  # else Ray dials the machine's own address, where `orch up`'s cluster is not
     import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
     from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (it imports Ray)
@@ -122,23 +131,26 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
 
 
 # ------------------------------------------------------------------------------ orch up / down
-def _ray_cli() -> list[str]:
-    exe = Path(sys.executable).with_name("ray")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
-
-
 def _ray(*args: str) -> None:
+    """`ray ARGS` for a cluster of this machine alone (orchestrator.local_ray: kept on loopback)."""
     # Ray clusters authenticate with a token (~/.ray/auth_token): every raylet and client uses it.
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
-    out = subprocess.run([*_ray_cli(), *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([*ray_command(), *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ClusterError(f"`ray {' '.join(args)}` failed: {tail[0]}")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     """Start a persistent local Ray cluster of `nodes` raylets (the head is one of them), then the
-    controller on it; remember the address in the state folder."""
+    controller on it; remember the address in the state folder. Everything listens on 127.0.0.1:
+    the GCS, raylets, workers, agents, the dashboard and Ray's client server (on a free port)."""
     if nodes < 1 or cpus_per_node < 1:
         raise ConfigError(f"--nodes and --cpus-per-node must be at least 1 (got {nodes}, {cpus_per_node})")
     known = recorded_address(state_dir)
@@ -152,16 +164,12 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
         _ray("get-auth-token", "--generate")
-    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0"]
+    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
     # The dashboard serves Ray's state API, which Ray Train uses to free a stopped job's placement group.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dashboard_port = sock.getsockname()[1]
-    _ray("start", "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
-         "--node-ip-address=127.0.0.1", *common)
+    _ray("start", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *common)
     for i in range(1, nodes):
-        _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--resources={{\"orch-node-{i}\": 1}}",
-             *common)
+        _ray("start", f"--address={address}", f"--resources={{\"orch-node-{i}\": 1}}", *common)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
     with connect_controller(address, state_dir) as client:
@@ -171,17 +179,26 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
         while len([n for n in ray.nodes() if n["Alive"]]) < nodes and time.time() < deadline:
             time.sleep(0.5)
         info = client.ping()
+        session = ray.get_runtime_context().get_session_name()
+    # The session names every process of this cluster: `orch down` stops those, and only those.
+    cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node,
+                                                   "session": session}))
     say(f"cluster up at {address}: {nodes} node(s) x {cpus_per_node} CPU(s); controller pid {info['pid']}, "
         f"state in {info['state_dir']}")
     return address
 
 
 def down(state_dir: str, say) -> None:
-    """Stop the local cluster `orch up` started (every Ray process of this machine). Job records
-    stay; the next `orch up` resumes unfinished jobs from their last committed checkpoint."""
+    """Stop the local cluster `orch up` started: its own processes (by its session and GCS port),
+    not other Ray clusters of this machine. Job records stay; the next `orch up` resumes unfinished
+    jobs from their last committed checkpoint."""
     f = cluster_file(state_dir)
-    if not f.exists():
+    address = recorded_address(state_dir)
+    if address is None:
         raise ClusterError(f"no cluster started by `orch up` for {state_dir}; nothing to stop")
-    _ray("stop", "--force")
+    port = int(address.rsplit(":", 1)[1])
+    procs = process_table()
+    session = json.loads(f.read_text()).get("session") or session_of(procs, port)
+    stopped = stop(cluster_pids(procs, port, session))
     f.unlink()
-    say("cluster stopped; job records kept in " + state_dir)
+    say(f"cluster at {address} stopped ({stopped} processes); job records kept in {state_dir}")

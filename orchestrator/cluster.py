@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.config.schema import ClusterConfig, RootConfig
-from orchestrator.constants import RAY_ADDRESS_ENV
+from orchestrator.constants import RAY_ADDRESS_ENV, RAY_SINGLE_MACHINE_ENV
 from orchestrator.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,32 @@ def _code_runtime_env() -> dict:
     import orchestrator
 
     return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(model.__file__).parent)]}
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether a Ray address (`127.0.0.1:6379`, `ray://localhost:10001`) is this machine's loopback."""
+    if not address:
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS
+
+
+def keep_ray_on_loopback() -> None:
+    """Make Ray, in this process and the processes it starts, keep 127.0.0.1 as the node's address
+    and listen there only.
+
+    On Linux, Ray 2.60 replaces a loopback address with the machine's own: a cluster then listens on
+    every interface (GCS, raylets, workers, agents, the client server), and a driver given
+    127.0.0.1:PORT dials the machine's address, which a loopback-only cluster does not answer. Its
+    single-machine mode keeps loopback. Ray reads the switch once, when imported, so it is also
+    flipped in place if Ray already was."""
+    os.environ[RAY_SINGLE_MACHINE_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _use_token_auth_if_available() -> None:
@@ -64,6 +91,8 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
     address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _use_token_auth_if_available()  # before ray reads its config
+    if not address or is_loopback_address(address):
+        keep_ray_on_loopback()  # an embedded cluster, or `orch up`'s: this machine only
     import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
 
     started = False

@@ -4,6 +4,10 @@ CONF_DIR_ENV = "ORCH_CONF_DIR"  # where conf/ lives (default: beside the package
 STATE_DIR_ENV = "ORCH_STATE_DIR"  # the state folder (default: ./.orch)
 DEFAULT_STATE_DIR = ".orch"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# Ray's single-machine mode ("0": the default on macOS and Windows): Ray keeps 127.0.0.1 as the
+# node's address and listens there only, where on Linux it swaps in the machine's own address and
+# listens on every interface. orch sets it for clusters of this machine alone (orchestrator.cluster).
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 JOBS_DB = "jobs.db"  # SQLite file of job records inside the state folder
 

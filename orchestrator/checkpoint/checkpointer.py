@@ -36,6 +36,7 @@ from orchestrator.checkpoint.layout import (
     step_of,
 )
 from orchestrator.checkpoint.retention import to_delete
+from orchestrator.checkpoint.safe_load import load, weights_only_loads
 from orchestrator.checkpoint.universal import UNIVERSAL_INFO, download_universal, ensure_universal
 from orchestrator.config.schema import CheckpointConfig
 from orchestrator.constants import COMMIT_MARKER, TRAINER_STATE
@@ -275,11 +276,15 @@ class Checkpointer:
     def load(self, engine, restore: Restore) -> dict:
         """Load a staged checkpoint into the engine (model, optimizer, LR schedule) and restore this
         rank's random state when the world size is unchanged. Returns the trainer state."""
-        engine.load_checkpoint(str(restore.folder), tag=restore.tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+        with weights_only_loads():  # DeepSpeed asks for weights_only=False; a checkpoint is data, not code
+            engine.load_checkpoint(str(restore.folder), tag=restore.tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
         rng = restore.folder / restore.tag / rng_file(self.rank)
         if not restore.universal and rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            try:
+                _set_rng_state(load(rng))
+            except CheckpointError as e:  # written before RNG states were plain tensors and numbers
+                log.warning("random state not restored: %s", e)
         shutil.rmtree(restore.folder, ignore_errors=True)
         how = "as a universal checkpoint" if restore.universal else ""
         log.info("resumed from %s (step %d) %s", restore.ref.uri, restore.ref.step, how)
@@ -287,7 +292,14 @@ class Checkpointer:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This rank's random state as tensors and plain numbers, so that it loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),  # (version, tuple of ints, gauss_next): plain data
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -295,7 +307,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -30,7 +30,10 @@ def consolidate_fp32(checkpoint_dir: Path, tag: str) -> dict:
         # Lazy: deepspeed picks its accelerator when imported, so only after DS_ACCELERATOR is set.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        from orchestrator.checkpoint.safe_load import weights_only_loads  # (torch: only when exporting)
+
+        with weights_only_loads():  # DeepSpeed asks for weights_only=False; a checkpoint is data, not code
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
 def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict,

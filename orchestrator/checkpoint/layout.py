@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.config.schema import MAX_NAME, safe_name
 from orchestrator.constants import CHECKPOINTS_DIR, COMMIT_MARKER, EXPORT_DIR, EXPORT_MANIFEST, RUNS_PREFIX
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
 from orchestrator.storage.digest import file_matches
 
@@ -27,6 +28,11 @@ _STEP_NAME = re.compile(r"step-(\d+)")  # a checkpoint folder's name
 
 
 def run_uri(storage_root: str, job_id: str) -> str:
+    """<storage root>/runs/<job id>: the id is one safe segment, so a run never lands outside runs/."""
+    try:
+        safe_name(job_id, "job id", max_len=2 * MAX_NAME)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return join_uri(storage_root, RUNS_PREFIX, job_id)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint
+from orchestrator.checkpoint.safe_load import load
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
 from orchestrator.storage.digest import file_matches, sha256_file
@@ -38,9 +39,13 @@ def ensure_universal(store: ObjectStore, ref: CheckpointRef, scratch: Path) -> N
     shutil.rmtree(scratch, ignore_errors=True)
     marker = download_checkpoint(store, ref, scratch / "in" / tag)
     out = scratch / "out" / tag
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(scratch / "in" / tag),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    # DeepSpeed's converter, with every torch.load in it weights-only (orchestrator.checkpoint.safe_load).
+    cmd = [sys.executable, "-m", "orchestrator.checkpoint.safe_load", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(scratch / "in" / tag), "--output_folder", str(out),
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    here = str(Path(__file__).resolve().parents[2])  # where this orchestrator package is importable from
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONPATH=path)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
@@ -99,10 +104,10 @@ def _adapt_optimizer_state(folder: Path, zero_stage: int) -> None:
     path = folder / "zero" / "optimizer_state.pt"
     if not path.exists():
         return
-    sd = torch.load(path, weights_only=False)
+    sd = load(path)
     if zero_stage == 3 and "optimizer_state_dict" not in sd:  # made from ZeRO 1-2
         step_file = next(iter(sorted((folder / "zero").glob("*/step.pt"))), None)
-        step = torch.load(step_file, weights_only=False) if step_file else None
+        step = load(step_file) if step_file else None
         sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
         torch.save(sd, path)
     elif zero_stage < 3 and "optimizer_state_dict" in sd:  # made from ZeRO-3
@@ -120,7 +125,7 @@ def _adapt_optimizer_state(folder: Path, zero_stage: int) -> None:
             for key in ("fp32", "exp_avg", "exp_avg_sq"):  # flat tensors -> {"param": shaped, "cat_dim": 0}
                 f = param_dir / f"{key}.pt"
                 if f.exists() and param_dir.name in shapes:
-                    t = torch.load(f, weights_only=False)
+                    t = load(f)
                     if isinstance(t, torch.Tensor):
                         torch.save({"param": t.view(shapes[param_dir.name]), "cat_dim": 0}, f)
         torch.save(sd, path)
@@ -129,7 +134,7 @@ def _adapt_optimizer_state(folder: Path, zero_stage: int) -> None:
 def _param_shapes(folder: Path) -> dict:
     """Parameter name -> shape, from a model-states file of the checkpoint."""
     for f in sorted(folder.glob("*model_states.pt")):
-        shapes = torch.load(f, map_location="cpu", weights_only=False).get("param_shapes")
+        shapes = load(f, map_location="cpu").get("param_shapes")
         if shapes:
             groups = shapes if isinstance(shapes, list) else [shapes]
             return {name: tuple(shape) for group in groups for name, shape in group.items()}

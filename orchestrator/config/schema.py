@@ -8,6 +8,7 @@ that is frozen into the job record. Everything past the entry points receives th
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -15,6 +16,21 @@ from orchestrator.checkpoint.interval import parse_interval
 from orchestrator.errors import OrchError
 
 JobKind = Literal["pretrain", "finetune"]
+
+
+# A job or dataset name becomes one segment of store paths (runs/<pipeline id>-<job>/...,
+# datasets/<name>/...) and of local file names (logs/<job id>.log, scratch): one segment, no way up.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME = 100  # characters in a job or dataset name (a job id adds the pipeline id in front)
+
+
+def safe_name(value: object, setting: str, max_len: int = MAX_NAME) -> str:
+    """`value` if it is a safe path segment; else a ValueError naming `setting`."""
+    if (not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value
+            or len(value) > max_len):
+        raise ValueError(f"{setting}={value!r} is not a safe name: use 1-{max_len} letters, digits, '_', '-' or '.', "
+                         f"starting with a letter or digit and without '..' (it becomes a path in the store)")
+    return value
 
 
 def _positive(obj, *names: str) -> None:
@@ -157,6 +173,7 @@ class DataConfig:
     download_workers: int = 4  # background download threads per worker
 
     def __post_init__(self):
+        safe_name(self.name, "name")
         _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens", "unit_mb", "shuffle_window",
                   "cache_limit_mb", "download_workers")
         if self.prefetch_batches < 0:
@@ -265,6 +282,8 @@ class PipelineConfig:
     def __post_init__(self):
         if not self.jobs:
             raise ValueError("a pipeline needs at least one job")
+        for name in self.jobs:
+            safe_name(name, "job name")
         for name, spec in self.jobs.items():
             for dep in spec.depends_on:
                 if dep not in self.jobs:
@@ -332,6 +351,7 @@ class JobConfig:
     max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
 
     def __post_init__(self):
+        safe_name(self.name, "name")  # also for jobs that reach the controller as dicts (`orch submit`)
         if self.kind == "finetune" and not (self.depends_on or self.init_from):
             raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job (or `orch submit "
                              "--after JOB_ID`), or init_from=MODEL")

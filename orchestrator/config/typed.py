@@ -45,6 +45,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _coerce(arg, value, path)
             except ConfigError as e:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # a mapping for that dataclass: what is wrong inside it is the news
                 errors.append(e)
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:

@@ -95,8 +95,14 @@ def check_endpoint_url(url: str | None) -> None:
 def join_uri(base: str, *parts: str) -> str:
     """Join a URI and path parts with single slashes: join_uri("s3://b/", "/x", "y") == "s3://b/x/y".
 
-    A trailing slash on the last part is kept, so a prefix stays a prefix.
+    A trailing slash on the last part is kept, so a prefix stays a prefix. A part never climbs out
+    of `base`: a `..` segment (from a name, or a path listed in a manifest or marker read from the
+    store) is refused.
     """
+    for part in parts:
+        if ".." in part.replace("\\", "/").split("/"):
+            raise StorageError(f"refusing the path {part!r} under {base}: its '..' segment would leave that folder "
+                               f"(a name or a listed file path that climbs out of its prefix)")
     scheme, rest = _split_scheme(base)
     pieces = [rest.strip("/")] + [p.strip("/") for p in parts]
     joined = "/".join(p for p in pieces if p)

@@ -33,10 +33,18 @@ def recorded_address(state_dir: str) -> str | None:
     if not f.exists():
         return None
     try:
-        return str(json.loads(f.read_text())["address"])
+        address = json.loads(f.read_text())["address"]
+        if not isinstance(address, str) or not _is_hostport(address):
+            raise ValueError(f"address {address!r} is not HOST:PORT")
+        return address
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"{f} is damaged ({type(e).__name__}: {e}); delete it (the job records stay) and run "
                           f"`orch up` again, or pass --address") from None
+
+
+def _is_hostport(address: str) -> bool:
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    return bool(sep) and port.isdigit() and 0 < int(port) < 65536
 
 
 def resolve_address(address: str | None, state_dir: str) -> str | None:
@@ -60,11 +68,14 @@ def _listening(hostport: str, timeout: float = 1.0) -> bool:
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
     retries for a long time and prints its retries)."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address!r} is an HTTP address (a dashboard or Jobs API?); orch talks to the "
+                          f"cluster's GCS: give HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
     hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
+    host, _, port = hostport.rpartition(":")
+    if not _is_hostport(address):
         raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()

@@ -23,6 +23,18 @@ def _positive(obj, *names: str) -> None:
             raise ValueError(f"{name}={value} must be > 0")
 
 
+def is_plain_name(value: str) -> bool:
+    """Whether `value` can be one part of a path or URI (a dataset folder, a job id) and stay one part:
+    `../../x`, `/etc` or `a/b` would reach outside the folder it is meant for."""
+    return bool(value) and value not in (".", "..") and not any(c in value for c in "/\\") and value.isprintable()
+
+
+def _plain_name(setting: str, value: str, where: str) -> None:
+    if not is_plain_name(value):
+        raise ValueError(f"{setting}={value!r} must be a plain name (not empty, '.' or '..', no '/' or '\\'): it is "
+                         f"a folder under {where}; pick a name like 'web-2024'")
+
+
 def _non_negative(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -158,6 +170,7 @@ class DataConfig:
     download_workers: int = 4  # background download threads per worker
 
     def __post_init__(self):
+        _plain_name("name", self.name, "storage.root/datasets (data.uri=URI puts a dataset anywhere)")
         _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens", "unit_mb", "shuffle_window",
                   "cache_limit_mb", "download_workers")
         if self.prefetch_batches < 0:
@@ -267,6 +280,7 @@ class PipelineConfig:
         if not self.jobs:
             raise ValueError("a pipeline needs at least one job")
         for name, spec in self.jobs.items():
+            _plain_name("job name", name, "storage.root/runs (it is part of the job id)")
             for dep in spec.depends_on:
                 if dep not in self.jobs:
                     raise ValueError(f"job '{name}' depends on '{dep}', which is not a job of this pipeline "

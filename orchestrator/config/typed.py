@@ -46,6 +46,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError as e:
                 errors.append(e)
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) and isinstance(value, dict):
+            raise errors[0]  # Optional[SomeConfig] given a mapping: the error inside it is the one to show
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += " or null"

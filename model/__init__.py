@@ -1,43 +1,42 @@
-"""A GPT decoder family: single-device model code, no I/O and no distributed code."""
+"""A GPT decoder family: single-device model code, no I/O and no distributed code.
 
-from model.gpt import (
-    GPT,
-    IGNORE_INDEX,
-    GPTConfig,
-    KVCache,
-    count_parameters,
-    flops_per_token,
-    generate,
-)
-from model.hf import (
-    gpt_to_hf_config,
-    gpt_to_hf_state_dict,
-    hf_config_to_gpt,
-    hf_state_dict_to_gpt,
-)
-from model.tokenizer import (
-    EOT_TOKEN,
-    eot_id,
-    tokenizer_from_json,
-    tokenizer_to_json,
-    train_bpe_tokenizer,
-)
+The names below are imported on first use (PEP 562), so code that needs only the tokenizer
+(`orch data prepare`, which fails in a second on a bad corpus) does not wait for torch.
+"""
 
-__all__ = [
-    "EOT_TOKEN",
-    "GPT",
-    "GPTConfig",
-    "IGNORE_INDEX",
-    "KVCache",
-    "count_parameters",
-    "eot_id",
-    "flops_per_token",
-    "generate",
-    "gpt_to_hf_config",
-    "gpt_to_hf_state_dict",
-    "hf_config_to_gpt",
-    "hf_state_dict_to_gpt",
-    "tokenizer_from_json",
-    "tokenizer_to_json",
-    "train_bpe_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "GPT": "model.gpt",
+    "IGNORE_INDEX": "model.gpt",
+    "GPTConfig": "model.gpt",
+    "KVCache": "model.gpt",
+    "count_parameters": "model.gpt",
+    "flops_per_token": "model.gpt",
+    "generate": "model.gpt",
+    "gpt_to_hf_config": "model.hf",
+    "gpt_to_hf_state_dict": "model.hf",
+    "hf_config_to_gpt": "model.hf",
+    "hf_state_dict_to_gpt": "model.hf",
+    "EOT_TOKEN": "model.tokenizer",
+    "eot_id": "model.tokenizer",
+    "tokenizer_from_json": "model.tokenizer",
+    "tokenizer_to_json": "model.tokenizer",
+    "train_bpe_tokenizer": "model.tokenizer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # Joins documents in the token stream, and pads short sequences (with their targets set to
 # IGNORE_INDEX, so padding never counts in the loss); hence no separate pad token.
@@ -17,6 +17,11 @@ EOT_TOKEN = "<|endoftext|>"
 
 # 256 byte symbols + EOT: the smallest vocabulary that can still encode any text.
 _MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+
+# Runs of non-whitespace characters are cut into pieces of at most this many before BPE sees them:
+# BPE training time grows with the square of a word's length (a 1 MiB line without a space took
+# minutes), and no real word is this long, so text without such runs tokenizes as if uncut.
+MAX_WORD_CHARS = 256
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -35,7 +40,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     tok = Tokenizer(models.BPE())
     # add_prefix_space=False: a document's first word is not silently changed into " word", so
     # decode(encode(text)) == text. The GPT-2 regex splits words/numbers/punctuation first.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\S{{{MAX_WORD_CHARS}}}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

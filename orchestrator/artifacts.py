@@ -109,14 +109,26 @@ def read_model_config(source: ModelSource) -> ModelConfig:
     """The architecture of a model source, without loading its weights."""
     if source.kind in ("checkpoint", "export"):
         return _model_config(source.store, source.uri)
+    return _from_gpt(_hf_gpt_config(source.store, source.uri), "hf")
+
+
+def _hf_gpt_config(store: ObjectStore, folder: str):
+    """The GPTConfig of a Hugging Face folder's config.json; CheckpointError naming the file otherwise."""
     from model.hf import hf_config_to_gpt  # (model/ loads torch: only with weights)
 
-    text = _get_text(source.store, join_uri(source.uri, HF_CONFIG))
+    uri = join_uri(folder, HF_CONFIG)
     try:
-        gpt = hf_config_to_gpt(json.loads(text or "{}"))
-    except ValueError as e:
-        raise CheckpointError(f"{join_uri(source.uri, HF_CONFIG)}: {e}") from None
-    return _from_gpt(gpt, "hf")
+        text = store.get(uri)
+    except ObjectNotFound:
+        raise _not_a_model(folder) from None
+    try:
+        hf = json.loads(text)
+        if not isinstance(hf, dict):
+            raise ValueError(f"a JSON {type(hf).__name__}, not an object")
+        return hf_config_to_gpt(hf)
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, not GPT-2, nonsense values
+        raise CheckpointError(f"{uri} is not a usable GPT-2 config ({e}); orch reads Hugging Face GPT-2 "
+                              f"folders (model_type 'gpt2')") from None
 
 
 def _from_gpt(gpt, name: str) -> ModelConfig:
@@ -147,22 +159,25 @@ def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> Mod
     """A Hugging Face GPT-2-layout folder (config.json + model.safetensors) as our weights."""
     from safetensors.torch import load_file  # (torch: only with weights)
 
-    from model.hf import hf_config_to_gpt, hf_state_dict_to_gpt  # (model/ loads torch: only with weights)
+    from model.hf import hf_state_dict_to_gpt  # (model/ loads torch: only with weights)
 
-    text = _get_text(store, join_uri(folder, HF_CONFIG))
-    if text is None:
-        raise _not_a_model(folder)
-    try:
-        gpt = hf_config_to_gpt(json.loads(text))
-    except ValueError as e:
-        raise CheckpointError(f"{join_uri(folder, HF_CONFIG)}: {e}") from None
+    gpt = _hf_gpt_config(store, folder)
     weights = tmp / HF_WEIGHTS
     try:
         store.get_file(join_uri(folder, HF_WEIGHTS), weights)
     except ObjectNotFound:
         raise CheckpointError(f"{folder} has no {HF_WEIGHTS}; "
                               f"orch reads Hugging Face weights in safetensors format only") from None
-    state = {k: v.float() for k, v in hf_state_dict_to_gpt(load_file(str(weights)), gpt).items()}
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error class (truncated, not safetensors at all)
+        raise CheckpointError(f"{join_uri(folder, HF_WEIGHTS)} is not a readable safetensors file "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                              f"it is truncated or damaged: copy or export it again") from None
+    try:
+        state = {k: v.float() for k, v in hf_state_dict_to_gpt(tensors, gpt).items()}
+    except ValueError as e:
+        raise CheckpointError(f"{join_uri(folder, HF_WEIGHTS)} does not fit its {HF_CONFIG}: {e}") from None
     return ModelArtifact(_from_gpt(gpt, name), state, _get_text(store, join_uri(folder, TOKENIZER)), folder)
 
 

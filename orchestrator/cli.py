@@ -30,7 +30,7 @@ from collections.abc import Sequence
 # needs them, so `orch --help` and the controller commands start fast.
 from orchestrator import __version__
 from orchestrator.client import connect_controller, down, resolve_address, up
-from orchestrator.config.schema import RootConfig
+from orchestrator.config.schema import RootConfig, is_plain_name
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError, OrchError
@@ -44,17 +44,14 @@ def _say(msg: str) -> None:
     print(f"[orch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _quoted(value: str) -> str:
-    """A Hydra override value taken literally (commas, brackets, spaces and all)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _overrides(args) -> list[str]:
+    from orchestrator.config.compose import quote_value  # (only commands that compose call this)
+
     ov = list(args.overrides)
     if getattr(args, "address", None):
-        ov.append(f"cluster.address={_quoted(args.address)}")
+        ov.append(f"cluster.address={quote_value(args.address)}")
     if getattr(args, "state_dir", None):
-        ov.append(f"state_dir={_quoted(os.path.abspath(args.state_dir))}")
+        ov.append(f"state_dir={quote_value(os.path.abspath(args.state_dir))}")
     return ov
 
 
@@ -89,7 +86,7 @@ def _print_dry_run(raw: dict, jobs) -> None:
     import yaml  # only --dry-run prints YAML
 
     print("# resolved config")
-    print(yaml.safe_dump(raw, sort_keys=False, width=10**6), end="")  # one line per value
+    print(yaml.safe_dump(raw, sort_keys=False, width=10**6, allow_unicode=True), end="")  # one line per value
     print("# resources (each job is admitted only when all its workers fit at once)")
     for j in jobs:
         rec = JobRecord(id=j.name, pipeline_id="", name=j.name, kind=j.kind, state=JobState.PENDING,
@@ -135,7 +132,18 @@ def _print_summary(root, records) -> None:
 
 # --------------------------------------------------------------------------------------- status
 def _state_dir(args) -> str:
-    return os.path.abspath(args.state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+    path = os.path.abspath(args.state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"the state folder {path} is a file; pass --state-dir (or {STATE_DIR_ENV}) a folder")
+    return path
+
+
+def _check_job_id(job: str) -> None:
+    """A job id is one name (`p1a2b3c-pretrain`): it becomes part of paths in the store and the state
+    folder, so `../x`, `/etc` or `a/b` are refused before anything reads or writes."""
+    if not is_plain_name(job):
+        raise ConfigError(f"{job!r} is not a job id: an id is one name like p1a2b3c-pretrain, without '/' or '..'; "
+                          f"`orch status` lists the jobs")
 
 
 def status_rows(records) -> list[dict]:
@@ -169,6 +177,8 @@ def _print_status(args, records) -> None:
 
 
 def cmd_status(args) -> int:
+    if args.job:
+        _check_job_id(args.job)
     state_dir = _state_dir(args)
     address = resolve_address(args.address, state_dir)
     if address:
@@ -203,9 +213,27 @@ def _controller(args, start: bool = False):
     return connect_controller(address, state_dir, start=start)
 
 
+def _job_controller(args, action: str):
+    """The controller, for a command on one job (logs, cancel, scale). The id is checked first; with
+    no cluster to ask, the state folder's records say whether the job exists at all."""
+    _check_job_id(args.job)
+    state_dir = _state_dir(args)
+    if not resolve_address(args.address, state_dir):
+        if os.path.exists(os.path.join(state_dir, JOBS_DB)):
+            JobStore(state_dir).get(args.job)  # an unknown id: JobNotFound, which names it
+        raise ClusterError(f"no cluster to {action} job {args.job} on: the controller runs on the cluster `orch up` "
+                           f"started (state folder {state_dir}); start it again, or pass --address / set RAY_ADDRESS")
+    return _controller(args)
+
+
 def cmd_up(args) -> int:
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1 (the head is one), got {args.nodes}")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be a TCP port (1-65535), got {args.port}; the default is 6379")
+    if args.cpus_per_node is not None and args.cpus_per_node < 1:  # (0 must not mean "the default")
+        raise ConfigError(f"--cpus-per-node must be at least 1, got {args.cpus_per_node}; leave it out to share "
+                          f"this machine's CPUs over the nodes")
     up(_state_dir(args), args.nodes, args.cpus_per_node or max(1, (os.cpu_count() or 1) // args.nodes), args.port, _say)
     return 0
 
@@ -217,6 +245,8 @@ def cmd_down(args) -> int:
 
 def cmd_submit(args) -> int:
     args.state_dir = _state_dir(args)
+    for job in args.after:
+        _check_job_id(job)
     raw, _, jobs = _compose(args, after=args.after)
     from orchestrator.preflight import check_no_secrets  # (it reaches the storage backends: boto3)
 
@@ -233,7 +263,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    with _controller(args) as client:
+    with _job_controller(args, "read the logs of") as client:
         offset = 0
         while True:
             out = client.logs(args.job, offset)
@@ -245,7 +275,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    with _controller(args) as client:
+    with _job_controller(args, "cancel") as client:
         rec = client.cancel(args.job, args.now)
     if rec["state"] == "CANCELLED":
         print(f"{args.job}: CANCELLED")
@@ -256,7 +286,9 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_scale(args) -> int:
-    with _controller(args) as client:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}; `orch cancel {args.job}` stops a job")
+    with _job_controller(args, "scale") as client:
         client.scale(args.job, args.workers)
     print(f"{args.job}: scaling to {args.workers} workers: checkpoint, then restart from it (`orch status {args.job}`)")
     return 0

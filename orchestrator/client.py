@@ -19,6 +19,7 @@ from pathlib import Path
 from orchestrator import errors
 from orchestrator.cluster import (
     _code_runtime_env,
+    _is_hostport,
     _listening,
     _use_token_auth_if_available,
     check_reachable,
@@ -42,7 +43,10 @@ def recorded_address(state_dir: str) -> str | None:
     if not f.exists():
         return None
     try:
-        return str(json.loads(f.read_text())["address"])
+        address = json.loads(f.read_text())["address"]
+        if not isinstance(address, str) or not _is_hostport(address):
+            raise ValueError(f"address {address!r} is not HOST:PORT")
+        return address
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"{f} is damaged ({type(e).__name__}: {e}); delete it (the job records stay) and run "
                           f"`orch up` again, or pass --address") from None

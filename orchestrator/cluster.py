@@ -69,14 +69,21 @@ def _listening(hostport: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def _is_hostport(address: str) -> bool:
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    return bool(sep) and port.isdigit() and 0 < int(port) < 65536
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
     retries for a long time and prints its retries)."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address!r} is an HTTP address (a dashboard or Jobs API?); orch talks to the "
+                          f"cluster's GCS: give HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not _is_hostport(address):
         raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()

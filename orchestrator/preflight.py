@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 
 from orchestrator import artifacts
-from orchestrator.checkpoint.layout import latest_committed
+from orchestrator.checkpoint.layout import CheckpointRef, check_committed, list_checkpoints, step_of
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS
 from orchestrator.data.manifest import load_manifest, try_load_manifest
 from orchestrator.data.prepare import ensure_dataset
+from orchestrator.data.sources import check_source
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
 from orchestrator.storage import join_uri
 from orchestrator.workspace import open_job_store
@@ -33,7 +34,9 @@ def preflight(jobs: list[JobConfig]) -> None:
         store = open_job_store(job)
         if try_load_manifest(store, job.data.uri) is not None:
             check_dataset_matches(job)
-        elif not job.data.source and not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
+        elif job.data.source:
+            check_source(store, job.data.source)  # a missing or empty corpus: now, not in the job
+        elif not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
             ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:
             check_weights_match(job, job.init_from, "init_from")
@@ -73,7 +76,11 @@ def check_no_secrets(job: JobConfig) -> None:
 
 def check_dataset_matches(job: JobConfig) -> None:
     """Fail before any worker starts if the dataset does not fit the model or the job."""
-    manifest = load_manifest(open_job_store(job), job.data.uri)
+    store = open_job_store(job)
+    manifest = load_manifest(store, job.data.uri)
+    for split in ("train", "val"):
+        manifest.split(split, job.data.uri)  # each must have samples: the job evaluates on 'val'
+    manifest.check_files(store, job.data.uri)
     if manifest.vocab_size > job.model.vocab_size:
         raise DatasetError(
             f"dataset {job.data.uri} has a {manifest.vocab_size}-token tokenizer but model '{job.model.name}' has "
@@ -90,7 +97,10 @@ def check_dataset_matches(job: JobConfig) -> None:
 def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
     """Fail before any worker starts if the weights at `uri` (the job's `setting`: init_from or
     resume_from) do not fit the job's model."""
-    theirs = artifacts.read_model_config(artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url))
+    source = artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url)
+    if source.kind == "checkpoint":  # a folder named step-N whose marker lists files that are all there
+        check_committed(source.store, CheckpointRef(step_of(source.uri), source.uri, True))
+    theirs = artifacts.read_model_config(source)
     diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in _ARCHITECTURE
             if getattr(theirs, f) != getattr(job.model, f)]
     if diff:
@@ -101,10 +111,27 @@ def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
 
 
 def check_resume_source(job: JobConfig) -> None:
-    """`resume_from` must hold a committed checkpoint of the job's architecture."""
+    """`resume_from` must hold a committed checkpoint of the job's architecture: a step-N folder
+    whose commit marker is valid and whose files are there, or a run with one such checkpoint (the
+    job falls back from the newest as it does; see orchestrator.checkpoint.checkpointer)."""
     store, src = open_job_store(job), job.resume_from.rstrip("/")
-    newest = src if store.exists(join_uri(src, COMMIT_MARKER)) else latest_committed(store, src)
-    if newest is None:
+    if store.exists(join_uri(src, COMMIT_MARKER)):
+        candidates = [CheckpointRef(step_of(src), src, True)]
+    else:
+        candidates = [c for c in reversed(list_checkpoints(store, src)) if c.committed]
+    if not candidates:
         raise CheckpointError(f"resume_from={job.resume_from} holds no committed checkpoint; give a "
                               f".../checkpoints/step-N URI or a run URI with checkpoints")
-    check_weights_match(job, job.resume_from, "resume_from")
+    problems = []
+    for ref in candidates:
+        try:
+            check_committed(store, ref)
+            break
+        except CheckpointError as e:
+            problems.append(str(e))
+    else:
+        raise CheckpointError(problems[0] if len(problems) == 1 else
+                              f"none of the {len(problems)} committed checkpoints of resume_from={job.resume_from} "
+                              f"is usable; the newest: {problems[0]}")
+    check_weights_match(job, ref.uri, "resume_from")  # the checkpoint the job will take
+

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on loopback, and a runner for the real `orch` command."""
+"""Shared fixtures: a real S3 endpoint on loopback, a runner for the real `orch` command, and the
+reliability recorder (tests/reliability.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_s3 import S3Server, s3_server  # noqa: F401  (fixture)
+from tests.reliability import (  # noqa: F401  (the reliability recorder's hooks and fixture)
+    pytest_configure,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    reliability_tries,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

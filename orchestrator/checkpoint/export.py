@@ -18,7 +18,7 @@ from pathlib import Path
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint, export_uri
 from orchestrator.constants import EXPORT_MANIFEST, EXPORT_WEIGHTS, MODEL_CONFIG, TOKENIZER
 from orchestrator.errors import CheckpointError
-from orchestrator.storage import ObjectStore, StorageError, join_uri
+from orchestrator.storage import ObjectStore, StorageError, is_relative_key, join_uri
 from orchestrator.storage.digest import sha256_file
 
 
@@ -70,9 +70,14 @@ def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.P
     manifest_uri = join_uri(export, EXPORT_MANIFEST)
     try:
         manifest = json.loads(store.get(manifest_uri))
+        if not is_relative_key(manifest["weights"]) or not isinstance(manifest["sha256"], str):
+            raise ValueError("'weights' must be a file inside the export, with its 'sha256'")
     except StorageError:
         raise CheckpointError(f"no exported model at {export} (missing {EXPORT_MANIFEST}); "
                               f"the job that made it must succeed first") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_uri} is not a valid export manifest ({type(e).__name__}: {e}); "
+                              f"export the checkpoint again") from None
     path = Path(local_dir) / "init" / EXPORT_WEIGHTS
     store.get_file(join_uri(export, manifest["weights"]), path)
     if sha256_file(path) != manifest["sha256"]:

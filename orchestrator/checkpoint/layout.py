@@ -20,7 +20,7 @@ from typing import Callable
 from orchestrator.config.schema import MAX_NAME, safe_name
 from orchestrator.constants import CHECKPOINTS_DIR, COMMIT_MARKER, EXPORT_DIR, EXPORT_MANIFEST, RUNS_PREFIX
 from orchestrator.errors import CheckpointError, ConfigError
-from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
+from orchestrator.storage import ObjectNotFound, ObjectStore, is_relative_key, join_uri
 from orchestrator.storage.digest import file_matches
 
 _STEP_DIR = re.compile(r"/step-(\d+)/")  # a checkpoint folder inside an object's URI
@@ -85,7 +85,58 @@ def latest_committed(store: ObjectStore, run: str) -> CheckpointRef | None:
 
 
 def read_marker(store: ObjectStore, ckpt: CheckpointRef) -> dict:
-    return json.loads(store.get(join_uri(ckpt.uri, COMMIT_MARKER)))
+    """A checkpoint's commit marker, checked: JSON that lists every file (a path inside the
+    checkpoint, its size and sha256) with the world size and ZeRO stage it was saved at."""
+    uri = join_uri(ckpt.uri, COMMIT_MARKER)
+    try:
+        marker = json.loads(store.get(uri))
+        why = _marker_problem(marker)
+    except ObjectNotFound:
+        why = "it is missing"
+    except ValueError as e:  # not JSON, or not UTF-8
+        why = f"it is not JSON: {e}"
+    if why:
+        raise CheckpointError(f"the commit marker {uri} is not valid ({why}); the checkpoint is damaged: "
+                              f"use an earlier checkpoint (or the run's folder, which falls back to one)")
+    return marker
+
+
+def _marker_problem(marker: object) -> str | None:
+    """What is wrong with a parsed commit marker, or None."""
+    if not isinstance(marker, dict):
+        return f"a {type(marker).__name__}, not an object"
+    for key in ("files", "world_size", "zero_stage"):
+        if key not in marker:
+            return f"no {key!r}"
+    if not isinstance(marker["world_size"], int) or not isinstance(marker["zero_stage"], int):
+        return "world_size and zero_stage must be integers"
+    if not isinstance(marker["files"], list) or not marker["files"]:
+        return "'files' must list the checkpoint's files"
+    for f in marker["files"]:
+        if not (isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)):
+            return f"file entry {f!r} needs a path, a size and a sha256"
+        if not is_relative_key(f.get("path")):
+            return f"file path {f.get('path')!r} is not a path inside the checkpoint"
+    return None
+
+
+def check_committed(store: ObjectStore, ref: CheckpointRef) -> dict:
+    """The marker of a committed checkpoint whose files are all in the store at the sizes it lists
+    (one listing, no reads: the sha256 are checked when the files are fetched). CheckpointError,
+    naming the file, otherwise."""
+    marker = read_marker(store, ref)
+    sizes = {o.uri: o.size for o in store.list(ref.uri + "/")}
+    for f in marker["files"]:
+        uri = join_uri(ref.uri, f["path"])
+        try:
+            size = sizes[uri] if uri in sizes else store.size(uri)  # (a listing skips symlinked folders)
+        except ObjectNotFound:
+            raise CheckpointError(f"checkpoint file {uri} listed in its commit marker is missing; the checkpoint is "
+                                  f"partial: use an earlier one") from None
+        if size != f["size"]:
+            raise CheckpointError(f"checkpoint file {uri} is {size} bytes, its commit marker says {f['size']}; "
+                                  f"the checkpoint is damaged: use an earlier one")
+    return marker
 
 
 def download_checkpoint(store: ObjectStore, ref: CheckpointRef, dest: Path,

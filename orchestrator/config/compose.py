@@ -47,19 +47,55 @@ def _groups() -> list[str]:
     return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
 
 
-def _check_override_syntax(overrides: Sequence[str]) -> None:
+def quote_value(value: str) -> str:
+    """A Hydra override value taken literally (commas, brackets, spaces, non-ASCII and all)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _check_override_syntax(overrides: Sequence[str]) -> list[str]:
+    """The overrides, each parsed once here so a bad one fails in one line that says how to write it.
+    A plain value with non-ASCII characters (a path like /data/ü), which Hydra's grammar refuses
+    unquoted, is quoted for the user."""
 
     parser = OverridesParser.create()
+    out = []
     for ov in overrides:
-        if "=" not in ov:
+        key, sep, value = ov.partition("=")
+        if not sep:
             raise ConfigError(
                 f"malformed override {ov!r}: expected key=value (e.g. trainer.max_steps=40 or model=gpt_tiny)"
             )
+        if not key.strip().lstrip("+~"):
+            raise ConfigError(f"malformed override {ov!r}: nothing before '='; "
+                              f"write key=value, e.g. trainer.max_steps=40")
+        literal = f"{key}={quote_value(value)}"
+        bracketed = value.lstrip().startswith(("[", "{"))  # a list or a mapping
+        plain = not bracketed and not value.lstrip().startswith(("'", '"'))
         try:
             parser.parse_override(ov)
         except Exception as e:  # hydra's OverrideParseException, multi-line
+            if plain and not value.isascii() and _parses(parser, literal):
+                out.append(literal)
+                continue
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"malformed override {ov!r}: {detail}") from None
+            detail = detail.split(" expecting ")[0]  # Hydra goes on to list every token of its grammar
+            if bracketed and "token recognition" in detail:
+                fix = "quote the items with non-ASCII characters inside the brackets, e.g. key=['ü',b]"
+            elif bracketed:
+                fix = "close the brackets: a list is key=[a,b], a mapping key={a:1,b:2}"
+            else:
+                fix = f"write key=value, quoting a value with special characters: \"{literal}\""
+            raise ConfigError(f"malformed override {ov!r}: {detail}; {fix}") from None
+        out.append(ov)
+    return out
+
+
+def _parses(parser, override: str) -> bool:
+    try:
+        parser.parse_override(override)
+        return True
+    except Exception:  # noqa: BLE001 - hydra's OverrideParseException
+        return False
 
 
 def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigError:
@@ -114,8 +150,7 @@ def _valid_keys(path: str) -> list[str]:
 def compose_dict(overrides: Sequence[str] = ()) -> dict:
     """Compose conf/ + overrides into a resolved plain dict (state_dir made absolute first)."""
 
-    overrides = list(overrides)
-    _check_override_syntax(overrides)
+    overrides = _check_override_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -129,6 +164,8 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict:
     OmegaConf.set_struct(cfg, False)
     try:
         cfg.state_dir = os.path.abspath(os.path.expanduser(str(cfg.state_dir)))
+        if os.path.exists(cfg.state_dir) and not os.path.isdir(cfg.state_dir):
+            raise ConfigError(f"state_dir={cfg.state_dir} is a file; give --state-dir (or state_dir=) a folder")
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"

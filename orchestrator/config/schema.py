@@ -40,6 +40,15 @@ def _positive(obj, *names: str) -> None:
             raise ValueError(f"{name}={value} must be > 0")
 
 
+def is_plain_name(value: object, max_len: int = 2 * MAX_NAME) -> bool:
+    """Whether `value` passes `safe_name` (a job id is a pipeline id and a job name: twice as long)."""
+    try:
+        safe_name(value, "name", max_len)
+    except ValueError:
+        return False
+    return True
+
+
 def _non_negative(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)

@@ -48,6 +48,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                     raise  # a mapping for that dataclass: what is wrong inside it is the news
                 errors.append(e)
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) and isinstance(value, dict):
+            raise errors[0]  # Optional[SomeConfig] given a mapping: the error inside it is the one to show
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += " or null"

@@ -10,7 +10,7 @@ import numpy as np
 
 from orchestrator.constants import DATASET_FORMAT_VERSION, MANIFEST
 from orchestrator.errors import DatasetError
-from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
+from orchestrator.storage import ObjectNotFound, ObjectStore, is_relative_key, join_uri
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, uri: str) -> "Manifest":
+    def from_json(cls, text: str | bytes, uri: str) -> "Manifest":
         try:
             raw = json.loads(text)
             version = raw.get("format_version")
@@ -70,12 +70,21 @@ class Manifest:
                 name: SplitInfo(tuple(ShardInfo(**s) for s in split["shards"]))
                 for name, split in raw.pop("splits").items()
             }
-            return cls(splits=splits, **raw)
+            manifest = cls(splits=splits, **raw)
+            if manifest.dtype not in ("uint16", "uint32"):
+                raise ValueError(f"dtype {manifest.dtype!r} is not uint16 or uint32")
         except DatasetError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise DatasetError(f"dataset manifest {uri} is not a valid manifest ({e}); "
                                f"prepare the dataset again") from None
+        keys = [manifest.tokenizer_key] + [k for sp in splits.values() for sh in sp.shards
+                                           for k in (sh.key, sh.mask_key) if k is not None]
+        for key in keys:
+            if not is_relative_key(key):
+                raise DatasetError(f"dataset manifest {uri} names the file {key!r}, which is not a path inside the "
+                                   f"dataset; the manifest is damaged or not orch's: prepare the dataset again")
+        return manifest
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -83,11 +92,40 @@ class Manifest:
 
     def split(self, name: str, uri: str) -> SplitInfo:
         if name not in self.splits or not self.splits[name].samples:
+            fix = "a larger data.val_fraction or more documents" if name == "val" else "more documents"
             raise DatasetError(
-                f"dataset {uri} has no samples in split '{name}'; "
-                f"prepare it with more documents or a larger val_fraction"
+                f"dataset {uri} has no samples in split '{name}' (jobs train on 'train' and evaluate on 'val'); "
+                f"prepare it again with {fix}"
             )
         return self.splits[name]
+
+    def check_files(self, store: ObjectStore, dataset_uri: str) -> None:
+        """Every shard the manifest lists is in the store with the size it says, and its counts agree
+        with each other: one listing and no reads, so a damaged dataset fails before training starts,
+        not when a worker reaches the shard. (A flipped byte keeps the size: the reader's sha256
+        check finds it when the shard is fetched.)"""
+        redo = f"delete {manifest_uri(dataset_uri)} and prepare the dataset again (from {self.source})"
+        sizes = {o.uri: o.size for o in store.list(dataset_uri.rstrip("/") + "/")}
+        for split in self.splits.values():
+            for sh in split.shards:
+                samples = (sh.tokens // (self.seq_len + 1) if self.kind == "sft"
+                           else (sh.tokens - 1) // self.seq_len)
+                if sh.samples != samples or sh.bytes != sh.tokens * self.np_dtype.itemsize:
+                    raise DatasetError(
+                        f"dataset manifest {manifest_uri(dataset_uri)} disagrees with itself on {sh.key}: "
+                        f"{sh.tokens} tokens of seq_len {self.seq_len} make {samples} samples and "
+                        f"{sh.tokens * self.np_dtype.itemsize} bytes, it says {sh.samples} and {sh.bytes}; {redo}"
+                    )
+                files = [(sh.key, sh.bytes)] + ([(sh.mask_key, sh.tokens)] if sh.mask_key else [])
+                for key, size in files:
+                    uri = join_uri(dataset_uri, key)
+                    try:
+                        found = sizes[uri] if uri in sizes else store.size(uri)  # (a listing skips symlinked folders)
+                    except ObjectNotFound:
+                        raise DatasetError(f"shard {uri} of the dataset's manifest is missing; {redo}") from None
+                    if found != size:
+                        raise DatasetError(f"shard {uri} is {found} bytes, its manifest says {size} (truncated "
+                                           f"or replaced); {redo}")
 
 
 def manifest_uri(dataset_uri: str) -> str:
@@ -98,7 +136,7 @@ def load_manifest(store: ObjectStore, dataset_uri: str) -> Manifest:
     """The manifest of a prepared dataset; DatasetError if there is none."""
     uri = manifest_uri(dataset_uri)
     try:
-        text = store.get(uri).decode()
+        text = store.get(uri)
     except ObjectNotFound:
         raise DatasetError(
             f"no dataset at {dataset_uri} (missing {MANIFEST}); run `orch data prepare` or `orch run`, "
@@ -111,7 +149,7 @@ def try_load_manifest(store: ObjectStore, dataset_uri: str) -> Manifest | None:
     """The manifest, or None when there is none; a manifest that exists but is invalid is an error."""
     uri = manifest_uri(dataset_uri)
     try:
-        text = store.get(uri).decode()
+        text = store.get(uri)
     except ObjectNotFound:
         return None
     return Manifest.from_json(text, uri)

@@ -2,19 +2,25 @@
 
 `orch data prepare SRC DST [OVERRIDES]` prepares one dataset: the `data` group's settings, read from
 SRC and written at DST. Without SRC and DST it prepares every dataset the pipeline's jobs use. Every
-destination is checked before a Ray cluster starts, so a bad one fails in a second.
+destination and source is checked, and a text dataset's tokenizer trained on the first files, before
+a Ray cluster starts, so a bad destination or corpus fails in a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 
+from orchestrator.client import check_reachable
 from orchestrator.cluster import connect
 from orchestrator.config.compose import resolve_jobs
-from orchestrator.config.schema import DataConfig, RootConfig
+from orchestrator.config.schema import ClusterConfig, DataConfig, RootConfig
+from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.data.manifest import Manifest
-from orchestrator.data.prepare import check_prepare_destination, prepare_dataset
+from orchestrator.data.prepare import check_prepare_destination, prepare_dataset, ray_runner
+from orchestrator.data.sources import check_source
 from orchestrator.errors import ConfigError
 from orchestrator.storage import open_store, to_uri
 
@@ -54,18 +60,40 @@ def describe(data: DataConfig) -> str:
 
 def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Callable[[str], None],
                      overwrite: bool = False) -> list[Manifest]:
-    """Check every destination, then prepare each dataset on the cluster `root.cluster` names (an
-    embedded one when it names none). `overwrite`: prepare into folders of files orch did not write."""
+    """Check every destination and source, then prepare each dataset; its parts are tokenized on the
+    cluster `root.cluster` names (an embedded one when it names none), which is started only once
+    there are parts to tokenize: a corpus whose first files cannot be read fails in a second.
+    `overwrite`: prepare into folders of files orch did not write."""
     storage = root.storage
     stores = [open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region) for d in datasets]
-    for store, d in zip(stores, datasets):  # refuse a bad destination before starting a cluster
+    for store, d in zip(stores, datasets):  # refuse a bad destination or source before starting a cluster
         store.check(d.uri)
         check_prepare_destination(store, d, overwrite=overwrite)
+        if d.source:
+            check_source(store, d.source)
+    address = root.cluster.address or os.environ.get(RAY_ADDRESS_ENV)
+    if address:
+        check_reachable(address)  # now, not after the tokenizer is trained
     manifests = []
-    with connect(root.cluster, needed_cpus=1):
+    with _ClusterOnDemand(root.cluster) as runner:
         for store, d in zip(stores, datasets):
-            m = prepare_dataset(store, d, progress=say, overwrite=overwrite)
+            m = prepare_dataset(store, d, progress=say, runner=runner, overwrite=overwrite)
             say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
                 f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
             manifests.append(m)
     return manifests
+
+
+class _ClusterOnDemand(contextlib.ExitStack):
+    """A runner of tokenization tasks (orchestrator.data.prepare.Runner) that connects to the cluster
+    (starting an embedded one) the first time it has tasks to run, and disconnects on exit."""
+
+    def __init__(self, cluster: ClusterConfig):
+        super().__init__()
+        self.cluster, self.connected = cluster, False
+
+    def __call__(self, fn: Callable, args: list[tuple]) -> Iterator:
+        if not self.connected:
+            self.enter_context(connect(self.cluster, needed_cpus=1))
+            self.connected = True
+        return ray_runner(fn, args)

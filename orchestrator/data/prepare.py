@@ -186,7 +186,7 @@ def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) ->
         for identity, doc in read_unit(store, cfg.source, unit, "text", cfg.seed):
             if is_validation(identity, cfg.seed, cfg.val_fraction):
                 continue
-            yield doc
+            yield doc[: TOKENIZER_SAMPLE_BYTES - seen]  # one huge document counts up to the budget only
             seen += len(doc)
             if seen >= TOKENIZER_SAMPLE_BYTES:
                 return
@@ -268,13 +268,13 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
             f"a different dataset already exists at {cfg.uri} (prepared from other settings or files); "
             f"set data.name or data.uri to a new location, or delete {manifest_uri(cfg.uri)} to rebuild it"
         )
+    if cfg.kind == "text":  # before anything is written: a file that cannot be read leaves DST untouched
+        say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token byte-level BPE tokenizer")
+        tok_json = tokenizer_to_json(train_bpe_tokenizer(_tokenizer_sample(store, cfg, units), cfg.vocab_size))
     claim_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
     for split in SPLITS:  # leftovers of a crashed attempt (or, with overwrite, what the user gave up)
         store.delete_prefix(join_uri(cfg.uri, split) + "/")
 
-    if cfg.kind == "text":
-        say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token byte-level BPE tokenizer")
-        tok_json = tokenizer_to_json(train_bpe_tokenizer(_tokenizer_sample(store, cfg, units), cfg.vocab_size))
     tok = tokenizer_from_json(tok_json)
     vocab, eot = tok.get_vocab_size(), eot_id(tok)
     dtype = token_dtype(vocab)
@@ -296,6 +296,9 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
         )
     for split, info in splits.items():
         say(f"dataset {cfg.name}: {split}: {info.tokens:,} tokens, {info.samples:,} samples, {len(info.shards)} shards")
+    if not splits["val"].samples:
+        say(f"dataset {cfg.name}: warning: no validation samples, and jobs evaluate on them (a job refuses this "
+            f"dataset); prepare it with a larger data.val_fraction (now {cfg.val_fraction:g}) or more documents")
     manifest = Manifest(
         name=cfg.name, kind=cfg.kind, dtype=dtype, seq_len=cfg.seq_len, vocab_size=vocab, eot_id=eot,
         tokenizer_key=TOKENIZER, tokenizer_sha256=tok_sha, splits=splits, signature=signature, source=cfg.source,

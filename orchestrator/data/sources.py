@@ -59,6 +59,15 @@ def list_files(store: ObjectStore, source: str) -> list[SourceFile]:
     return [SourceFile(o.uri, o.size) for o in objs]
 
 
+def check_source(store: ObjectStore, source: str) -> None:
+    """Fail now, in one line, on a source with nothing to read (an unknown generator, a missing or
+    empty folder): one listing, so a job does not find out after its cluster started."""
+    if source.startswith("generated:"):
+        generator_name(source)
+    else:
+        list_files(store, source)
+
+
 def plan_units(store: ObjectStore, source: str, num_documents: int, unit_bytes: int) -> list[Unit]:
     """Cut the corpus into units: fixed ranges of generated documents, or runs of files of about
     `unit_bytes` (a file is never split)."""
@@ -91,9 +100,14 @@ def _decompress(name: str, data: bytes) -> str:
         raise DatasetError(f"{name} is not a valid {kind} file ({e}); "
                            f"recompress it or remove it from the corpus") from None
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); fix or remove the file") from None
+        raise DatasetError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
+                           f"(e.g. iconv -t UTF-8) or remove it from the corpus") from None
+    if "\x00" in text:  # valid UTF-8, but text files hold no NUL bytes: an image, an archive, padding
+        raise DatasetError(f"{name} holds NUL bytes (at character {text.index(chr(0))}): it is binary, not text; "
+                           f"remove it from the corpus")
+    return text
 
 
 def _chat_to_pair(msgs: list[dict]) -> dict:
@@ -119,6 +133,10 @@ def read_unit(store: ObjectStore, source: str, unit: Unit, kind: str, seed: int)
                 continue
             try:
                 row = json.loads(line)
+            except ValueError as e:
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise DatasetError(f"{f.uri} line {n} is not valid JSON ({why}); fix or remove that line") from None
+            try:
                 if kind == "text":
                     item: object = row["text"]
                     if not isinstance(item, str):
@@ -127,8 +145,10 @@ def read_unit(store: ObjectStore, source: str, unit: Unit, kind: str, seed: int)
                     item = (_chat_to_pair(row["messages"]) if "messages" in row
                             else {"prompt": row["prompt"], "response": row["response"]})
             except (ValueError, KeyError, TypeError, IndexError):
-                need = "a 'text' field" if kind == "text" else "'prompt' and 'response' (or 'messages')"
-                raise DatasetError(f"{f.uri} line {n} is not a JSON object with {need}; fix the file") from None
+                need = "a 'text' string" if kind == "text" else "'prompt' and 'response' strings (or 'messages')"
+                has = f"keys: {', '.join(map(str, row))[:200]}" if isinstance(row, dict) else type(row).__name__
+                raise DatasetError(f"{f.uri} line {n} is not a JSON object with {need} ({has}); fix that line, or "
+                                   f"convert the file to one such object per line") from None
             out.append((f"{f.uri}#{n}", item))
     return out
 

@@ -113,6 +113,13 @@ def join_uri(base: str, *parts: str) -> str:
     return scheme + joined
 
 
+def is_relative_key(key: object) -> bool:
+    """Whether `key` is a path inside a folder (`train/shard-0.bin`): not absolute, no `..`, so a
+    damaged or hostile manifest or commit marker cannot reach files outside its dataset or checkpoint."""
+    return (isinstance(key, str) and bool(key) and not key.startswith("/") and "\\" not in key
+            and "://" not in key and all(part not in ("", ".", "..") for part in key.split("/")))
+
+
 def _split_scheme(uri: str) -> tuple[str, str]:
     """("s3://", "b/k") for "s3://b/k"; ("", uri) for a plain path."""
     scheme, sep, rest = uri.partition("://")

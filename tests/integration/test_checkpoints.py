@@ -28,6 +28,10 @@ def _common(stage: int) -> list[str]:
             f"checkpoint.interval={SAVE_AT}", "checkpoint.keep_last=3", "data.num_documents=600"]
 
 
+@pytest.mark.reliability(category="fault: training",
+                         case="a 2-worker ZeRO-{stage} checkpoint resumed at 1 and 3 workers (and at another stage)",
+                         lost="nothing: the losses match the uninterrupted 2-worker run",
+                         happened="converted to a universal checkpoint and continued at step 9 with the same losses")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_a_two_worker_checkpoint_at_one_and_three_workers(tmp_path: Path, orch, stage):
     ref = orch("run", *_common(stage), "--state-dir", str(tmp_path / "ref"))

@@ -16,6 +16,7 @@ def _one_line_error(result, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.reliability(category="config", case="bad override `{override}`", lost="nothing: no job recorded")
 @pytest.mark.parametrize(
     "override, needles",
     [
@@ -29,6 +30,8 @@ def _one_line_error(result, *needles: str) -> str:
         ("pipeline.jobs.pretrain.workers=3", ["global_batch_size", "3"]),
         ("data.seq_len=1000", ["data.seq_len=1000", "block_size"]),
         ("storage=s3 storage.root=/tmp/x", ["root", "s3://"]),
+        ("storage=gcs", ["'gcs'", "storage", "local, s3"]),
+        ("pipeline.jobs.pretrain.workers=[4,2]", ["workers=[4, 2]", "MIN <= MAX"]),
     ],
 )
 def test_bad_overrides_fail_in_one_line(orch, tmp_path, override, needles):
@@ -37,6 +40,8 @@ def test_bad_overrides_fail_in_one_line(orch, tmp_path, override, needles):
     assert not (tmp_path / "state" / "jobs.db").exists()  # nothing was submitted
 
 
+@pytest.mark.reliability(category="command line", case="--debug with a bad override", lost="nothing",
+                         happened="the traceback is shown (only with --debug)")
 def test_debug_shows_the_traceback(orch, tmp_path):
     result = orch("--debug", "run", "model=nope", "--state-dir", str(tmp_path))
     assert result.returncode != 0 and "Traceback" in result.stderr
@@ -53,6 +58,7 @@ def test_dry_run_prints_config_and_resources_and_starts_nothing(orch, tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.reliability(category="job id", case="status without records, then of an unknown job id", lost="nothing")
 def test_status_without_records_and_unknown_job(orch, tmp_path):
     _one_line_error(orch("status", "--state-dir", str(tmp_path / "none")), "no job records", "--state-dir")
     from orchestrator.jobs.store import JobStore
@@ -61,6 +67,8 @@ def test_status_without_records_and_unknown_job(orch, tmp_path):
     _one_line_error(orch("status", "nope-123", "--state-dir", str(tmp_path / "state")), "nope-123", "orch status")
 
 
+@pytest.mark.reliability(category="state folder", case="--state-dir with commas, brackets and a quote", lost="nothing",
+                         happened="taken literally (quoted for Hydra by the CLI)")
 def test_state_dir_with_commas_and_quotes_is_taken_literally(orch, tmp_path):
     odd = tmp_path / "a,b [c] it's"
     result = orch("run", "--dry-run", "--state-dir", str(odd), "model=gpt_tiny")
@@ -85,17 +93,22 @@ def test_version_and_module_entry_point(orch):
     assert result.returncode == 0 and result.stdout.startswith("orch ")
 
 
+@pytest.mark.reliability(category="command line", case="unknown command", lost="nothing",
+                         happened="argparse's usage error, exit 2")
 def test_unknown_command_is_a_usage_error(orch):
     result = orch("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+@pytest.mark.reliability(category="storage", case="storage=s3 with a bucket that does not exist", lost="nothing")
 def test_missing_bucket_fails_fast(orch, tmp_path, s3_server):
     result = orch("run", "storage=s3", "storage.root=s3://no-such-bucket-xyz/orch",
                   f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"))
     _one_line_error(result, "no-such-bucket-xyz", "storage.root")
 
 
+@pytest.mark.reliability(category="storage", case="storage=s3 without credentials", lost="nothing",
+                         happened="one line naming AWS_ACCESS_KEY_ID (never a key's value); exit 2")
 def test_missing_credentials_named_without_values(orch, tmp_path, s3_server):
     bucket = s3_server.make_bucket("creds")
     empty = tmp_path / "empty"

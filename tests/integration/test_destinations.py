@@ -29,6 +29,9 @@ def _corpus(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.reliability(category="destination",
+                         case="`orch data prepare` into its own source (with and without --overwrite)",
+                         lost="nothing: every corpus file byte for byte")
 def test_prepare_into_its_own_source_is_refused_and_the_corpus_kept(orch, tmp_path):
     src = _corpus(tmp_path / "corpus")
     before = _snapshot(src)
@@ -42,6 +45,8 @@ def test_prepare_into_its_own_source_is_refused_and_the_corpus_kept(orch, tmp_pa
     assert _snapshot(src) == before
 
 
+@pytest.mark.reliability(category="destination", case="`orch data prepare` into a folder of the user's files",
+                         lost="nothing: the user's files byte for byte")
 def test_prepare_into_a_folder_of_the_users_files_is_refused(orch, tmp_path):
     src = _corpus(tmp_path / "corpus")
     dst = tmp_path / "mine"
@@ -70,6 +75,8 @@ def _hf_folder(folder: Path, n_layer: int) -> Path:
     return artifacts.write_hf(artifact, folder)
 
 
+@pytest.mark.reliability(category="destination", case="`orch export` into another model's folder",
+                         lost="nothing: their files byte for byte, no temporary folder left")
 def test_export_never_replaces_another_models_folder(orch, tmp_path):
     source = _hf_folder(tmp_path / "source", n_layer=1)
     theirs = tmp_path / "theirs"
@@ -93,6 +100,8 @@ def test_export_never_replaces_another_models_folder(orch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orch-export-")]  # no temp folder left
 
 
+@pytest.mark.reliability(category="destination", case="`orch export` into a folder that cannot be written",
+                         lost="nothing")
 def test_export_into_a_folder_that_cannot_be_written_is_one_line(orch, tmp_path):
     import os
 

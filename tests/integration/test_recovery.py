@@ -48,6 +48,12 @@ def _attempts(job, state) -> list[dict[int, float]]:
     return out
 
 
+@pytest.mark.reliability(category="fault: training",
+                         case="kill -9 of every worker mid-run, newest checkpoint corrupted",
+                         lost="no committed state; the steps after the last good checkpoint were trained again "
+                              "(same losses)",
+                         happened="the worker group restarted from the checkpoint before the corrupt one, said so, "
+                                  "and ended with the losses of an uninterrupted run")
 def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     ref_state, state = tmp_path / "ref", tmp_path / "killed"
     ref = subprocess.run([sys.executable, "-m", "orchestrator", *RUN, "--state-dir", str(ref_state)],
@@ -112,6 +118,10 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
             assert loss == pytest.approx(theirs[step], rel=1e-6, abs=1e-7), step
 
 
+@pytest.mark.reliability(category="fault: training", case="kill -9 of a worker while a checkpoint uploads",
+                         lost="the unfinished upload (removed); training went on from the last committed checkpoint",
+                         happened="resumed from the last committed checkpoint, never from the partial one; no "
+                                  "uncommitted folder left")
 def test_kill_during_an_upload_never_loads_the_partial_checkpoint(tmp_path):
     """Uploads are slowed down (checkpoint.upload_limit_mbps) so that a worker can be killed while
     step 60 is being uploaded: the restarted group resumes from step 30, the last committed one,

@@ -26,19 +26,27 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_bodies_cut_short_are_read_again(objects, s3_server):
+@pytest.mark.reliability(category="fault: object store", case="S3 response bodies cut short (30% of GETs)",
+                         lost="nothing: every byte read back equals what was written",
+                         happened="read again (bounded retries); each object and range read back byte for byte")
+def test_bodies_cut_short_are_read_again(objects, s3_server, reliability_tries):
     """botocore does not retry a body cut short after the status line; the store does."""
     with FaultProxy(s3_server.endpoint_url, truncate=0.3, only_get=True, seed=7) as proxy:
         store = S3Store(endpoint_url=proxy.url, max_attempts=8)
         for uri, data in objects.items():
             assert _digest(store.get(uri)) == _digest(data)
             assert store.get_range(uri, 1000, 21000) == data[1000:21000]
+    reliability_tries(proxy.counts["truncate"])
     assert proxy.counts["truncate"] >= 5
     # bounded: at most max_attempts GETs per read, and no more requests than reads plus their retries
     assert proxy.counts["requests"] <= 2 * len(objects) * 8
 
 
-def test_slowdowns_resets_and_cut_bodies_together(objects, s3_server, tmp_path):
+@pytest.mark.reliability(category="fault: object store",
+                         case="S3 503 SlowDown, connection resets and cut bodies together (gets, downloads, puts)",
+                         lost="nothing: every object read back and written equals the original",
+                         happened="retried with backoff (bounded); every read, download and upload byte for byte")
+def test_slowdowns_resets_and_cut_bodies_together(objects, s3_server, tmp_path, reliability_tries):
     with FaultProxy(s3_server.endpoint_url, slowdown=0.2, reset=0.02, truncate=0.05, seed=3) as proxy:
         store = S3Store(endpoint_url=proxy.url, max_attempts=10)
         for uri, data in objects.items():
@@ -48,4 +56,5 @@ def test_slowdowns_resets_and_cut_bodies_together(objects, s3_server, tmp_path):
             store.put(uri + ".again", data)
         for uri, data in objects.items():
             assert store.size(uri + ".again") == len(data)
+    reliability_tries(proxy.counts["slowdown"] + proxy.counts["reset"] + proxy.counts["truncate"])
     assert proxy.counts["slowdown"] > 0 and proxy.counts["truncate"] > 0

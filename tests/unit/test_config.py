@@ -18,6 +18,9 @@ from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
 from orchestrator.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+# The reliability recorder's fields (tests/reliability.py) for the bad inputs checked here
+IN_PROCESS = dict(category="config (in-process)", lost="nothing",
+                  happened="one ConfigError line naming the key, the value and the fix (compose, in-process)")
 
 
 @pytest.fixture(autouse=True)
@@ -192,12 +195,14 @@ def test_s3_storage():
     assert jobs["finetune"].data.tokenizer_uri == "s3://b/p/datasets/stories"
 
 
+@pytest.mark.reliability(case="storage.root=s3://... with storage=local", **IN_PROCESS)
 def test_s3_root_with_local_backend_is_rejected():
     msg = config_error("storage.root=s3://b/p")
     assert "s3://b/p" in msg and "storage=s3" in msg
 
 
 # ------------------------------------------------------------------------------ bad input
+@pytest.mark.reliability(case="unknown group option model=nope", **IN_PROCESS)
 def test_unknown_group_option_lists_the_choices():
     msg = config_error("model=nope")
     assert "'nope'" in msg and "model" in msg
@@ -205,6 +210,7 @@ def test_unknown_group_option_lists_the_choices():
         assert option in msg
 
 
+@pytest.mark.reliability(case="unknown key `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override", ["trainer.foo=1", "+trainer.foo=1"])
 def test_unknown_key_lists_the_valid_keys(override):
     msg = config_error(override)
@@ -212,11 +218,13 @@ def test_unknown_key_lists_the_valid_keys(override):
     assert "max_steps" in msg and "global_batch_size" in msg and "micro_batch_size" in msg
 
 
+@pytest.mark.reliability(case="unknown top-level key +foo=1", **IN_PROCESS)
 def test_unknown_top_level_key():
     msg = config_error("+foo=1")
     assert "'foo'" in msg and "trainer" in msg and "model" in msg
 
 
+@pytest.mark.reliability(case="wrong type `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override,key,value", [
     ("trainer.max_steps=abc", "trainer.max_steps", "'abc'"),
     ("trainer.max_steps=1.5", "trainer.max_steps", "1.5"),
@@ -230,6 +238,7 @@ def test_wrong_type_names_key_and_value(override, key, value):
     assert f"'{key}'" in msg and value in msg
 
 
+@pytest.mark.reliability(case="bad choice `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override,key,choices", [
     ("deepspeed.stage=4", "deepspeed.stage", ["1", "2", "3"]),
     ("deepspeed.stage=true", "deepspeed.stage", ["1", "2", "3"]),  # True == 1 must not pass as stage 1
@@ -242,6 +251,7 @@ def test_bad_choice_names_key_and_choices(override, key, choices):
     assert all(c in msg for c in choices)
 
 
+@pytest.mark.reliability(case="malformed override `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override,fragment", [
     ("trainer.max_steps", "'trainer.max_steps'"),
     ("a=[", "'a=['"),
@@ -251,21 +261,25 @@ def test_malformed_override(override, fragment):
     assert "malformed override" in msg and fragment in msg
 
 
+@pytest.mark.reliability(case="global batch not divisible by 3 workers", **IN_PROCESS)
 def test_global_batch_not_divisible_by_workers_times_micro_batch():
     msg = config_error("pipeline.jobs.pretrain.workers=3")
     assert "pretrain" in msg and "global_batch_size=16" in msg and "3 x 4" in msg
 
 
+@pytest.mark.reliability(case="dependency cycle between jobs", **IN_PROCESS)
 def test_dependency_cycle():
     msg = config_error("pipeline.jobs.pretrain.depends_on=[finetune]")
     assert "cycle" in msg and "pretrain" in msg and "finetune" in msg
 
 
+@pytest.mark.reliability(case="depends_on a job that is not in the pipeline", **IN_PROCESS)
 def test_unknown_dependency():
     msg = config_error("pipeline.jobs.finetune.depends_on=[nope]")
     assert "'nope'" in msg and "finetune" in msg
 
 
+@pytest.mark.reliability(case="data.seq_len longer than model.block_size", **IN_PROCESS)
 def test_seq_len_longer_than_block_size():
     msg = config_error("model=gpt_tiny", "data.seq_len=128")
     assert "data.seq_len=128" in msg and "block_size=64" in msg
@@ -273,6 +287,7 @@ def test_seq_len_longer_than_block_size():
     assert "finetune" in msg and "data.seq_len=128" in msg
 
 
+@pytest.mark.reliability(case="invalid value `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override,fragment", [
     ("pipeline.jobs.pretrain.workers=0", "workers=0"),
     ("trainer.micro_batch_size=5", "micro_batch_size=5"),
@@ -282,6 +297,7 @@ def test_component_validation_errors_name_the_value(override, fragment):
     assert fragment in config_error(override)
 
 
+@pytest.mark.reliability(case="offload_param=cpu with ZeRO-1", **IN_PROCESS)
 def test_param_offload_needs_stage_3():
     compose("deepspeed=zero1")
     msg = config_error("deepspeed=zero1", "deepspeed.offload_param=cpu")
@@ -309,6 +325,7 @@ def test_job_config_round_trips_through_its_json_record():
         assert isinstance(back.depends_on, tuple) and isinstance(back.tracking.tags, tuple)
 
 
+@pytest.mark.reliability(case="job record with an unknown key", **IN_PROCESS)
 def test_job_config_from_dict_rejects_unknown_keys_and_names_them():
     _, jobs = compose()
     data = to_dict(jobs["pretrain"])
@@ -317,11 +334,13 @@ def test_job_config_from_dict_rejects_unknown_keys_and_names_them():
         job_config_from_dict(data)
 
 
+@pytest.mark.reliability(case="config without a required key", **IN_PROCESS)
 def test_build_reports_missing_required_key():
     with pytest.raises(ConfigError, match=r"'trainer\.lr' is missing"):
         build(schema.TrainerConfig, {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2}, "trainer")
 
 
+@pytest.mark.reliability(case="nonsense trainer value `{override}`", **IN_PROCESS)
 @pytest.mark.parametrize("override, needle", [
     ("trainer.warmup_steps=-10", "warmup_steps=-10 must be >= 0"),
     ("trainer.grad_clip=-1", "grad_clip=-1"),
@@ -332,3 +351,17 @@ def test_build_reports_missing_required_key():
 ])
 def test_nonsense_trainer_values_are_refused_at_compose_time(override, needle):
     assert needle in config_error(override)
+
+
+@pytest.mark.reliability(case="pipeline job named {name!r}", **IN_PROCESS)
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ""])
+def test_job_name_that_is_not_a_plain_name(name):
+    """Job names become part of job ids and run folders (storage.root/runs/<id>): they stay one name."""
+    with pytest.raises(ConfigError, match="is not a safe name") as info:
+        build(schema.PipelineConfig, {"name": "p", "jobs": {name: {"kind": "pretrain"}}}, "pipeline")
+    assert "\n" not in str(info.value) and repr(name) in str(info.value)
+
+
+def test_non_ascii_values_are_quoted_for_hydra():
+    root, _ = compose("data.uri=file:///tmp/ü/données", "state_dir=/tmp/état")
+    assert root.data.uri == "file:///tmp/ü/données" and root.state_dir == "/tmp/état"

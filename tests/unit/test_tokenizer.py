@@ -89,3 +89,37 @@ def test_training_accepts_a_generator(corpus):
 def test_too_small_vocab_raises():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe_tokenizer(["abc"], vocab_size=100)
+
+
+def test_a_long_run_without_whitespace_trains_in_a_second_and_round_trips(corpus):
+    """BPE training grows with the square of a word's length: a 1 MiB line without a space took
+    minutes. Runs longer than MAX_WORD_CHARS are cut first, so it takes well under a second."""
+    import time
+
+    from model.tokenizer import MAX_WORD_CHARS
+
+    rng = random.Random(1)
+    run = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=1 << 20))  # 1 MiB, few repeated pairs
+    t0 = time.perf_counter()
+    tok = train_bpe_tokenizer(corpus + [run, "x" * (1 << 20)], vocab_size=VOCAB)
+    assert time.perf_counter() - t0 < 20  # (about 0.5 s; minutes before the cut)
+    ids = tok.encode(run).ids
+    assert tok.decode(ids) == run
+    # A run is cut into pieces of at most MAX_WORD_CHARS: no token spans two pieces
+    assert len(tok.encode("y" * (4 * MAX_WORD_CHARS)).ids) >= 4
+
+
+def test_text_without_long_runs_tokenizes_as_before_the_cut(corpus):
+    """The cut changes nothing for text whose runs of non-space characters are shorter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.decoder = decoders.ByteLevel()
+    plain.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=VOCAB, min_frequency=2, special_tokens=[EOT_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = train_bpe_tokenizer(corpus, vocab_size=VOCAB)
+    assert tok.get_vocab() == plain.get_vocab()
+    for text in corpus[:50] + ARBITRARY:
+        assert tok.encode(text).ids == plain.encode(text).ids

@@ -1,0 +1,236 @@
+"""Bad corpora and damaged datasets, through the real CLI in a child process: one clear line naming
+the file (and line) and the fix, exit 2, no traceback, and nothing written at the destination.
+
+A corpus that cannot be read fails before any Ray cluster starts (`orch data prepare` trains the
+tokenizer on the first files first), and a damaged prepared dataset fails in `orch run`'s checks,
+before any worker starts; only the tests marked slow start Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import _one_line_error
+
+CORPUS_LOST = "nothing: the destination holds no file"
+DATASET_LOST = "nothing: no job recorded, the dataset left as it was"
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes ({} when there is no folder)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+def _prepare(orch, src: Path, dst: Path, *overrides: str):
+    return orch("data", "prepare", str(src), str(dst), *overrides, "--state-dir", str(dst.parent / "state"))
+
+
+# ------------------------------------------------------------------------------ corpora
+STORY = "Once upon a time a fox met a crow in the wood, and they talked until the evening.\n"
+UTF16 = "a text saved as UTF-16, as some editors do\n".encode("utf-16")
+
+BAD_FILES = [
+    # (case, file name, content, needles)
+    ("non-UTF-8 text", "notes.txt", STORY.encode() * 50 + b"\xff\xfe broken", ["notes.txt", "not UTF-8"]),
+    ("UTF-16 text", "utf16.txt", UTF16, ["utf16.txt", "not UTF-8", "iconv"]),
+    ("binary junk", "junk.txt", bytes(range(256)) * 40, ["junk.txt", "not UTF-8"]),
+    ("NUL bytes in valid UTF-8", "padded.txt", STORY.encode() + b"\x00" * 512, ["padded.txt", "NUL", "binary"]),
+    ("broken gzip", "a.txt.gz", b"this is not gzip at all", ["a.txt.gz", "not a valid gzip file"]),
+    ("broken zstd", "b.txt.zst", b"this is not zstd at all", ["b.txt.zst", "not a valid zstd file"]),
+    ("gzip of non-UTF-8", "c.jsonl.gz", gzip.compress(b'{"text": "\xff"}\n'), ["c.jsonl.gz", "not UTF-8"]),
+    ("JSONL with a broken line", "web.jsonl", b'{"text": "fine"}\n{"text": "cut off\n{"text": "fine"}\n',
+     ["web.jsonl line 2", "not valid JSON"]),
+    ("JSONL line without the text field", "web.jsonl", b'{"text": "fine"}\n\n{"body": "no text"}\n',
+     ["web.jsonl line 3", "'text'", "keys: body"]),
+    ("JSONL text that is not a string", "web.jsonl", b'{"text": "fine"}\n{"text": 42}\n',
+     ["web.jsonl line 2", "'text'"]),
+    ("JSONL line that is a list", "web.jsonl", b'["text", "fine"]\n', ["web.jsonl line 1", "list"]),
+]
+
+
+@pytest.mark.reliability(category="corpus", case="{case}", lost=CORPUS_LOST,
+                         happened="one line naming the file (and line) and the fix, before any cluster starts; "
+                                  "exit 2")
+@pytest.mark.parametrize("case, name, content, needles", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_corpus_file_that_cannot_be_read(orch, tmp_path, case, name, content, needles):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "good.txt").write_text(STORY * 20)
+    (src / name).write_bytes(content)
+    t0 = time.monotonic()
+    _one_line_error(_prepare(orch, src, tmp_path / "out"), *needles)
+    assert time.monotonic() - t0 < 30  # no cluster was started for it
+    assert _files(tmp_path / "out") == {}
+
+
+@pytest.mark.reliability(category="corpus", case="source {what}", lost=CORPUS_LOST)
+@pytest.mark.parametrize("what", ["folder that is empty", "path that does not exist", "folder of other file types"])
+def test_corpus_with_nothing_to_read(orch, tmp_path, what):
+    src = tmp_path / "corpus"
+    if what != "path that does not exist":
+        src.mkdir()
+    if what == "folder of other file types":
+        (src / "paper.pdf").write_bytes(b"%PDF-1.4")
+        (src / "table.csv").write_text("a,b\n1,2\n")
+    _one_line_error(_prepare(orch, src, tmp_path / "out"), str(src), "no .txt or .jsonl files")
+    assert _files(tmp_path / "out") == {}
+
+
+@pytest.mark.reliability(category="corpus", case="`orch run` with data.source={source}",
+                         lost="nothing: no job recorded")
+@pytest.mark.parametrize("source", ["an empty folder", "generated:nope"])
+def test_run_with_a_source_that_has_nothing(orch, tmp_path, source):
+    if source == "an empty folder":
+        (tmp_path / "empty").mkdir()
+        source = str(tmp_path / "empty")
+    result = orch("run", "pipeline=pretrain", "model=gpt_tiny", f"data.source={source}",
+                  "--state-dir", str(tmp_path / "state"))
+    _one_line_error(result, source)
+    assert not (tmp_path / "state" / "jobs.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(category="corpus", case="a single 8 MiB line and a 1 MiB JSONL line without whitespace",
+                         lost="nothing",
+                         happened="prepared in seconds: the tokenizer cuts runs of over 256 non-space characters "
+                                  "(it took minutes, with no progress shown)")
+def test_huge_lines_without_whitespace_are_prepared_quickly(orch, tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "good.txt").write_text(STORY * 200)
+    (src / "line.txt").write_text("x" * (8 << 20))
+    letters = "".join(chr(97 + (i * 7919) % 26) for i in range(1 << 20))  # no repeats to merge cheaply
+    (src / "web.jsonl").write_text(json.dumps({"text": letters}) + "\n")
+    t0 = time.monotonic()
+    result = _prepare(orch, src, tmp_path / "out", "data.val_fraction=0.3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert time.monotonic() - t0 < 240  # minutes before the fix; mostly Ray's start on 2 busy cores now
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # 3 documents: 8 MiB of "x" cut into 256-character words is 32,768 pieces (a few tokens each)
+    assert sum(s["tokens"] for split in manifest["splits"].values() for s in split["shards"]) > 40_000
+
+
+# ------------------------------------------------------------------------------ prepared datasets
+@pytest.fixture(scope="session")
+def prepared_dataset(tmp_path_factory) -> Path:
+    """A small prepared text dataset for gpt_tiny, made in this process (no Ray): 300 stories."""
+    from orchestrator.config.compose import compose_root
+    from orchestrator.data.prepare import local_runner, prepare_dataset
+    from orchestrator.storage import open_store
+
+    folder = tmp_path_factory.mktemp("dataset") / "stories"
+    root = compose_root(["model=gpt_tiny", "data.num_documents=300", f"state_dir={folder.parent / 'state'}"])
+    uri = f"file://{folder}"
+    cfg = dataclasses.replace(root.data, uri=uri, name="stories")
+    prepare_dataset(open_store(uri), cfg, runner=local_runner)
+    return folder
+
+
+def _train_shard(m: dict) -> dict:
+    return m["splits"]["train"]["shards"][0]
+
+
+MANIFEST_EDITS = {
+    "manifest of another format version": lambda m: m.update(format_version=99),
+    "manifest whose sample counts disagree with its shards":
+        lambda m: _train_shard(m).update(samples=_train_shard(m)["samples"] + 1000),
+    "manifest naming a shard outside the dataset": lambda m: _train_shard(m).update(key="../../../../etc/passwd"),
+    "dataset without validation samples": lambda m: m["splits"]["val"].update(shards=[]),
+}
+
+
+def _damage(kind: str, folder: Path) -> None:
+    manifest = folder / "manifest.json"
+    m = json.loads(manifest.read_text())
+    shard = folder / _train_shard(m)["key"]
+    if kind in MANIFEST_EDITS:
+        MANIFEST_EDITS[kind](m)
+        manifest.write_text(json.dumps(m))
+    elif kind == "manifest that is not JSON":
+        manifest.write_text("{nope")
+    elif kind == "manifest that is not UTF-8":
+        manifest.write_bytes(b"\xff\xfe" + manifest.read_bytes())
+    elif kind == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif kind == "missing shard":
+        shard.unlink()
+    else:
+        raise AssertionError(kind)
+
+
+DAMAGE = [
+    ("manifest that is not JSON", ["manifest.json", "not a valid manifest", "prepare the dataset again"]),
+    ("manifest that is not UTF-8", ["manifest.json", "not a valid manifest"]),
+    ("manifest of another format version", ["format version 99", "prepare the dataset again"]),
+    ("manifest whose sample counts disagree with its shards", ["disagrees with itself", "train/shard-", "delete"]),
+    ("manifest naming a shard outside the dataset", ["'../../../../etc/passwd'", "not a path inside"]),
+    ("truncated shard", ["train/shard-", "1000 bytes", "truncated", "delete"]),
+    ("missing shard", ["train/shard-", "missing", "delete"]),
+    ("dataset without validation samples", ["no samples in split 'val'", "data.val_fraction"]),
+]
+
+
+@pytest.mark.reliability(category="dataset", case="{kind}", lost=DATASET_LOST,
+                         happened="refused by `orch run`'s checks before any worker (or Ray) starts, in one line "
+                                  "naming the file and the fix; exit 2")
+@pytest.mark.parametrize("kind, needles", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_dataset_is_refused_before_training(orch, tmp_path, prepared_dataset, kind, needles):
+    data = tmp_path / "stories"
+    shutil.copytree(prepared_dataset, data)
+    _damage(kind, data)
+    before = _files(data)
+    t0 = time.monotonic()
+    result = orch("run", "pipeline=pretrain", "model=gpt_tiny", "data.source=null", f"data.uri=file://{data}",
+                  "--state-dir", str(tmp_path / "state"))
+    _one_line_error(result, *needles)
+    assert time.monotonic() - t0 < 30  # no cluster was started for it
+    assert not (tmp_path / "state" / "jobs.db").exists()
+    assert _files(data) == before
+
+
+@pytest.mark.reliability(category="dataset", case="{what}", lost=DATASET_LOST)
+@pytest.mark.parametrize("what, overrides, needles", [
+    ("no dataset at data.uri and data.source=null", ["data.uri=file:///nonexistent/orch/data"],
+     ["no dataset at file:///nonexistent/orch/data", "orch data prepare"]),
+    ("a dataset of another seq_len", ["data.seq_len=32"], ["seq_len=64", "data.seq_len=32"]),
+])
+def test_dataset_that_does_not_fit_the_job(orch, tmp_path, prepared_dataset, what, overrides, needles):
+    result = orch("run", "pipeline=pretrain", "model=gpt_tiny", "data.source=null", f"data.uri=file://{prepared_dataset}",
+                  *overrides, "--state-dir", str(tmp_path / "state"))
+    _one_line_error(result, *needles)
+    assert not (tmp_path / "state" / "jobs.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(category="dataset", case="shard with a flipped byte (same size)", lost=DATASET_LOST,
+                         happened="the job fails when a worker first fetches the shard: one reason naming the shard "
+                                  "and its sha256 (a size check cannot see it); `orch run` exits 1")
+def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path, prepared_dataset):
+    data = tmp_path / "stories"
+    shutil.copytree(prepared_dataset, data)
+    shard = next((data / "train").glob("*.bin"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    state = tmp_path / "state"
+    result = orch("run", "pipeline=pretrain", "model=gpt_tiny", "data.source=null", f"data.uri=file://{data}",
+                  "pipeline.jobs.pretrain.workers=1", "pipeline.jobs.pretrain.max_failures=0",
+                  "trainer.max_steps=2", "tracking=none", "--state-dir", str(state), timeout=600,
+                  env={"ORCH_LOCAL_DIR": str(tmp_path / "scratch")})
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (job,) = result.status(state)
+    assert job["state"] == "FAILED"
+    reason = job["failure_reason"]
+    assert shard.name in reason and "sha256" in reason and "\n" not in reason, reason
+    assert not list((state / "store" / "runs").rglob("COMMITTED.json"))  # nothing trained on it was committed
+    assert os.path.getsize(shard) == len(raw)

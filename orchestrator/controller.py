@@ -213,7 +213,7 @@ class Controller:
     # ------------------------------------------------------------------------------ observe
     def _observe(self, record: JobRecord, poll: RunnerPoll) -> None:
         if poll.status is RunnerStatus.LOST:
-            self.handles.pop(record.id, None)
+            self._drop(record.id)  # frees what its worker group still holds
             self._relaunch(record, poll.reason or "the job's runner died")
             return
         for change in apply_events(record, poll.events):

@@ -6,17 +6,19 @@ its Ray Train run (`orchestrator.ray_train`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
+from ray._raylet import PlacementGroupID
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.controller import Controller
 from orchestrator.errors import ClusterError
-from orchestrator.jobs.events import AttemptReason, RunnerPoll, RunnerStatus
+from orchestrator.jobs.events import AttemptReason, EventKind, RunnerPoll, RunnerStatus
 from orchestrator.jobs.record import JobRecord
 from orchestrator.runner import RUNNER_PREFIX, JobRunner
 
@@ -40,6 +42,7 @@ def check_ray_version(version: str | None = None) -> None:
 class RunHandle:
     job_id: str
     actor: object
+    placement_groups: list[str] = field(default_factory=list)  # hex ids its worker groups reported
 
 
 class RayLauncher:
@@ -91,6 +94,9 @@ class RayLauncher:
         except RayActorError as e:
             return RunnerPoll(RunnerStatus.LOST,
                               reason=f"the job's runner died ({str(e).strip().splitlines()[0][:200]})")
+        handle.placement_groups += [e.data["placement_group"] for e in events
+                                    if e.kind is EventKind.WORKER_GROUP_PLACED and e.data["placement_group"]
+                                    not in handle.placement_groups]
         return RunnerPoll(RunnerStatus.ALIVE, tuple(events))
 
     def request_stop(self, handle: RunHandle, request: dict) -> None:
@@ -101,8 +107,12 @@ class RayLauncher:
         worker group it owns goes with it, and its name is free again)."""
         try:
             ray.get(handle.actor.release.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - a dead runner has nothing to release
-            pass
+        except Exception:  # noqa: BLE001 - a dead runner releases nothing: free what it reported
+            for pg_id in handle.placement_groups:  # (created under `orch run`, they outlive their runner)
+                try:
+                    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+                except Exception:  # noqa: BLE001 - already removed
+                    pass
         try:
             ray.kill(handle.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone

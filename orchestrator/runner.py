@@ -137,6 +137,7 @@ class JobRunner:
     def placement_group(self, pg) -> None:
         """The placement group of the worker group now running (from a Ray Train callback)."""
         self.placement_groups.append(pg)
+        self.log.emit(EventKind.WORKER_GROUP_PLACED, placement_group=pg.id.hex())
 
     # --------------------------------------------------------------- called by the controller
     def events(self, after_seq: int) -> list[RunnerEvent]:

@@ -16,6 +16,7 @@ class EventKind(str, enum.Enum):
     LOG = "log"  # a line for the job's log: {"line"}
     ATTEMPT_STARTED = "attempt_started"  # a worker group starts: {"attempt", "reason", "world_size"}
     ENGINE_READY = "engine_ready"  # it built (and restored) its engine: {"attempt", "resumed_from", "step", ...}
+    WORKER_GROUP_PLACED = "worker_group_placed"  # its placement group: {"placement_group": hex id}
     CHECKPOINT_COMMITTED = "checkpoint_committed"  # {"uri", "step"}
     PROGRESS = "progress"  # {"metrics": {...}} and/or {"wandb": {...}}
     STOPPED = "stopped"  # stopped on request (cancel) after committing a checkpoint: {"checkpoint"}

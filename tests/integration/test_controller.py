@@ -86,8 +86,14 @@ def _span(job: dict) -> tuple[float, float]:
     return start, end
 
 
-def test_gang_priority_dependencies_and_cancel(orch, cluster):
+def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     cli = Cli(orch, cluster)
+    # A source that is missing is refused at submit; one whose file is not text fails in the runner.
+    out = cli("submit", *TINY, "pipeline=pretrain", "data.name=nowhere", "data.source=/nonexistent/corpus", ok=False)
+    assert out.returncode == 2 and "/nonexistent/corpus" in out.stderr
+    broken = tmp_path / "broken-corpus"
+    broken.mkdir()
+    (broken / "notes.txt").write_bytes(b"text \xff\xfe not utf-8")
     big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000",
            "trainer.micro_batch_size=3"]
     (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
@@ -96,14 +102,14 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster):
     (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
     # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
     (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1",
-                      "pipeline.jobs.pretrain.priority=9", "data.name=nowhere", "data.source=/nonexistent/corpus")
+                      "pipeline.jobs.pretrain.priority=9", "data.name=broken", f"data.source={broken}")
     (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
 
     cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
     jobs = cli.status()
     assert jobs[b]["state"] == jobs[c]["state"] == "QUEUED"  # 2 CPUs free: a 4-worker gang does not start
     assert jobs[d]["state"] == "PENDING" and jobs[d]["depends_on"] == [b]
-    assert "/nonexistent/corpus" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
+    assert "notes.txt" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
     assert f"dependency {e} is FAILED" in jobs[f]["history"][-1]["reason"]
 
     out = cli("cancel", a, "--now")

@@ -19,7 +19,7 @@ from orchestrator.data.manifest import load_manifest, try_load_manifest
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.data.sources import check_source
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
-from orchestrator.storage import join_uri
+from orchestrator.storage import join_uri, open_store, to_uri
 from orchestrator.workspace import open_job_store
 
 _ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
@@ -35,7 +35,10 @@ def preflight(jobs: list[JobConfig]) -> None:
         if try_load_manifest(store, job.data.uri) is not None:
             check_dataset_matches(job)
         elif job.data.source:
-            check_source(store, job.data.source)  # a missing or empty corpus: now, not in the job
+            source = to_uri(job.data.source) if not job.data.source.startswith("generated:") else job.data.source
+            source_store = store if source.startswith("generated:") else open_store(
+                source, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+            check_source(source_store, source)  # a missing or empty corpus: now, not in the job
         elif not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
             ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:

@@ -192,8 +192,9 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
         # A job through the controller that reaches the store, then fails in its runner.
         bucket = s3_server.make_bucket("orchsec")
         store = ["storage=s3", f"storage.root=s3://{bucket}/orch", f"storage.endpoint_url={s3_server.endpoint_url}"]
+        s3_server.client().put_object(Bucket=bucket, Key="corpus/notes.txt", Body=b"text \xff\xfe not utf-8")
         sub = run_orch("submit", "model=gpt_tiny", "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1", *store,
-                       "data.name=nowhere", "data.source=/nonexistent/corpus", *state, env=env, timeout=240)
+                       "data.name=broken", f"data.source=s3://{bucket}/corpus/", *state, env=env, timeout=240)
         outputs["orch submit"] = sub.stdout + sub.stderr
         assert sub.returncode == 0, sub.stdout + sub.stderr
         (job,) = sub.stdout.split()
@@ -206,7 +207,7 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
                 break
             time.sleep(2)
         outputs["orch status --json"] = st.stdout + st.stderr
-        assert rec["state"] == "FAILED" and "/nonexistent/corpus" in rec["failure_reason"], rec
+        assert rec["state"] == "FAILED" and "notes.txt" in rec["failure_reason"], rec
         logs = run_orch("logs", job, *state, env=env, timeout=120)
         assert logs.returncode == 0 and job in logs.stdout, logs.stdout + logs.stderr
         outputs["orch logs"] = logs.stdout + logs.stderr

@@ -15,7 +15,7 @@ from orchestrator.checkpoint.layout import CheckpointRef, check_committed, list_
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS
-from orchestrator.data.manifest import load_manifest, try_load_manifest
+from orchestrator.data.manifest import Manifest, load_manifest, try_load_manifest
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.data.sources import check_source
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
@@ -32,19 +32,27 @@ def preflight(jobs: list[JobConfig]) -> None:
         check_no_secrets(job)
     for job in jobs:
         store = open_job_store(job)
-        if try_load_manifest(store, job.data.uri) is not None:
-            check_dataset_matches(job)
+        manifest = try_load_manifest(store, job.data.uri)
+        if manifest is not None:
+            check_dataset_matches(job, manifest)
         elif job.data.source:
-            source = to_uri(job.data.source) if not job.data.source.startswith("generated:") else job.data.source
-            source_store = store if source.startswith("generated:") else open_store(
-                source, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
-            check_source(source_store, source)  # a missing or empty corpus: now, not in the job
+            _check_source(job, store)
         elif not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
             ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:
             check_weights_match(job, job.init_from, "init_from")
         if job.resume_from:
             check_resume_source(job)
+
+
+def _check_source(job: JobConfig, store) -> None:
+    """A missing or empty corpus fails now, not in the job; a corpus is listed through its own store
+    (a local folder beside storage=s3, say)."""
+    source = job.data.source
+    if not source.startswith("generated:"):  # (a generator reads no store)
+        source = to_uri(source)
+        store = open_store(source, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+    check_source(store, source)
 
 
 def check_job_inputs(job: JobConfig, init_from: str | None) -> None:
@@ -77,10 +85,11 @@ def check_no_secrets(job: JobConfig) -> None:
     walk(to_dict(job), "")
 
 
-def check_dataset_matches(job: JobConfig) -> None:
-    """Fail before any worker starts if the dataset does not fit the model or the job."""
+def check_dataset_matches(job: JobConfig, manifest: Manifest | None = None) -> None:
+    """Fail before any worker starts if the dataset (its `manifest`, read if not given) does not fit
+    the model or the job."""
     store = open_job_store(job)
-    manifest = load_manifest(store, job.data.uri)
+    manifest = manifest or load_manifest(store, job.data.uri)
     for split in ("train", "val"):
         manifest.split(split, job.data.uri)  # each must have samples: the job evaluates on 'val'
     manifest.check_files(store, job.data.uri)
@@ -97,11 +106,11 @@ def check_dataset_matches(job: JobConfig) -> None:
         )
 
 
-def check_weights_match(job: JobConfig, uri: str, setting: str) -> None:
+def check_weights_match(job: JobConfig, uri: str, setting: str, committed: bool = False) -> None:
     """Fail before any worker starts if the weights at `uri` (the job's `setting`: init_from or
-    resume_from) do not fit the job's model."""
+    resume_from) do not fit the job's model. `committed`: the caller has checked its commit already."""
     source = artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url)
-    if source.kind == "checkpoint":  # a folder named step-N whose marker lists files that are all there
+    if source.kind == "checkpoint" and not committed:  # a step-N folder whose marker's files are all there
         check_committed(source.store, CheckpointRef(step_of(source.uri), source.uri, True))
     theirs = artifacts.read_model_config(source)
     diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in _ARCHITECTURE
@@ -136,5 +145,5 @@ def check_resume_source(job: JobConfig) -> None:
         raise CheckpointError(problems[0] if len(problems) == 1 else
                               f"none of the {len(problems)} committed checkpoints of resume_from={job.resume_from} "
                               f"is usable; the newest: {problems[0]}")
-    check_weights_match(job, ref.uri, "resume_from")  # the checkpoint the job will take
+    check_weights_match(job, ref.uri, "resume_from", committed=True)  # the checkpoint the job will take
 

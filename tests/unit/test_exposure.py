@@ -25,21 +25,13 @@ from orchestrator.cluster import is_loopback_address
 from orchestrator.config.compose import compose_dict, compose_root, job_config_from_dict, resolve_jobs
 from orchestrator.config.schema import RootConfig
 from orchestrator.config.typed import build, to_dict
-from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
 from orchestrator.errors import CheckpointError, ConfigError, StorageError
 from orchestrator.local_ray import Proc, cluster_pids, session_of
 from orchestrator.storage import LocalStore, join_uri
 from tests.leaks import encodings, find_in_bytes, plant_secrets
+from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv(CONF_DIR_ENV, raising=False)
-    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
-    monkeypatch.delenv("ORCH_S3_BUCKET", raising=False)
-    monkeypatch.chdir(tmp_path)
 
 
 def _one_line(exc_info) -> str:

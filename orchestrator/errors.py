@@ -9,24 +9,37 @@ class OrchError(Exception):
     """Base class. `exit_code` 2 is a usage/config/input error; 1 is a runtime failure."""
 
     exit_code = 1
+    # Can a restart of the worker group fix it? Ray Train retries a failed group only for these
+    # (orchestrator.ray_train.FailFast): a bad config, a corrupt shard or revoked credentials fail
+    # the job at once instead of using up its restarts.
+    retryable = True
+
+    def __init__(self, *args: object, retryable: bool | None = None):
+        super().__init__(*args)
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ConfigError(OrchError):
     """A config key, value or override is invalid."""
 
     exit_code = 2
+    retryable = False
 
 
 class StorageError(OrchError):
-    """The object store cannot be reached or used (missing bucket, bad credentials, missing object)."""
+    """The object store cannot be reached or used (missing bucket, bad credentials, missing object).
+    Not retryable unless raised with `retryable=True` (an endpoint that does not answer now)."""
 
     exit_code = 2
+    retryable = False
 
 
 class DatasetError(OrchError):
     """A dataset is missing, corrupt, or does not match the job (tokenizer, sequence length)."""
 
     exit_code = 2
+    retryable = False
 
 
 class CheckpointError(OrchError):

@@ -24,6 +24,7 @@ from orchestrator.config.typed import to_dict
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord
+from orchestrator.runner import worker_causes
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _trainer_class(runner):
     try:  # (internals of one Ray release: imported where used, so another Ray fails with one line)
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-        from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+        from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision, FailurePolicy
     except ImportError as e:
         raise ClusterError(f"this Ray has no Ray Train V2 internals orch relies on ({e}); "
                            f"install the Ray version pyproject.toml names") from None
@@ -129,13 +130,31 @@ def _trainer_class(runner):
         def before_controller_execute_resize_decision(self, resize_decision) -> None:
             self._tell("resize")
 
+    class FailFast(FailurePolicy):
+        """Ray Train's own policy, except that a worker error no restart can fix (an `OrchError`
+        with `retryable=False`: a corrupt shard, revoked credentials, a full disk) fails the run at
+        once instead of using up `max_failures`."""
+
+        def __init__(self, inner):
+            super().__init__(inner.failure_config)
+            self.inner = inner
+
+        def make_decision(self, training_failed_error):
+            if any(not getattr(e, "retryable", True) for e in worker_causes(training_failed_error)):
+                return FailureDecision.RAISE
+            return self.inner.make_decision(training_failed_error)
+
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = [c for c in super()._create_default_callbacks()
                          if not isinstance(c, PlacementGroupCleanerCallback)]
             return callbacks + [ReportPlacementGroup(runner), ReportDecisions(runner)]
 
-    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
+    if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
         raise ClusterError("this Ray's TorchTrainer has no _create_default_callbacks; install the Ray version "
                            "pyproject.toml names")
     return Trainer

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 RUNNER_PREFIX = "orch-job-"
 
 
+def worker_causes(exc: BaseException) -> list[BaseException]:
+    """The workers' own exceptions inside a Ray Train failure (none for a controller failure)."""
+    return [getattr(err, "cause", None) or err for err in (getattr(exc, "worker_failures", None) or {}).values()]
+
+
 def worker_error_message(exc: BaseException) -> str:
     """One line from a Ray Train failure: the workers' own errors, merged over ranks."""
     failures = getattr(exc, "worker_failures", None)
@@ -185,7 +190,8 @@ class JobRunner:
             self.log.emit(EventKind.FAILED, reason=str(e), retryable=False)
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
             log.debug("job %s failed", self.record.id, exc_info=True)
-            self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=True,
+            retryable = all(getattr(c, "retryable", True) for c in worker_causes(e))
+            self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=retryable,
                           traceback=traceback.format_exc())
 
     def _prepare(self, job: JobConfig) -> None:

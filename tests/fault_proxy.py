@@ -23,6 +23,9 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "host"}
 _SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
 _INTERNAL = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code></Error>'
+# What S3 answers once an access key is deleted or deactivated (`proxy.revoked = True`).
+_REVOKED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+            b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>")
 
 
 class FaultProxy:
@@ -31,6 +34,7 @@ class FaultProxy:
         self.upstream = urlparse(upstream)
         self.rates = {"slowdown": slowdown, "error500": error500, "reset": reset, "truncate": truncate}
         self.only_get = only_get  # inject into GETs only (reads), or into every request
+        self.revoked = False  # set True mid-run: every request is refused as with a deleted access key
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -47,6 +51,10 @@ class FaultProxy:
         self.server.server_close()
 
     def _fault(self, method: str) -> str | None:
+        if self.revoked:
+            with self.lock:
+                self.counts["revoked"] += 1
+            return "revoked"
         if self.only_get and method != "GET":
             return None
         with self.lock:
@@ -76,13 +84,15 @@ class FaultProxy:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                     return
-                if fault in ("slowdown", "error500"):
-                    status, payload = (503, _SLOWDOWN) if fault == "slowdown" else (500, _INTERNAL)
+                if fault in ("slowdown", "error500", "revoked"):
+                    status, payload = {"slowdown": (503, _SLOWDOWN), "error500": (500, _INTERNAL),
+                                       "revoked": (403, _REVOKED)}[fault]
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # (a HEAD answer has no body)
+                        self.wfile.write(payload)
                     return
                 up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}

@@ -10,6 +10,7 @@ world size or ZeRO stage goes through a universal checkpoint (orchestrator.check
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -39,10 +40,11 @@ from orchestrator.checkpoint.retention import to_delete
 from orchestrator.checkpoint.safe_load import load, weights_only_loads
 from orchestrator.checkpoint.universal import UNIVERSAL_INFO, download_universal, ensure_universal
 from orchestrator.config.schema import CheckpointConfig
-from orchestrator.constants import COMMIT_MARKER, TRAINER_STATE
+from orchestrator.constants import COMMIT_MARKER, LOCAL_DIR_ENV, TRAINER_STATE
 from orchestrator.errors import CheckpointError
 from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri
 from orchestrator.storage.digest import sha256_file
+from orchestrator.storage.local import write_error
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +129,11 @@ class Checkpointer:
         tag = checkpoint_tag(step)
         staging = self.local / "staging" / save_id[0]
         shutil.rmtree(staging, ignore_errors=True)
-        engine.save_checkpoint(str(staging), tag=tag, save_latest=False,
-                               client_state={"trainer_state": trainer_state,
-                                             "universal_checkpoint_info": UNIVERSAL_INFO})
-        torch.save(_rng_state(), staging / tag / rng_file(self.rank))
-        if self.rank == 0:
-            extra = dict(self.rank0_files)
-            extra[TRAINER_STATE] = json.dumps(trainer_state, indent=1, sort_keys=True).encode()
-            for name, data in extra.items():
-                (staging / tag / name).write_bytes(data)
+        try:
+            self._stage(engine, staging, tag, trainer_state)
+        except (OSError, RuntimeError) as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _staging_error(err, staging, step) from err
 
         def upload() -> None:
             self._upload_and_commit(step, staging, tag, save_id[0])
@@ -147,6 +145,18 @@ class Checkpointer:
             upload()
             self.last_upload_s = time.perf_counter() - t_up
         return time.perf_counter() - t0
+
+    def _stage(self, engine, staging: Path, tag: str, trainer_state: dict) -> None:
+        """This rank's files of the checkpoint, on local disk."""
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False,
+                               client_state={"trainer_state": trainer_state,
+                                             "universal_checkpoint_info": UNIVERSAL_INFO})
+        torch.save(_rng_state(), staging / tag / rng_file(self.rank))
+        if self.rank == 0:
+            extra = dict(self.rank0_files)
+            extra[TRAINER_STATE] = json.dumps(trainer_state, indent=1, sort_keys=True).encode()
+            for name, data in extra.items():
+                (staging / tag / name).write_bytes(data)
 
     def wait(self) -> float:
         """Wait for the background upload (and, on rank 0, the commit) of the last save."""
@@ -289,6 +299,18 @@ class Checkpointer:
         how = "as a universal checkpoint" if restore.universal else ""
         log.info("resumed from %s (step %d) %s", restore.ref.uri, restore.ref.step, how)
         return restore.trainer_state
+
+
+def _staging_error(err: Exception, staging: Path, step: int) -> Exception:
+    """A full (or read-only) staging disk as one line naming the folder and the fix; torch reports a
+    full disk as a RuntimeError without an errno, so the free space decides."""
+    if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        free = shutil.disk_usage(next(p for p in (staging, *staging.parents) if p.exists())).free
+        if free > 64 * 2**20:
+            return err
+        err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write_error(f"cannot stage the checkpoint of step {step} in {staging.parent} (node-local scratch)",
+                       err, LOCAL_DIR_ENV)
 
 
 def _rng_state() -> dict:

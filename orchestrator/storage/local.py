@@ -6,6 +6,7 @@ Writes go to a temporary file in the destination folder and are renamed into pla
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -129,7 +130,7 @@ class _atomic_target:  # noqa: N801 - used like a function, as a context manager
         try:
             os.makedirs(os.path.dirname(self.dest), exist_ok=True)
         except OSError as err:
-            raise StorageError(f"cannot create the folder for {self.dest}: {err}") from err
+            raise write_error(f"cannot create the folder for {self.dest}", err, "storage.root") from err
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
@@ -141,13 +142,31 @@ class _atomic_target:  # noqa: N801 - used like a function, as a context manager
                 exc = err
         _remove_quietly(self.tmp)
         if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {self.dest}: {exc.strerror or exc}") from exc
+            raise write_error(f"cannot write {self.dest}", exc, "storage.root") from exc
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space on it or set {setting} to a folder on a larger disk",
+    errno.EDQUOT: "the disk quota is used up: free space or set {setting} to a folder with room",
+    errno.EROFS: "the file system is read-only: remount it writable or set {setting} to a writable folder",
+    errno.EACCES: "permission denied: make the folder writable for this user or set {setting} to another one",
+    errno.EPERM: "permission denied: make the folder writable for this user or set {setting} to another one",
+}
+
+
+def write_error(what: str, err: OSError, setting: str) -> StorageError:
+    """One line for a failed local write: what, why, and the fix (`setting` names where to point
+    elsewhere). A full or read-only disk is no reason to retry at once (not retryable)."""
+    fix = _WRITE_FIXES.get(err.errno)
+    if fix is None:
+        return StorageError(f"{what}: {err.strerror or err}", retryable=True)
+    return StorageError(f"{what}: {err.strerror} ({fix.format(setting=setting)})")
 
 
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except OSError:  # gone already, or a read-only / full file system: nothing more to do
         pass
 
 

@@ -64,6 +64,7 @@ _CREDENTIAL_CODES = {
     "TokenRefreshRequired",
 }
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 
 
 class S3Store(ObjectStore):
@@ -176,7 +177,7 @@ class S3Store(ObjectStore):
                 time.sleep(min(2.0, 0.05 * 2**attempt))
         raise StorageError(f"the S3 endpoint {self.endpoint_url or 'AWS'} cut the response for {uri} short "
                            f"{self.max_attempts} times in a row ({cut}): the endpoint answers but the transfer "
-                           f"breaks; check the network or the endpoint's load, then run again")
+                           f"breaks; check the network or the endpoint's load, then run again", retryable=True)
 
     def put(self, uri: str, data: bytes) -> None:
         """Store `data` in one PutObject call (S3 writes are atomic)."""
@@ -297,10 +298,12 @@ class S3Store(ObjectStore):
         if isinstance(err, (BotoConnectionError, HTTPClientError)):
             return StorageError(
                 f"cannot reach the S3 endpoint {endpoint} for {uri} ({type(err).__name__}): "
-                "check that it is up and set storage.endpoint_url to the right address"
+                "check that it is up and set storage.endpoint_url to the right address", retryable=True
             )
         detail = f"{code}: {_error_message(err)}" if code else str(err)
-        return StorageError(f"S3 request for {uri} at endpoint {endpoint} failed: {detail}")
+        # throttling and server errors (past botocore's own retries) may pass; a refusal will not
+        transient = code is None or code in _TRANSIENT_CODES or code.startswith("5")
+        return StorageError(f"S3 request for {uri} at endpoint {endpoint} failed: {detail}", retryable=transient)
 
 
 def _error_code(err: BaseException | None) -> str | None:

@@ -213,7 +213,8 @@ def test_dataset_that_does_not_fit_the_job(orch, tmp_path, prepared_dataset, wha
 @pytest.mark.slow
 @pytest.mark.reliability(category="dataset", case="shard with a flipped byte (same size)", lost=DATASET_LOST,
                          happened="the job fails when a worker first fetches the shard: one reason naming the shard "
-                                  "and its sha256 (a size check cannot see it); `orch run` exits 1")
+                                  "and its sha256 (a size check cannot see it), without using up its restarts "
+                                  "(no retry can fix it); `orch run` exits 1 (a job failed)")
 def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path, prepared_dataset):
     data = tmp_path / "stories"
     shutil.copytree(prepared_dataset, data)
@@ -223,7 +224,7 @@ def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path,
     shard.write_bytes(bytes(raw))
     state = tmp_path / "state"
     result = orch("run", "pipeline=pretrain", "model=gpt_tiny", "data.source=null", f"data.uri=file://{data}",
-                  "pipeline.jobs.pretrain.workers=1", "pipeline.jobs.pretrain.max_failures=0",
+                  "pipeline.jobs.pretrain.workers=1", "pipeline.jobs.pretrain.max_failures=2",
                   "trainer.max_steps=2", "tracking=none", "--state-dir", str(state), timeout=600,
                   env={"ORCH_LOCAL_DIR": str(tmp_path / "scratch")})
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
@@ -232,5 +233,6 @@ def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path,
     assert job["state"] == "FAILED"
     reason = job["failure_reason"]
     assert shard.name in reason and "sha256" in reason and "\n" not in reason, reason
+    assert job["restarts"] == 0 and "RESTARTING" not in [h["state"] for h in job["history"]]  # failed at once
     assert not list((state / "store" / "runs").rglob("COMMITTED.json"))  # nothing trained on it was committed
     assert os.path.getsize(shard) == len(raw)

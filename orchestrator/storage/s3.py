@@ -64,7 +64,8 @@ _CREDENTIAL_CODES = {
     "TokenRefreshRequired",
 }
 _CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError)
-_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
+                    "RequestTimeout", "RequestTimeTooSkewed"}
 
 
 class S3Store(ObjectStore):

@@ -35,6 +35,11 @@ class FaultProxy:
         self.rates = {"slowdown": slowdown, "error500": error500, "reset": reset, "truncate": truncate}
         self.only_get = only_get  # inject into GETs only (reads), or into every request
         self.revoked = False  # set True mid-run: every request is refused as with a deleted access key
+        # `hold("COMMITTED.json")`: the next PUT whose key ends so waits in the proxy (`held` is set,
+        # `held_path` names it) until `release` is set, then is dropped unanswered, never stored.
+        self.hold_suffix: str | None = None
+        self.held, self.release = threading.Event(), threading.Event()
+        self.held_path = ""
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -49,6 +54,18 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def hold(self, suffix: str) -> None:
+        self.hold_suffix = suffix
+
+    def _hold(self, method: str, path: str) -> bool:
+        with self.lock:
+            if not (self.hold_suffix and method == "PUT" and urlparse(path).path.endswith(self.hold_suffix)):
+                return False
+            self.hold_suffix, self.held_path = None, urlparse(path).path
+        self.held.set()
+        self.release.wait()
+        return True
 
     def _fault(self, method: str) -> str | None:
         if self.revoked:
@@ -79,7 +96,7 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._fault(self.command)
+                fault = "reset" if proxy._hold(self.command, self.path) else proxy._fault(self.command)
                 if fault == "reset":  # RST instead of an answer
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

@@ -3,6 +3,8 @@ cluster): the node-local staging disk fills up, the store becomes read-only, the
 deleted, the S3 credentials are revoked. Each time the job fails at once (no restart can fix it,
 so none is used) with one reason that names what and the fix, within a bounded time; the last
 committed checkpoint stays intact (every file's sha256) and, once the fault is gone, resumable.
+And every worker killed while rank 0 writes a commit marker: the half-committed checkpoint is
+never resumed from.
 
 The disk faults need root (a tmpfs, remounted read-only); they are skipped otherwise.
 """
@@ -17,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.jobs.store import JobStore
@@ -208,3 +211,37 @@ def test_credentials_revoked_mid_run(tmp_path, s3_server, reliability_tries):
     assert _intact(store, checkpoint) > 0
     reliability_tries(1)
     print(f"credentials revoked: failed {seconds:.1f} s after the fault")
+
+
+@pytest.mark.reliability(category="fault: training", case="kill -9 of every worker during a checkpoint commit (S3)",
+                         lost="the checkpoint being committed (its marker never written) and the steps since the last "
+                              "commit",
+                         happened="the restarted group resumed from the commit before, never from the half-committed "
+                                  "one, and finished; its final checkpoint verified")
+def test_kill_during_a_commit(tmp_path, s3_server, reliability_tries):
+    """Rank 0's PUT of the commit marker is held in the proxy while every worker is killed; it is
+    then dropped, as a request from a dead machine would be."""
+    bucket = s3_server.make_bucket("commit")
+    root = f"s3://{bucket}/orch"
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        run = Run(tmp_path / "state", "storage=s3", f"storage.root={root}", f"storage.endpoint_url={proxy.url}",
+                  "trainer.max_steps=100")
+        first = run.wait_for_commit()
+        proxy.hold("COMMITTED.json")
+        assert proxy.held.wait(300), "no commit marker was written"
+        held_step = int(proxy.held_path.rsplit("step-", 1)[1].split("/")[0])
+        workers = [c for c in psutil.Process(run.proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(c.cmdline())]
+        assert workers
+        for w in workers:
+            w.kill()
+        proxy.release.set()
+        code, out, _ = run.finish()
+    assert code == 0, out[-3000:]
+    job = run.job()
+    assert job.state.value == "SUCCEEDED" and job.restarts == 1, job.history
+    resumed = [h["reason"] for h in job.history if "resumed from" in h["reason"]]
+    assert resumed and resumed[0].endswith(f"step-{held_step - 20}"), (resumed, held_step, first)
+    store = open_store(root, endpoint_url=s3_server.endpoint_url)
+    assert _intact(store, job.checkpoint) > 0 and job.checkpoint.endswith("step-100")
+    reliability_tries(1)

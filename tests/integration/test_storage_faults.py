@@ -213,17 +213,21 @@ def test_credentials_revoked_mid_run(tmp_path, s3_server, reliability_tries):
     print(f"credentials revoked: failed {seconds:.1f} s after the fault")
 
 
-@pytest.mark.reliability(category="fault: training", case="kill -9 of every worker during a checkpoint commit (S3)",
+@pytest.mark.reliability(category="fault: training",
+                         case="kill -9 of every worker during a checkpoint commit, through a faulty S3 proxy (503 "
+                              "SlowDown 10%, resets 2%, cut bodies 5%)",
                          lost="the checkpoint being committed (its marker never written) and the steps since the last "
                               "commit",
-                         happened="the restarted group resumed from the commit before, never from the half-committed "
-                                  "one, and finished; its final checkpoint verified")
-def test_kill_during_a_commit(tmp_path, s3_server, reliability_tries):
-    """Rank 0's PUT of the commit marker is held in the proxy while every worker is killed; it is
-    then dropped, as a request from a dead machine would be."""
+                         happened="prepare, shard reads, uploads, commit, restore and export all completed through the "
+                                  "faults; the restarted group resumed from the commit before, never from the "
+                                  "half-committed one; final checkpoint and export verified by sha256")
+def test_kill_during_a_commit_through_a_faulty_store(tmp_path, s3_server, reliability_tries):
+    """The whole pipeline goes through a proxy that throttles, resets and cuts responses short;
+    rank 0's PUT of a commit marker is held in it while every worker is killed, then dropped, as
+    a request from a dead machine would be."""
     bucket = s3_server.make_bucket("commit")
     root = f"s3://{bucket}/orch"
-    with FaultProxy(s3_server.endpoint_url) as proxy:
+    with FaultProxy(s3_server.endpoint_url, slowdown=0.1, reset=0.02, truncate=0.05, seed=11) as proxy:
         run = Run(tmp_path / "state", "storage=s3", f"storage.root={root}", f"storage.endpoint_url={proxy.url}",
                   "trainer.max_steps=100")
         first = run.wait_for_commit()
@@ -238,10 +242,14 @@ def test_kill_during_a_commit(tmp_path, s3_server, reliability_tries):
         proxy.release.set()
         code, out, _ = run.finish()
     assert code == 0, out[-3000:]
+    assert proxy.counts["slowdown"] and proxy.counts["reset"] + proxy.counts["truncate"], proxy.counts
     job = run.job()
     assert job.state.value == "SUCCEEDED" and job.restarts == 1, job.history
     resumed = [h["reason"] for h in job.history if "resumed from" in h["reason"]]
     assert resumed and resumed[0].endswith(f"step-{held_step - 20}"), (resumed, held_step, first)
     store = open_store(root, endpoint_url=s3_server.endpoint_url)
     assert _intact(store, job.checkpoint) > 0 and job.checkpoint.endswith("step-100")
+    manifest = json.loads(store.get(join_uri(job.export, "export.json")))
+    assert hashlib.sha256(store.get(join_uri(job.export, manifest["weights"]))).hexdigest() == manifest["sha256"]
     reliability_tries(1)
+    print(f"through the proxy: {dict(proxy.counts)}")

@@ -44,4 +44,8 @@ fi
 
 echo "setup: installing orch${EXTRAS} (editable) and its dependencies"
 pip_install -e ".${EXTRAS}"
+# DeepSpeed compiles a CPU op at first use (about a minute): pay it here, not in the first run.
+DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}" \
+    "$PY" -m orchestrator.train.extensions 2>"$VENV/torch_extensions.log" \
+    || echo "setup: warning: could not prebuild DeepSpeed's ops (see $VENV/torch_extensions.log); the first run builds them"
 "$PY" -c "import importlib.metadata as m, torch, ray, orchestrator; print('setup: ok (torch', torch.__version__ + ', ray', ray.__version__ + ', deepspeed', m.version('deepspeed') + ')')"

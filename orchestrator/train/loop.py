@@ -33,6 +33,7 @@ from orchestrator.storage import join_uri
 from orchestrator.tracking import Tracker, make_tracker
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
+from orchestrator.train.extensions import use_prebuilt
 from orchestrator.train.metrics import IntervalMetrics
 from orchestrator.train.mfu import peak_flops
 from orchestrator.train.prefetch import BatchPrefetcher
@@ -84,6 +85,7 @@ def train_worker(args: dict) -> None:
     spec = RunSpec(**args["spec"])
     # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
     os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
+    use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
     torch.set_num_threads(job.trainer.threads_per_worker)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _Trainer(job, spec).run()

@@ -114,11 +114,18 @@ def _parquet_batches(store: ObjectStore, uri: str, size: int, part: tuple[int, i
                                        use_threads=False)
 
 
+def _is_ipc_file(f) -> bool:
+    """Whether an Arrow file is in the IPC file format (its magic) rather than the stream format."""
+    magic = f.read(6)
+    f.seek(0)
+    return magic == b"ARROW1"
+
+
 def _arrow_batches(store: ObjectStore, uri: str, size: int, columns: list[str], setting: str) -> Iterator:
     import pyarrow as pa
 
     with open_object(store, uri, size) as f:
-        if f.peek(6)[:6] == b"ARROW1":  # IPC file format (Feather v2): batches indexed by its footer
+        if _is_ipc_file(f):  # IPC file format (Feather v2): batches indexed by its footer
             reader = pa.ipc.open_file(f)
             check_columns(uri, reader.schema, columns, setting)
             for i in range(reader.num_record_batches):
@@ -153,5 +160,5 @@ def table_columns(store: ObjectStore, uri: str, size: int) -> list[str]:
             with _open_parquet(store, uri, size) as pf:
                 return list(pf.schema_arrow.names)
         with open_object(store, uri, size) as f:
-            opener = pa.ipc.open_file if f.peek(6)[:6] == b"ARROW1" else pa.ipc.open_stream
+            opener = pa.ipc.open_file if _is_ipc_file(f) else pa.ipc.open_stream
             return list(opener(f).schema.names)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from orchestrator.constants import TOKENIZER
 from orchestrator.data.manifest import try_load_manifest
 from orchestrator.errors import DatasetError
-from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri, routed
+from orchestrator.storage import ObjectNotFound, ObjectStore, join_uri, routed, to_uri
 from orchestrator.storage.digest import sha256_bytes
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -56,7 +56,7 @@ def load_tokenizer_file(uri: str, store: ObjectStore, setting: str = "data.token
     """The tokenizer at `uri` (see the module docstring); DatasetError naming `setting` if none."""
     from orchestrator.checkpoint.layout import latest_committed
 
-    store, uri = routed(store), uri.rstrip("/")
+    store, uri = routed(store), to_uri(uri).rstrip("/")
     if uri.endswith(".json"):
         candidates = [uri]
     else:

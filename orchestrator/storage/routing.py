@@ -128,13 +128,14 @@ class _RangeFile(io.RawIOBase):
 
 
 def open_object(store: ObjectStore, uri: str, size: int | None = None,
-                buffer_size: int = READ_BUFFER) -> io.BufferedReader:
-    """`uri` as a buffered, seekable binary file read by ranged GETs of `buffer_size` bytes (local
-    files are opened directly). `size`: the object's size when the caller knows it (saves a request)."""
+                buffer_size: int = READ_BUFFER) -> io.RawIOBase | io.BufferedReader:
+    """`uri` as a seekable binary file: an S3 object buffered, read by ranged GETs of `buffer_size`
+    bytes; a local file opened directly, unbuffered. `size`: the object's size when the caller
+    knows it (saves a request)."""
     backend = routed(store).backend(uri)
-    if isinstance(backend, LocalStore):
+    if isinstance(backend, LocalStore):  # unbuffered: a reader that asks for large pieces gets them directly
         try:
-            return open(local_path(uri), "rb", buffering=min(buffer_size, 1 << 20))
+            return open(local_path(uri), "rb", buffering=0)
         except FileNotFoundError:
             raise ObjectNotFound(f"object not found: {uri}") from None
     raw = _RangeFile(backend, uri, backend.size(uri) if size is None else size)

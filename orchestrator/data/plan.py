@@ -45,7 +45,8 @@ def dataset_at(root: RootConfig, src: str, dst: str) -> DataConfig:
     """`root.data` prepared from `src` into `dst` (paths or URIs). An sft dataset must name the
     tokenizer to reuse: the `data` group's default (its own old location) cannot have one."""
     uri = to_uri(dst).rstrip("/")
-    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1])
+    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1],
+                               tokenizer_uri=to_uri(root.data.tokenizer_uri) if root.data.tokenizer_uri else None)
     if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
         raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: "
                           "set data.tokenizer_uri=URI")

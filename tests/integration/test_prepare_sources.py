@@ -201,3 +201,21 @@ def test_prepare_parquet_and_a_datasets_folder_in_s3_with_ray_tasks(orch, tmp_pa
     units = {s.key.split("-")[1] for split in m.splits.values() for s in split.shards}
     assert len(units) >= 4  # the Parquet file in several parts, and the folder's Arrow files: one task each
     _all_documents_kept(_documents(store, dst, m, "</s>"))
+
+
+def test_weights_that_came_with_the_datasets_tokenizer_pass_the_checks(tmp_path):
+    """The other side of the refusals in test_bad_data.py: `init_from` a Hugging Face folder whose
+    tokenizer the dataset reuses passes `orch run`'s checks, before and after the dataset is prepared."""
+    from orchestrator.config.compose import compose_root, resolve_jobs
+    from orchestrator.preflight import check_job_inputs, preflight
+
+    hf = write_hf_model_folder(tmp_path / "hf-model", foreign_tokenizer(DOCS[:300]))
+    src = write_parquet(tmp_path / "corpus" / "web.parquet", DOCS).parent
+    root = compose_root(["pipeline=pretrain", "model=gpt_tiny", f"pipeline.jobs.pretrain.init_from={hf}",
+                         f"data.source={src}", f"data.tokenizer_uri={hf}", "data.seq_len=32",
+                         f"state_dir={tmp_path / 'state'}", f"storage.root=file://{tmp_path}/store"])
+    (job,) = resolve_jobs(root)
+    preflight([job])  # the dataset is still to be prepared: data.tokenizer_uri is compared
+    prepare_dataset(open_store(job.data.uri), job.data, runner=local_runner)
+    check_job_inputs(job, job.init_from)  # what the runner checks: the prepared dataset's tokenizer
+    preflight([job])

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator.data.corpus import GENERATORS
+from orchestrator.data.lines import codec, not_compressed, not_utf8, read_lines
 from orchestrator.data.tables import TABLE_SUFFIXES, is_table, parquet_parts, read_table, table_columns
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectInfo, ObjectNotFound, ObjectStore, join_uri
@@ -166,22 +167,20 @@ def plan_units(store: ObjectStore, source: str, num_documents: int, unit_bytes: 
 
 
 def _decompress(name: str, data: bytes) -> str:
+    """A whole .txt file (one document) as text."""
     import zstandard  # (only for .zst corpora)
 
     try:
-        if name.endswith(".gz"):
+        if codec(name) == "gzip":
             data = gzip.decompress(data)
-        elif name.endswith(".zst"):
+        elif codec(name) == "zstd":
             data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
     except (OSError, EOFError, zstandard.ZstdError) as e:
-        kind = "gzip" if name.endswith(".gz") else "zstd"
-        raise DatasetError(f"{name} is not a valid {kind} file ({e}); "
-                           f"recompress it or remove it from the corpus") from None
+        raise not_compressed(name, e) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
-                           f"(e.g. iconv -t UTF-8) or remove it from the corpus") from None
+        raise not_utf8(name, e) from None
     if "\x00" in text:  # valid UTF-8, but text files hold no NUL bytes: an image, an archive, padding
         raise DatasetError(f"{name} holds NUL bytes (at character {text.index(chr(0))}): it is binary, not text; "
                            f"remove it from the corpus")
@@ -212,25 +211,33 @@ def _row_item(row: object, kind: str, text_field: str) -> object:
     return pair
 
 
-def _jsonl_items(uri: str, text: str, kind: str, text_field: str) -> Batch:
-    out: Batch = []
-    for n, line in enumerate(text.splitlines(), 1):
+def _jsonl_items(store: ObjectStore, f: SourceFile, kind: str, text_field: str, batch_bytes: int
+                 ) -> Iterator[Batch]:
+    """Batches of about `batch_bytes` of the documents of a JSONL file, read as a stream."""
+    batch: Batch = []
+    size = 0
+    for n, line in read_lines(store, f.uri, f.size):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
             why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-            raise DatasetError(f"{uri} line {n} is not valid JSON ({why}); fix or remove that line") from None
+            raise DatasetError(f"{f.uri} line {n} is not valid JSON ({why}); fix or remove that line") from None
         try:
             item = _row_item(row, kind, text_field)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             need = f"a {text_field!r} string" if kind == "text" else "'prompt' and 'response' strings (or 'messages')"
             has = f"keys: {', '.join(map(str, row))[:200]}" if isinstance(row, dict) else type(row).__name__
-            raise DatasetError(f"{uri} line {n} is not a JSON object with {need} ({has}); fix that line, or "
+            raise DatasetError(f"{f.uri} line {n} is not a JSON object with {need} ({has}); fix that line, or "
                                f"convert the file to one such object per line") from None
-        out.append((identity_of(item), item))
-    return out
+        batch.append((identity_of(item), item))
+        size += len(line)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _table_items(store: ObjectStore, f: SourceFile, kind: str, text_field: str, batch_bytes: int) -> Iterator[Batch]:
@@ -259,29 +266,27 @@ def _table_items(store: ObjectStore, f: SourceFile, kind: str, text_field: str, 
 
 def read_unit(store: ObjectStore, source: str, unit: Unit, kind: str, seed: int, text_field: str = "text",
               batch_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[Batch]:
-    """(identity, item) of every document in a unit, in batches (a Parquet or Arrow file: about
-    `batch_bytes` of it at a time; a .txt/.jsonl file: all of it): an item is a string for text,
-    {"prompt","response"} for sft."""
+    """(identity, item) of every document in a unit, in batches of about `batch_bytes` of text (a .txt
+    file, one document: all of it): an item is a string for text, {"prompt","response"} for sft."""
     if unit.files == ():
         items = GENERATORS[generator_name(source)](unit.start, unit.stop, seed)
         yield [(f"generated:{i}", item) for i, item in zip(range(unit.start, unit.stop), items)]
         return
     for f in unit.files:
-        if is_table(f.uri):
-            yield from _table_items(store, f, kind, text_field, batch_bytes)
-            continue
         try:
-            text = _decompress(f.uri, store.get(f.uri))
+            if is_table(f.uri):
+                yield from _table_items(store, f, kind, text_field, batch_bytes)
+            elif ".jsonl" in f.uri:
+                yield from _jsonl_items(store, f, kind, text_field, batch_bytes)
+            elif kind == "sft":
+                raise DatasetError(f"{f.uri}: fine-tuning data must be .jsonl (or Parquet/Arrow) with prompt/response "
+                                   f"or messages")
+            else:
+                text = _decompress(f.uri, store.get(f.uri))
+                yield [(identity_of(text), text)]
         except ObjectNotFound:
             raise DatasetError(f"{f.uri} was listed in the corpus but is gone; run again once the corpus "
                                f"stops changing") from None
-        if ".jsonl" in f.uri:
-            yield _jsonl_items(f.uri, text, kind, text_field)
-        elif kind == "sft":
-            raise DatasetError(f"{f.uri}: fine-tuning data must be .jsonl (or Parquet/Arrow) with prompt/response "
-                               f"or messages")
-        else:
-            yield [(identity_of(text), text)]
 
 
 def is_validation(identity: str, seed: int, val_fraction: float) -> bool:

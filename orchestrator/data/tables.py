@@ -83,7 +83,8 @@ def _is_text_type(t) -> bool:
 
     if pa.types.is_dictionary(t):
         t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # (pyarrow >= 16)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
 
 
 def check_columns(uri: str, schema, columns: list[str], setting: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from orchestrator.checkpoint.layout import latest_committed
 from orchestrator.constants import TOKENIZER
 from orchestrator.data.manifest import try_load_manifest
 from orchestrator.errors import DatasetError
@@ -54,8 +55,6 @@ def _eos_token(store: ObjectStore, folder: str) -> str | None:
 
 def load_tokenizer_file(uri: str, store: ObjectStore, setting: str = "data.tokenizer_uri") -> TokenizerFile:
     """The tokenizer at `uri` (see the module docstring); DatasetError naming `setting` if none."""
-    from orchestrator.checkpoint.layout import latest_committed
-
     store, uri = routed(store), to_uri(uri).rstrip("/")
     if uri.endswith(".json"):
         candidates = [uri]

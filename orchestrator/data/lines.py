@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from orchestrator.errors import DatasetError
 from orchestrator.storage import ObjectStore, open_object
 
-CHUNK = 1 << 20  # decompressed bytes read at a time
+CHUNK = 1 << 18  # decompressed bytes read at a time (a reader holds a few times this)
 
 
 def codec(name: str) -> str | None:

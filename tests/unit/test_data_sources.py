@@ -91,3 +91,34 @@ def test_the_split_is_a_hash_of_the_text_not_of_the_file():
     assert 150 < len(held) < 250
     assert held == [d for d in docs if is_validation(d, 0, 0.1)]  # deterministic
     assert held != [d for d in docs if is_validation(d, 1, 0.1)]  # and a function of the seed
+
+
+@pytest.mark.parametrize("name", ["web.jsonl.gz", "web.jsonl.zst", "web.parquet"])
+def test_a_large_file_is_read_a_batch_at_a_time(tmp_path, name):
+    """What a reader holds at once (Python objects and numpy arrays, traced) stays near the batch
+    size, not the file's 9 MB of text."""
+    import gzip
+    import tracemalloc
+
+    import zstandard
+
+    docs = [f"document {i}: " + "some words of text " * 10 for i in range(40_000)]
+    text = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        write_parquet(path, docs, row_group_size=1 << 20)
+    else:
+        path.write_bytes(gzip.compress(text) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(text))
+    store = open_store(f"file://{tmp_path}")
+    (unit,) = plan_units(store, f"file://{path}", 0, unit_bytes=1 << 30)
+    tracemalloc.start()
+    try:
+        count = batches = 0
+        for batch in read_unit(store, "", unit, "text", 0, batch_bytes=64 << 10):
+            count, batches = count + len(batch), batches + 1
+            assert batch[-1][1] == docs[count - 1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == len(docs) and batches >= 40
+    assert peak < len(text) / 4, peak

@@ -41,6 +41,11 @@ class SourceFile:
     uri: str
     size: int  # bytes (of the row groups `part`, for a part of a Parquet file)
     part: tuple[int, int] | None = None  # a Parquet file's row groups [start, stop) to read; None: all of it
+    file_bytes: int | None = None  # the whole file's size, for a part
+
+    @property
+    def object_size(self) -> int:
+        return self.size if self.file_bytes is None else self.file_bytes
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ def _pieces(store: ObjectStore, files: list[SourceFile], unit_bytes: int) -> Ite
     for f in files:
         if f.uri.endswith(".parquet") and f.size > unit_bytes:
             for part, nbytes in parquet_parts(store, f.uri, f.size, unit_bytes):
-                yield SourceFile(f.uri, nbytes, part)
+                yield SourceFile(f.uri, nbytes, part, f.size)
         else:
             yield f
 
@@ -216,7 +221,7 @@ def _jsonl_items(store: ObjectStore, f: SourceFile, kind: str, text_field: str, 
     """Batches of about `batch_bytes` of the documents of a JSONL file, read as a stream."""
     batch: Batch = []
     size = 0
-    for n, line in read_lines(store, f.uri, f.size):
+    for n, line in read_lines(store, f.uri, f.object_size):
         if not line.strip():
             continue
         try:
@@ -246,10 +251,10 @@ def _table_items(store: ObjectStore, f: SourceFile, kind: str, text_field: str, 
     if kind == "text":
         columns, setting = [text_field], "data.text_field"
     else:
-        names = table_columns(store, f.uri, f.size)
+        names = table_columns(store, f.uri, f.object_size)
         columns = ["messages"] if "messages" in names else ["prompt", "response"]
         setting = "the fine-tuning columns (prompt and response, or messages)"
-    for cols in read_table(store, f.uri, f.size, f.part, columns, batch_bytes, setting):
+    for cols in read_table(store, f.uri, f.object_size, f.part, columns, batch_bytes, setting):
         if kind == "text":
             yield [(t, t) for t in cols[text_field] if t is not None]
             continue

@@ -25,6 +25,7 @@ from orchestrator.data.prepare import local_runner, prepare_dataset
 from orchestrator.storage import join_uri, open_store
 from tests.corpora import (
     foreign_tokenizer,
+    parquet_bytes,
     write_datasets_folder,
     write_feather,
     write_hf_model_folder,
@@ -219,3 +220,25 @@ def test_weights_that_came_with_the_datasets_tokenizer_pass_the_checks(tmp_path)
     prepare_dataset(open_store(job.data.uri), job.data, runner=local_runner)
     check_job_inputs(job, job.init_from)  # what the runner checks: the prepared dataset's tokenizer
     preflight([job])
+
+
+def test_fine_tuning_pairs_from_parquet_match_jsonl(tmp_path):
+    """sft data as Parquet columns (prompt/response) gives the shards and masks JSONL gives."""
+    from orchestrator.data.corpus import qa
+
+    pairs = qa(0, 300, seed=1)
+    tok_src = _prepare(write_jsonl(tmp_path / "corpus" / "web.jsonl", DOCS).parent, tmp_path / "text")
+    assert tok_src.splits["train"].samples
+    jsonl = tmp_path / "pairs-jsonl" / "pairs.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    parquet = tmp_path / "pairs-parquet" / "pairs.parquet"
+    parquet.parent.mkdir()
+    parquet.write_bytes(parquet_bytes({"prompt": [p["prompt"] for p in pairs],
+                                       "response": [p["response"] for p in pairs]}, row_group_size=64))
+    made = [_prepare(src.parent, tmp_path / f"sft-{i}", kind="sft", seq_len=48, tokenizer_uri=f"file://{tmp_path}/text")
+            for i, src in enumerate((jsonl, parquet))]
+    assert made[0].splits["train"].samples > 200
+    jsonl_shards, parquet_shards = ([(s.key, s.sha256, s.mask_sha256) for split in m.splits.values()
+                                     for s in split.shards] for m in made)
+    assert jsonl_shards == parquet_shards

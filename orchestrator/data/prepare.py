@@ -85,11 +85,6 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
-def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
-    """The tokenizer.json text of a prepared dataset, a model folder, export or checkpoint (any store)."""
-    return load_tokenizer_file(uri, store).json
-
-
 # ------------------------------------------------------------------------------------ tokenizer
 def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) -> Iterable[str]:
     """Training documents from the first units, up to TOKENIZER_SAMPLE_BYTES of text."""

@@ -8,7 +8,12 @@ is also cut into parts of whole row groups, so several tasks tokenize it in para
 record batch at a time, as written. Objects are read through `open_object`: local files directly,
 S3 objects through ranged GETs.
 
-pyarrow is imported here only, lazily (it is heavy; `orch --help` must not wait for it).
+pyarrow is imported here only, lazily (it is heavy; `orch --help` must not wait for it). Why pyarrow
+and not the `datasets` library or Ray Data: a `save_to_disk` folder is Arrow IPC files plus JSON that
+pyarrow reads as they are (pyarrow already comes with Ray), where `datasets` would add a large
+dependency tree for the same reader and reaches S3 only through its own fsspec client; Ray Data would
+read S3 through its own filesystem as well (not the store's endpoint, retries and one-line errors),
+and the units, Ray tasks and manifest that already cut, run and record the work would be duplicated.
 """
 
 from __future__ import annotations

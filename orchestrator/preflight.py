@@ -31,22 +31,28 @@ def preflight(jobs: list[JobConfig]) -> None:
     prepared must fit the model; one that is not must have a source (here or in an earlier job)."""
     for job in jobs:
         check_no_secrets(job)
+    made_here = {j.data.uri.rstrip("/") for j in jobs if j.data.source}
     for job in jobs:
         store = open_job_store(job)
         manifest = try_load_manifest(store, job.data.uri)
+        # a tokenizer_uri that is a dataset one of these jobs prepares may not exist yet: the runner checks it
+        tokenizer_later = manifest is None and bool(job.data.tokenizer_uri) and \
+            to_uri(job.data.tokenizer_uri).rstrip("/") in made_here
         if manifest is not None:
             check_dataset_matches(job, manifest)
         elif job.data.source:
             _check_source(job, store)
-            check_tokenizer_fits(job)
+            if not tokenizer_later:
+                check_tokenizer_fits(job)
         elif not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
             ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:
             check_weights_match(job, job.init_from, "init_from")
-            check_same_tokenizer(job, job.init_from, "init_from", manifest)
         if job.resume_from:
             check_resume_source(job)
-            check_same_tokenizer(job, job.resume_from, "resume_from", manifest)
+        for setting in ("init_from", "resume_from") if not tokenizer_later else ():
+            if getattr(job, setting):
+                check_same_tokenizer(job, getattr(job, setting), setting, manifest)
 
 
 def _check_source(job: JobConfig, store) -> None:

@@ -242,3 +242,15 @@ def test_fine_tuning_pairs_from_parquet_match_jsonl(tmp_path):
     jsonl_shards, parquet_shards = ([(s.key, s.sha256, s.mask_sha256) for split in m.splits.values()
                                      for s in split.shards] for m in made)
     assert jsonl_shards == parquet_shards
+
+
+def test_the_default_pipeline_passes_the_checks_before_its_datasets_exist(tmp_path):
+    """The fine-tune's data reuses the tokenizer of the pretraining dataset, which the pretrain job
+    prepares: at submit there is none yet, and that is no reason to refuse (the runner checks it)."""
+    from orchestrator.config.compose import compose_root, resolve_jobs
+    from orchestrator.preflight import preflight
+
+    jobs = resolve_jobs(compose_root(["model=gpt_tiny", f"state_dir={tmp_path / 'state'}",
+                                      f"storage.root=file://{tmp_path}/store"]))
+    assert [j.data.kind for j in jobs] == ["text", "sft"]
+    preflight(jobs)

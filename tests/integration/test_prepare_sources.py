@@ -254,3 +254,16 @@ def test_the_default_pipeline_passes_the_checks_before_its_datasets_exist(tmp_pa
                                       f"storage.root=file://{tmp_path}/store"]))
     assert [j.data.kind for j in jobs] == ["text", "sft"]
     preflight(jobs)
+
+
+def test_a_local_corpus_prepared_into_s3(tmp_path, s3_server):
+    """The source on another store than the dataset (README: `orch data prepare ./my-texts s3://...`):
+    listed and read locally, written to S3, through one store that routes each URI by its scheme."""
+    bucket = s3_server.make_bucket("local-to-s3")
+    dst = f"s3://{bucket}/datasets/web"
+    src = write_parquet(tmp_path / "corpus" / "web.parquet", DOCS, row_group_size=100).parent
+    store = open_store(dst, endpoint_url=s3_server.endpoint_url)
+    m = prepare_dataset(store, _config(f"file://{src}", dst, unit_mb=0.02), runner=local_runner)
+    local = _prepare(write_jsonl(tmp_path / "jsonl" / "web.jsonl", DOCS).parent, tmp_path / "local", unit_mb=0.02)
+    assert m.tokenizer_sha256 == local.tokenizer_sha256
+    _all_documents_kept(_documents(store, dst, m, "<|endoftext|>"))

@@ -68,9 +68,17 @@ def tokenizer_from_json(s: str) -> Tokenizer:
     return Tokenizer.from_str(s)
 
 
-def eot_id(tok: Tokenizer) -> int:
-    """Id of EOT_TOKEN in `tok`."""
-    i = tok.token_to_id(EOT_TOKEN)
-    if i is None:
-        raise ValueError(f"tokenizer has no {EOT_TOKEN!r} token: train it with train_bpe_tokenizer")
-    return i
+# End-of-document tokens of other tokenizers (a reused Hugging Face tokenizer without EOT_TOKEN),
+# in the order they are tried: Llama 3 base, Llama 2 / Mistral / T5, Qwen, Gemma.
+OTHER_EOT_TOKENS = ("<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
+
+
+def eot_id(tok: Tokenizer, eos_token: str | None = None) -> int:
+    """Id of the token that ends a document: EOT_TOKEN, else `eos_token` (a Hugging Face folder's
+    tokenizer_config.json names it), else the first of OTHER_EOT_TOKENS the tokenizer has."""
+    for token in (EOT_TOKEN, eos_token, *OTHER_EOT_TOKENS):
+        i = tok.token_to_id(token) if token else None
+        if i is not None:
+            return i
+    raise ValueError(f"tokenizer has no end-of-text token ({EOT_TOKEN!r}, its eos_token or one of "
+                     f"{', '.join(OTHER_EOT_TOKENS)}): train it with train_bpe_tokenizer, or use one that has")

@@ -14,12 +14,13 @@ from orchestrator import artifacts
 from orchestrator.checkpoint.layout import CheckpointRef, check_committed, list_checkpoints, step_of
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS
+from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS, TOKENIZER
 from orchestrator.data.manifest import Manifest, load_manifest, try_load_manifest
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.data.sources import check_source
+from orchestrator.data.tokenizer_files import TokenizerFile, load_tokenizer_file, parse_tokenizer, same_tokenizer
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
-from orchestrator.storage import join_uri, open_store, to_uri
+from orchestrator.storage import ObjectNotFound, join_uri, routed, to_uri
 from orchestrator.workspace import open_job_store
 
 _ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
@@ -30,19 +31,28 @@ def preflight(jobs: list[JobConfig]) -> None:
     prepared must fit the model; one that is not must have a source (here or in an earlier job)."""
     for job in jobs:
         check_no_secrets(job)
+    made_here = {j.data.uri.rstrip("/") for j in jobs if j.data.source}
     for job in jobs:
         store = open_job_store(job)
         manifest = try_load_manifest(store, job.data.uri)
+        # a tokenizer_uri that is a dataset one of these jobs prepares may not exist yet: the runner checks it
+        tokenizer_later = manifest is None and bool(job.data.tokenizer_uri) and \
+            to_uri(job.data.tokenizer_uri).rstrip("/") in made_here
         if manifest is not None:
             check_dataset_matches(job, manifest)
         elif job.data.source:
             _check_source(job, store)
+            if not tokenizer_later:
+                check_tokenizer_fits(job)
         elif not any(j.data.uri == job.data.uri and j.data.source for j in jobs):
             ensure_dataset(store, job.data)  # raises: nothing there, nothing to make it from
         if job.init_from:
             check_weights_match(job, job.init_from, "init_from")
         if job.resume_from:
             check_resume_source(job)
+        for setting in ("init_from", "resume_from") if not tokenizer_later else ():
+            if getattr(job, setting):
+                check_same_tokenizer(job, getattr(job, setting), setting, manifest)
 
 
 def _check_source(job: JobConfig, store) -> None:
@@ -51,17 +61,80 @@ def _check_source(job: JobConfig, store) -> None:
     source = job.data.source
     if not source.startswith("generated:"):  # (a generator reads no store)
         source = to_uri(source)
-        store = open_store(source, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
-    check_source(store, source)
+    check_source(routed(store), source)
 
 
 def check_job_inputs(job: JobConfig, init_from: str | None) -> None:
     """In the runner, before the worker group starts: the prepared dataset and the weights."""
-    check_dataset_matches(job)
+    manifest = load_manifest(open_job_store(job), job.data.uri)
+    check_dataset_matches(job, manifest)
     if init_from:
         check_weights_match(job, init_from, "init_from")
+        check_same_tokenizer(job, init_from, "init_from", manifest)
     if job.resume_from:
         check_resume_source(job)
+        check_same_tokenizer(job, job.resume_from, "resume_from", manifest)
+
+
+def _vocab_size(tf: TokenizerFile) -> int:
+    tok, _ = parse_tokenizer(tf)
+    return tok.get_vocab_size()
+
+
+def check_tokenizer_fits(job: JobConfig) -> None:
+    """A dataset still to be prepared: the tokenizer it will have fits the model's embedding."""
+    data, model = job.data, job.model
+    if data.tokenizer_uri:
+        tf = load_tokenizer_file(to_uri(data.tokenizer_uri), open_job_store(job))
+        size, what = _vocab_size(tf), f"the tokenizer of data.tokenizer_uri={data.tokenizer_uri}"
+    elif data.kind == "text":
+        size, what = data.vocab_size, f"the tokenizer data.vocab_size={data.vocab_size} asks for"
+    else:
+        return
+    if size > model.vocab_size:
+        raise DatasetError(f"{what} has {size:,} tokens but model '{model.name}' has vocab_size={model.vocab_size:,}; "
+                           f"set model.vocab_size>={size} (or a model preset that large), or use a smaller tokenizer")
+
+
+def _dataset_tokenizer(job: JobConfig, manifest: Manifest | None) -> TokenizerFile | None:
+    """The tokenizer the job's dataset has (prepared) or will have (data.tokenizer_uri); None: it
+    will train its own."""
+    store = open_job_store(job)
+    if manifest is not None:
+        uri = join_uri(job.data.uri, manifest.tokenizer_key)
+        return TokenizerFile(store.get(uri).decode(), uri)
+    if job.data.tokenizer_uri:
+        return load_tokenizer_file(to_uri(job.data.tokenizer_uri), store)
+    return None
+
+
+def check_same_tokenizer(job: JobConfig, uri: str, setting: str, manifest: Manifest | None = None) -> None:
+    """The weights at `uri` (the job's `setting`) came with the tokenizer of the job's dataset, so
+    the same token ids mean the same text. `manifest`: the dataset's, None while it is still to be
+    prepared (then its data.tokenizer_uri is compared). Weights without a tokenizer.json are not checked."""
+    source = artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url)
+    try:
+        theirs = TokenizerFile(source.store.get(join_uri(source.uri, TOKENIZER)).decode(),
+                               join_uri(source.uri, TOKENIZER))
+    except ObjectNotFound:
+        return
+    if manifest is not None and manifest.tokenizer_sha256 == theirs.sha256:
+        return
+    ours = _dataset_tokenizer(job, manifest)
+    if ours is None:  # the dataset trains its own: the runner compares once it has (an orch model's may recur)
+        if source.kind == "hf":  # a Hugging Face model's tokenizer never comes out of orch's BPE training
+            raise DatasetError(
+                f"the weights at {setting}={uri} come with their own tokenizer, but dataset {job.data.uri} would "
+                f"train a new one (token ids that mean other text); set data.tokenizer_uri={uri} to use theirs"
+            )
+        return
+    if not same_tokenizer(ours.json, theirs.json):
+        raise DatasetError(
+            f"the weights at {setting}={uri} come with another tokenizer than dataset {job.data.uri}: "
+            f"{theirs.uri} ({_vocab_size(theirs):,} tokens, sha256 {theirs.sha256[:12]}) vs {ours.uri} "
+            f"({_vocab_size(ours):,} tokens, sha256 {ours.sha256[:12]}); prepare the dataset with "
+            f"data.tokenizer_uri={uri} (at a new data.uri), or start from weights trained with its tokenizer"
+        )
 
 
 def check_no_secrets(job: JobConfig) -> None:

@@ -207,6 +207,8 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
         init_from = to_uri(spec.init_from) if spec.init_from else None
         if data.kind == "sft" and not data.tokenizer_uri and init_from:
             data = dataclasses.replace(data, tokenizer_uri=init_from)  # fine-tune with the model's own tokenizer
+        elif data.tokenizer_uri:  # a relative path means the submitting shell's, not the runner's, folder
+            data = dataclasses.replace(data, tokenizer_uri=to_uri(data.tokenizer_uri))
         fields = dict(
             name=name,
             kind=spec.kind,

@@ -164,12 +164,16 @@ class DataConfig:
     name: str  # dataset name; the prepared dataset lives at `uri`
     kind: Literal["text", "sft"]  # text: pretraining tokens; sft: prompt/response with a loss mask
     uri: str  # where the prepared shards and manifest live (s3://... or file://...)
-    # what to prepare from: "generated:stories"/"generated:qa", a URI of .txt/.jsonl files, or null
-    # (already prepared at `uri`)
+    # what to prepare from: "generated:stories"/"generated:qa", a URI of .txt/.jsonl(.gz/.zst), .parquet
+    # or .arrow files or of a Hugging Face `datasets` folder (save_to_disk), or null (already prepared at `uri`)
     source: Optional[str]
     seq_len: int  # tokens per training sample
-    vocab_size: int = 512  # tokenizer vocabulary (text datasets train their own tokenizer)
-    tokenizer_uri: Optional[str] = None  # sft: the dataset whose tokenizer to reuse (its URI)
+    vocab_size: int = 512  # vocabulary of the tokenizer a text dataset trains (without tokenizer_uri)
+    # the tokenizer to reuse instead of training one (sft: required): a prepared dataset, an orch export or
+    # checkpoint, a Hugging Face model folder (its tokenizer.json), or a tokenizer.json file
+    tokenizer_uri: Optional[str] = None
+    text_field: str = "text"  # the JSONL field / Parquet or Arrow column that holds a document's text
+    read_batch_mb: float = 16.0  # source text a task reads and tokenizes at a time: bounds a task's memory
     num_documents: int = 2000  # generated sources: documents (or examples) to generate
     shard_tokens: int = 65536  # tokens per shard (text) / approx. tokens per shard (sft)
     val_fraction: float = 0.05  # documents held out for evaluation
@@ -184,7 +188,9 @@ class DataConfig:
     def __post_init__(self):
         safe_name(self.name, "name")
         _positive(self, "seq_len", "vocab_size", "num_documents", "shard_tokens", "unit_mb", "shuffle_window",
-                  "cache_limit_mb", "download_workers")
+                  "cache_limit_mb", "download_workers", "read_batch_mb")
+        if not self.text_field:
+            raise ValueError("text_field is empty; name the JSONL field or table column that holds the text")
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches={self.prefetch_batches} must be >= 0")
         if self.kind == "text" and self.vocab_size < 257:

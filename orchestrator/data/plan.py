@@ -22,7 +22,7 @@ from orchestrator.data.manifest import Manifest
 from orchestrator.data.prepare import check_prepare_destination, prepare_dataset, ray_runner
 from orchestrator.data.sources import check_source
 from orchestrator.errors import ConfigError
-from orchestrator.storage import open_store, to_uri
+from orchestrator.storage import open_store, routed, to_uri
 
 EXAMPLE = "orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024"
 
@@ -45,7 +45,8 @@ def dataset_at(root: RootConfig, src: str, dst: str) -> DataConfig:
     """`root.data` prepared from `src` into `dst` (paths or URIs). An sft dataset must name the
     tokenizer to reuse: the `data` group's default (its own old location) cannot have one."""
     uri = to_uri(dst).rstrip("/")
-    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1])
+    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1],
+                               tokenizer_uri=to_uri(root.data.tokenizer_uri) if root.data.tokenizer_uri else None)
     if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
         raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: "
                           "set data.tokenizer_uri=URI")
@@ -65,7 +66,8 @@ def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Call
     there are parts to tokenize: a corpus whose first files cannot be read fails in a second.
     `overwrite`: prepare into folders of files orch did not write."""
     storage = root.storage
-    stores = [open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region) for d in datasets]
+    # each dataset's store, which also reads its source and tokenizer wherever they are (local, S3)
+    stores = [routed(open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region)) for d in datasets]
     for store, d in zip(stores, datasets):  # refuse a bad destination or source before starting a cluster
         store.check(d.uri)
         check_prepare_destination(store, d, overwrite=overwrite)

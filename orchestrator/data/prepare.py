@@ -2,9 +2,10 @@
 
 The corpus is cut into units (orchestrator.data.sources) that Ray tasks tokenize in parallel, so
 preparation scales with the cluster; each task writes fixed-size shards of tokens (numpy uint16 or
-uint32 arrays; sft shards add a uint8 loss-mask file) with multipart uploads. Text datasets train a
-byte-level BPE on a sample of the corpus first; fine-tuning (sft) datasets reuse the tokenizer of
-`tokenizer_uri` (a prepared dataset or a model folder). The manifest is written last: a crashed
+uint32 arrays; sft shards add a uint8 loss-mask file) with multipart uploads (orchestrator.data.shards).
+A dataset reuses the tokenizer of `tokenizer_uri` (a prepared dataset, an orch export or checkpoint,
+a Hugging Face folder: orchestrator.data.tokenizer_files) when set, which sft datasets must; a text
+dataset without one trains a byte-level BPE on a sample of the corpus first. The manifest is written last: a crashed
 prepare leaves no usable dataset, and a re-run clears its leftovers and starts again.
 """
 
@@ -12,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -23,15 +22,16 @@ import numpy as np
 from orchestrator.config.schema import DataConfig
 from orchestrator.constants import DATASET_FORMAT_VERSION, DATASET_MARKER, MANIFEST, TOKENIZER
 from orchestrator.data.manifest import Manifest, ShardInfo, SplitInfo, manifest_uri, try_load_manifest
+from orchestrator.data.shards import SPLITS, tokenize_unit
 from orchestrator.data.sources import Unit, is_validation, plan_units, read_unit
+from orchestrator.data.tokenizer_files import TokenizerFile, load_tokenizer_file, parse_tokenizer
 from orchestrator.errors import DatasetError, OrchError
-from orchestrator.storage import ObjectNotFound, ObjectStore, S3Store, join_uri, open_store
+from orchestrator.storage import ObjectStore, join_uri, routed
 from orchestrator.storage.claim import check_destination, claim_destination, overlaps
 from orchestrator.storage.digest import sha256_bytes
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # text the tokenizer is trained on (from the first units)
 
 # A runner maps a function over argument tuples, yielding results as they complete (any order).
@@ -72,7 +72,9 @@ def dataset_signature(cfg: DataConfig, tokenizer_sha256: str | None, units: list
                 shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed,
                 version=DATASET_FORMAT_VERSION, unit_mb=cfg.unit_mb,
                 files=[(f.uri, f.size) for u in units for f in u.files])
-    if cfg.kind == "text":
+    if not cfg.source.startswith("generated:"):  # what file datasets' bytes also depend on since these came
+        keys.update(split="text", text_field=cfg.text_field, parts=[f.part for u in units for f in u.files])
+    if tokenizer_sha256 is None:
         keys["vocab_size"] = cfg.vocab_size
     else:
         keys["tokenizer"] = tokenizer_sha256
@@ -83,113 +85,20 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
-def load_tokenizer_json(uri: str, store: ObjectStore) -> str:
-    """The tokenizer of a prepared dataset (via its manifest) or of a model folder (tokenizer.json)."""
-    if isinstance(store, S3Store) != uri.startswith("s3://"):  # e.g. a local model folder, data in S3
-        store = open_store(uri)
-    manifest = try_load_manifest(store, uri)
-    key = manifest.tokenizer_key if manifest else TOKENIZER
-    try:
-        return store.get(join_uri(uri, key)).decode()
-    except ObjectNotFound:
-        raise DatasetError(
-            f"no tokenizer at {uri}: it is neither a prepared dataset nor a model folder with {TOKENIZER}; "
-            f"fix data.tokenizer_uri (or the job's init_from)"
-        ) from None
-
-
-# ------------------------------------------------------------------------------------ one unit
-def _upload(store: ObjectStore, uri: str, array: np.ndarray) -> tuple[int, str]:
-    """Write an array as a shard file (multipart upload when large); its size and sha256."""
-    data = array.tobytes()
-    with tempfile.NamedTemporaryFile(prefix="orch-shard-", delete=False) as f:
-        f.write(data)
-        path = f.name
-    try:
-        store.put_file(uri, path)
-    finally:
-        os.unlink(path)
-    return len(data), sha256_bytes(data)
-
-
-def _encode_sft(tok, examples: list[dict], eot: int, seq_len: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each example: prompt + response + EOT, cut or padded (with EOT) to seq_len + 1 tokens; the
-    mask is 1 on response tokens (and their EOT) only, so the loss ignores prompt and padding."""
-    n = seq_len + 1
-    tokens = np.full((len(examples), n), eot, dtype=dtype)
-    mask = np.zeros((len(examples), n), dtype=np.uint8)
-    prompts = tok.encode_batch([e["prompt"] for e in examples], add_special_tokens=False)
-    responses = tok.encode_batch([e["response"] for e in examples], add_special_tokens=False)
-    kept = 0
-    for p, r in zip(prompts, responses):
-        if len(p.ids) + 1 >= n:  # nothing of the response would be trained on
-            continue
-        seq = (p.ids + r.ids + [eot])[:n]
-        tokens[kept, : len(seq)] = seq
-        mask[kept, len(p.ids) : len(seq)] = 1
-        kept += 1
-    return tokens[:kept], mask[:kept]
-
-
-def tokenize_unit(store: ObjectStore, cfg: DataConfig, source: str, unit: Unit, tok_json: str, dtype: str) -> dict:
-    """Tokenize one unit and upload its shards. Runs as a Ray task; returns what the manifest needs."""
-    from model.tokenizer import eot_id, tokenizer_from_json  # (model/ loads torch: not at import)
-
-    tok = tokenizer_from_json(tok_json)
-    eot = eot_id(tok)
-    items = read_unit(store, source, unit, cfg.kind, cfg.seed)
-    by_split: dict[str, list] = {s: [] for s in SPLITS}
-    for identity, item in items:
-        by_split["val" if is_validation(identity, cfg.seed, cfg.val_fraction) else "train"].append(item)
-    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    tokens_total = 0
-    for split, split_items in by_split.items():
-        if not split_items:
-            continue
-        prefix = f"{split}/shard-{unit.index:05d}"
-        if cfg.kind == "text":
-            ids: list[int] = []
-            for enc in tok.encode_batch(split_items, add_special_tokens=False):
-                ids.extend(enc.ids)
-                ids.append(eot)
-            stream = np.asarray(ids, dtype=dtype)
-            size = max(cfg.shard_tokens, cfg.seq_len + 1)
-            for n, start in enumerate(range(0, len(stream), size)):
-                chunk = stream[start : start + size]
-                samples = (len(chunk) - 1) // cfg.seq_len
-                if samples <= 0:
-                    continue
-                key = f"{prefix}-{n:04d}.bin"
-                nbytes, sha = _upload(store, join_uri(cfg.uri, key), chunk)
-                shards[split].append(dict(key=key, tokens=len(chunk), samples=samples, bytes=nbytes, sha256=sha))
-            tokens_total += len(stream)
-        else:
-            tokens, mask = _encode_sft(tok, split_items, eot, cfg.seq_len, dtype)
-            per_shard = max(1, cfg.shard_tokens // (cfg.seq_len + 1))
-            for n, start in enumerate(range(0, len(tokens), per_shard)):
-                t, m = tokens[start : start + per_shard], mask[start : start + per_shard]
-                key, mask_key = f"{prefix}-{n:04d}.bin", f"{prefix}-{n:04d}.mask.bin"
-                nbytes, sha = _upload(store, join_uri(cfg.uri, key), t)
-                _, mask_sha = _upload(store, join_uri(cfg.uri, mask_key), m)
-                shards[split].append(dict(key=key, tokens=int(t.size), samples=len(t), bytes=nbytes, sha256=sha,
-                                          mask_key=mask_key, mask_sha256=mask_sha))
-            tokens_total += int(mask.sum())
-    return {"unit": unit.index, "shards": shards, "documents": len(items), "tokens": tokens_total,
-            "source_bytes": unit.bytes}
-
-
 # ------------------------------------------------------------------------------------ tokenizer
 def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) -> Iterable[str]:
     """Training documents from the first units, up to TOKENIZER_SAMPLE_BYTES of text."""
     seen = 0
     for unit in units:
-        for identity, doc in read_unit(store, cfg.source, unit, "text", cfg.seed):
-            if is_validation(identity, cfg.seed, cfg.val_fraction):
-                continue
-            yield doc[: TOKENIZER_SAMPLE_BYTES - seen]  # one huge document counts up to the budget only
-            seen += len(doc)
-            if seen >= TOKENIZER_SAMPLE_BYTES:
-                return
+        for batch in read_unit(store, cfg.source, unit, "text", cfg.seed, cfg.text_field,
+                               int(cfg.read_batch_mb * (1 << 20))):
+            for identity, doc in batch:
+                if is_validation(identity, cfg.seed, cfg.val_fraction):
+                    continue
+                yield doc[: TOKENIZER_SAMPLE_BYTES - seen]  # one huge document counts up to the budget only
+                seen += len(doc)
+                if seen >= TOKENIZER_SAMPLE_BYTES:
+                    return
 
 
 class _Progress:
@@ -243,21 +152,16 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
                     runner: Runner | None = None, overwrite: bool = False) -> Manifest:
     """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there (a
     dataset from other settings there is an error: it is never overwritten). `cfg.uri` must not
-    overlap the source, and must be empty or a dataset folder orch wrote, unless `overwrite`."""
-    from model.tokenizer import (  # (model/ loads torch: not at import)
-        eot_id,
-        tokenizer_from_json,
-        tokenizer_to_json,
-        train_bpe_tokenizer,
-    )
-
+    overlap the source, and must be empty or a dataset folder orch wrote, unless `overwrite`.
+    The source and `cfg.tokenizer_uri` may be on another store than `cfg.uri` (a local folder, S3)."""
     say = progress or (lambda msg: log.info(msg))
     if not cfg.source:
         raise DatasetError(f"data.source is null: nothing to prepare {cfg.uri} from; set data.source=URI")
+    store = routed(store)
     check_prepare_destination(store, cfg, overwrite)
-    tok_json = load_tokenizer_json(cfg.tokenizer_uri, store) if cfg.kind == "sft" else None
+    reused = load_tokenizer_file(cfg.tokenizer_uri, store) if cfg.tokenizer_uri else None
     units = plan_units(store, cfg.source, cfg.num_documents, int(cfg.unit_mb * (1 << 20)))
-    signature = dataset_signature(cfg, sha256_bytes(tok_json.encode()) if tok_json else None, units)
+    signature = dataset_signature(cfg, reused.sha256 if reused else None, units)
 
     existing = try_load_manifest(store, cfg.uri)
     if existing is not None:
@@ -268,27 +172,51 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
             f"a different dataset already exists at {cfg.uri} (prepared from other settings or files); "
             f"set data.name or data.uri to a new location, or delete {manifest_uri(cfg.uri)} to rebuild it"
         )
-    if cfg.kind == "text":  # before anything is written: a file that cannot be read leaves DST untouched
-        say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token byte-level BPE tokenizer")
-        tok_json = tokenizer_to_json(train_bpe_tokenizer(_tokenizer_sample(store, cfg, units), cfg.vocab_size))
+    # before anything is written: a file that cannot be read, or a bad tokenizer, leaves DST untouched
+    tok_file = reused or _train_tokenizer(store, cfg, units, say)
+    tok, eot = parse_tokenizer(tok_file)
+    if reused:
+        say(f"dataset {cfg.name}: tokenizing with the {tok.get_vocab_size():,}-token tokenizer of {reused.uri}")
     claim_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
     for split in SPLITS:  # leftovers of a crashed attempt (or, with overwrite, what the user gave up)
         store.delete_prefix(join_uri(cfg.uri, split) + "/")
 
-    tok = tokenizer_from_json(tok_json)
-    vocab, eot = tok.get_vocab_size(), eot_id(tok)
+    vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    tok_sha = sha256_bytes(tok_json.encode())
-    store.put(join_uri(cfg.uri, TOKENIZER), tok_json.encode())
+    store.put(join_uri(cfg.uri, TOKENIZER), tok_file.json.encode())
 
     bar = _Progress(say, cfg.name, len(units))
     results = []
-    for result in (runner or default_runner())(tokenize_unit,
-                                               [(store, cfg, cfg.source, u, tok_json, dtype) for u in units]):
+    for result in (runner or default_runner())(tokenize_unit, [(store, cfg, cfg.source, u, tok_file.json, dtype, eot)
+                                                               for u in units]):
         results.append(result)
         bar.update(result)
     results.sort(key=lambda r: r["unit"])
     splits = {s: SplitInfo(tuple(ShardInfo(**sh) for r in results for sh in r["shards"][s])) for s in SPLITS}
+    _report_splits(cfg, splits, say)
+    manifest = Manifest(
+        name=cfg.name, kind=cfg.kind, dtype=dtype, seq_len=cfg.seq_len, vocab_size=vocab, eot_id=eot,
+        tokenizer_key=TOKENIZER, tokenizer_sha256=tok_file.sha256, splits=splits, signature=signature,
+        source=cfg.source, extra={"tokenizer_from": reused.uri} if reused else {},
+    )
+    store.put(manifest_uri(cfg.uri), manifest.to_json().encode())  # last: the dataset now exists
+    return manifest
+
+
+def _train_tokenizer(store: ObjectStore, cfg: DataConfig, units: list[Unit], say: Callable[[str], None]
+                     ) -> TokenizerFile:
+    """A byte-level BPE trained on the first units of a text corpus."""
+    from model.tokenizer import tokenizer_to_json, train_bpe_tokenizer  # (model/ loads torch: not at import)
+
+    if cfg.kind != "text":
+        raise DatasetError(f"sft data '{cfg.name}' needs data.tokenizer_uri (the dataset or model whose tokenizer "
+                           f"it uses)")
+    say(f"dataset {cfg.name}: training a {cfg.vocab_size}-token byte-level BPE tokenizer")
+    tok = train_bpe_tokenizer(_tokenizer_sample(store, cfg, units), cfg.vocab_size)
+    return TokenizerFile(tokenizer_to_json(tok), join_uri(cfg.uri, TOKENIZER))
+
+
+def _report_splits(cfg: DataConfig, splits: dict[str, SplitInfo], say: Callable[[str], None]) -> None:
     if not splits["train"].samples:
         raise DatasetError(
             f"corpus data.source={cfg.source} gave no training samples of {cfg.seq_len + 1} tokens; "
@@ -299,9 +227,3 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     if not splits["val"].samples:
         say(f"dataset {cfg.name}: warning: no validation samples, and jobs evaluate on them (a job refuses this "
             f"dataset); prepare it with a larger data.val_fraction (now {cfg.val_fraction:g}) or more documents")
-    manifest = Manifest(
-        name=cfg.name, kind=cfg.kind, dtype=dtype, seq_len=cfg.seq_len, vocab_size=vocab, eot_id=eot,
-        tokenizer_key=TOKENIZER, tokenizer_sha256=tok_sha, splits=splits, signature=signature, source=cfg.source,
-    )
-    store.put(manifest_uri(cfg.uri), manifest.to_json().encode())  # last: the dataset now exists
-    return manifest

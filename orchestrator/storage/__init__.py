@@ -24,6 +24,7 @@ from orchestrator.storage.base import (
     to_uri,
 )
 from orchestrator.storage.local import LocalStore
+from orchestrator.storage.routing import RoutingStore, open_object, routed
 from orchestrator.storage.s3 import S3Store
 
 __all__ = [
@@ -31,13 +32,16 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",
+    "RoutingStore",
     "S3Store",
     "StorageError",
     "is_relative_key",
     "join_uri",
     "local_path",
+    "open_object",
     "open_store",
     "parse_s3_uri",
+    "routed",
     "to_uri",
 ]
 

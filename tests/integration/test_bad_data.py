@@ -18,6 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.corpora import (
+    foreign_tokenizer,
+    parquet_bytes,
+    write_datasets_folder,
+    write_hf_model_folder,
+)
 from tests.integration.test_cli import _one_line_error
 
 CORPUS_LOST = "nothing: the destination holds no file"
@@ -54,6 +60,16 @@ BAD_FILES = [
     ("JSONL text that is not a string", "web.jsonl", b'{"text": "fine"}\n{"text": 42}\n',
      ["web.jsonl line 2", "'text'"]),
     ("JSONL line that is a list", "web.jsonl", b'["text", "fine"]\n', ["web.jsonl line 1", "list"]),
+    ("Parquet file without the text column", "web.parquet", parquet_bytes({"body": [STORY] * 20}),
+     ["web.parquet", "no column 'text'", "columns: body", "data.text_field"]),
+    ("Parquet text column that is not a string", "web.parquet", parquet_bytes({"text": list(range(20))}),
+     ["web.parquet", "column 'text'", "int64", "not text", "data.text_field"]),
+    ("corrupt Parquet file", "web.parquet", b"PAR1" + bytes(range(256)) * 8 + b"PAR1",
+     ["web.parquet", "not a readable Parquet file"]),
+    ("truncated Parquet file", "web.parquet", parquet_bytes({"text": [STORY] * 200})[:700],
+     ["web.parquet", "not a readable Parquet file"]),
+    ("Arrow file that is not Arrow", "web.arrow", b"not an arrow file" * 40,
+     ["web.arrow", "not a readable Arrow file"]),
 ]
 
 
@@ -81,7 +97,33 @@ def test_corpus_with_nothing_to_read(orch, tmp_path, what):
     if what == "folder of other file types":
         (src / "paper.pdf").write_bytes(b"%PDF-1.4")
         (src / "table.csv").write_text("a,b\n1,2\n")
-    _one_line_error(_prepare(orch, src, tmp_path / "out"), str(src), "no .txt or .jsonl files")
+    _one_line_error(_prepare(orch, src, tmp_path / "out"), str(src), "no .txt or .jsonl files", ".parquet")
+    assert _files(tmp_path / "out") == {}
+
+
+def _datasets_dict(src: Path) -> Path:
+    write_datasets_folder(src / "train", [STORY] * 30)
+    write_datasets_folder(src / "test", [STORY] * 3)
+    (src / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    return src
+
+
+def _datasets_missing_file(src: Path) -> Path:
+    write_datasets_folder(src, [STORY] * 30, shards=2)
+    (src / "data-00001-of-00002.arrow").unlink()
+    return src
+
+
+@pytest.mark.reliability(category="corpus", case="a `datasets` folder: {case}", lost=CORPUS_LOST)
+@pytest.mark.parametrize("case, make, needles", [
+    ("a DatasetDict (several splits) given whole", _datasets_dict,
+     ["DatasetDict", "splits: train, test", "give the folder of the split", "/train"]),
+    ("state.json listing a file that is missing", _datasets_missing_file,
+     ["state.json", "data-00001-of-00002.arrow", "missing"]),
+], ids=["DatasetDict", "missing Arrow file"])
+def test_datasets_folder_that_cannot_be_read(orch, tmp_path, case, make, needles):
+    src = make(tmp_path / "corpus")
+    _one_line_error(_prepare(orch, src, tmp_path / "out"), *needles)
     assert _files(tmp_path / "out") == {}
 
 
@@ -236,3 +278,67 @@ def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path,
     assert job["restarts"] == 0 and "RESTARTING" not in [h["state"] for h in job["history"]]  # failed at once
     assert not list((state / "store" / "runs").rglob("COMMITTED.json"))  # nothing trained on it was committed
     assert os.path.getsize(shard) == len(raw)
+
+
+# ------------------------------------------------------------------------------ tokenizers
+TOKENIZER_LOST = "nothing: no job recorded, no worker started"
+
+
+def _hf_model(tmp_path: Path, extra_tokens: int = 0) -> Path:
+    """A Hugging Face folder of gpt_tiny's shape whose tokenizer is not the dataset's (`</s>` ends a
+    document); `extra_tokens` added tokens make it larger."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(foreign_tokenizer([STORY] * 50))
+    tok.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+    return write_hf_model_folder(tmp_path / "hf-model", tok.to_str())
+
+
+def _checkpoint_with_tokenizer(folder: Path, tokenizer_json: str) -> Path:
+    """A committed gpt_tiny checkpoint (no usable weights: the checks read none) with its tokenizer."""
+    folder.mkdir(parents=True)
+    model = {"name": "gpt_tiny", "vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64,
+             "dropout": 0.0, "bias": True, "activation_checkpointing": False}
+    files = {"model_config.json": json.dumps(model).encode(), "tokenizer.json": tokenizer_json.encode(),
+             "trainer_state.json": json.dumps({"step": 8}).encode(), "mp_rank_00_model_states.pt": b"x" * 64}
+    listed = []
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        listed.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": 0})
+    (folder / "COMMITTED.json").write_text(json.dumps({"step": 8, "world_size": 1, "zero_stage": 2, "files": listed,
+                                                       "committed_at": time.time()}))
+    return folder
+
+
+@pytest.mark.reliability(category="tokenizer", case="{case}", lost=TOKENIZER_LOST,
+                         happened="refused by `orch run`'s checks before any worker (or Ray) starts, in one line "
+                                  "naming both tokenizers (or sizes) and the fix; exit 2")
+@pytest.mark.parametrize("case", [
+    "init_from a Hugging Face model, the dataset to train its own tokenizer",
+    "init_from a Hugging Face model whose tokenizer is not the prepared dataset's",
+    "resume_from a checkpoint whose tokenizer is not the prepared dataset's",
+    "data.tokenizer_uri larger than the model's vocab_size",
+])
+def test_weights_and_tokenizer_that_do_not_match(orch, tmp_path, prepared_dataset, case):
+    common = ["pipeline=pretrain", "model=gpt_tiny", "--state-dir", str(tmp_path / "state")]
+    prepared = [f"data.uri=file://{prepared_dataset}", "data.source=null"]
+    hf = _hf_model(tmp_path, extra_tokens=300 if "larger" in case else 0)
+    ours, theirs = f"file://{prepared_dataset}/tokenizer.json", f"file://{hf}/tokenizer.json"
+    if case.startswith("init_from a Hugging Face model, the dataset"):
+        args, needles = [f"pipeline.jobs.pretrain.init_from={hf}"], ["init_from=", "would train a new one",
+                                                                      f"data.tokenizer_uri=file://{hf}"]
+    elif case.startswith("init_from"):
+        args, needles = [*prepared, f"pipeline.jobs.pretrain.init_from={hf}"], [
+            "init_from=", "another tokenizer", theirs, ours, "sha256", "data.tokenizer_uri="]
+    elif case.startswith("resume_from"):
+        ckpt = _checkpoint_with_tokenizer(tmp_path / "run" / "checkpoints" / "step-8",
+                                          (hf / "tokenizer.json").read_text())
+        args, needles = [*prepared, f"pipeline.jobs.pretrain.resume_from={ckpt}"], [
+            "resume_from=", "another tokenizer", f"{ckpt}/tokenizer.json", ours]
+    else:
+        args, needles = [f"data.tokenizer_uri={hf}"], [str(hf), "tokens but model 'gpt_tiny' has vocab_size=512",
+                                                       "model.vocab_size>="]
+    t0 = time.monotonic()
+    _one_line_error(orch("run", *common, *args), *needles)
+    assert time.monotonic() - t0 < 30  # no cluster was started for it
+    assert not (tmp_path / "state" / "jobs.db").exists()

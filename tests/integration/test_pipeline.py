@@ -121,6 +121,27 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
         assert rows[0]["train/loss"] == pytest.approx(job["metrics"]["first_loss"])
     assert runs["pretrain"]["group"] == runs["finetune"]["group"] == pre["pipeline_id"]
 
+    # The metrics history in the store (status --json): a row per logged step, the same losses.
+    for job in (pre, fine):
+        rows = job["metrics_history"]["rows"]
+        logged = [r["step"] for r in rows if "train/loss" in r["metrics"]]
+        assert logged == [1, *range(5, job["metrics"]["step"] + 1, 5)]
+        assert rows[-1]["metrics"]["train/loss"] == pytest.approx(job["metrics"]["loss"])
+        assert rows[-1]["metrics"]["eval/perplexity"] == pytest.approx(math.exp(job["metrics"]["eval_loss"]))
+        assert [e["kind"] for e in rows[0]["events"]] == ["start"]
+        assert any(e["kind"] == "checkpoint" for r in rows for e in r["events"])
+    # Lineage: each run logged its export and final checkpoint as reference artifacts (the URI);
+    # the fine-tune used the pretraining export, and its config records where it started from.
+    arts = {k: wandb_files.artifacts(wandb_files.run_file(j["wandb"]["dir"])) for k, j in (("pre", pre),
+                                                                                         ("fine", fine))}
+    assert {(a["name"], a["refs"][0].split("/export")[0] if a["type"] == "model" else a["type"])
+            for a in arts["pre"]} == {(f"model-{pre['id']}", pre["export"].split("/export")[0]),
+                                      (f"checkpoint-{pre['id']}", "checkpoint")}
+    used = [a for a in arts["fine"] if a["use_after_commit"]]
+    assert [a["name"] for a in used] == [f"model-{pre['id']}"] and used[0]["refs"][0].startswith(pre["export"])
+    assert runs["finetune"]["config"]["init_from"] == pre["export"]
+    assert runs["pretrain"]["config"]["cluster_facts"]["zero_stage"] == 2
+
     # The summary names the jobs, their states and where things are.
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout

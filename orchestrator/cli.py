@@ -165,23 +165,30 @@ def metrics_history(record: JobRecord) -> dict:
         return {"uri": history_uri(run), "error": f"{type(e).__name__}: {first}"}
 
 
-def status_rows(records, with_metrics: bool = False) -> list[dict]:
-    """What `orch status --json` prints for each job: its record (`history`: its state changes),
-    and with `with_metrics` its metrics history (`metrics_history`: one row per step)."""
+def _history_summary(history: dict) -> dict:
+    rows = history.pop("rows", [])
+    return {**history, "rows": len(rows), "last": rows[-1] if rows else None}
+
+
+def status_rows(records, metrics: str | None = None) -> list[dict]:
+    """What `orch status --json` prints for each job: its record (`history`: its state changes)
+    and, with `metrics`, its metrics history from the store (`metrics_history`): "rows" every row
+    (one per logged step), "summary" how many and the last."""
     out = []
     for r in records:
         d = r.to_json()
         d.pop("config")
         d["workers"] = r.workers
-        if with_metrics:
-            d["metrics_history"] = metrics_history(r)
+        if metrics:
+            history = metrics_history(r)
+            d["metrics_history"] = history if metrics == "rows" else _history_summary(history)
         out.append(d)
     return out
 
 
 def _print_status(args, records) -> None:
     if args.json:
-        print(json.dumps(status_rows(records, with_metrics=True), indent=1))
+        print(json.dumps(status_rows(records, metrics="rows" if args.job else "summary"), indent=1))
         return
     print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
     for r in records:

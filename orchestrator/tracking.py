@@ -73,10 +73,11 @@ class WandbSink:
     """One W&B run for one job, fed with the resolved history rows (`update`), closed by `finish`."""
 
     def __init__(self, cfg: TrackingConfig, *, run_id: str, name: str, group: str, job_type: str, config: dict,
-                 root_dir: str, uses: tuple[ArtifactRef, ...] = (), say: Callable[[str], None] = log.warning):
+                 root_dir: str, uses: tuple[ArtifactRef, ...] = (), say: Callable[[str], None] = log.warning,
+                 init_timeout_s: float = INIT_TIMEOUT_S):
         self.cfg, self.run_id, self.name, self.group, self.job_type = cfg, run_id, name, group, job_type
         self.config, self.root_dir, self.uses, self.say = config, root_dir, uses, say
-        self.mode = cfg.mode
+        self.mode, self.init_timeout_s = cfg.mode, init_timeout_s
         self.run = None
         self.run_dir: str | None = None
         self.url: str | None = None
@@ -84,6 +85,7 @@ class WandbSink:
         self.wandb_step = 0  # the last W&B step logged (online, after a refused rewind: past the trainer step)
         self.monotonic = False  # online rewind refused: log at W&B steps past the last one
         self.failed = False
+        self.degraded = False  # online failed: offline now
 
     # ------------------------------------------------------------------------------ public
     def update(self, rows: list[dict], final: bool = False) -> None:
@@ -105,6 +107,10 @@ class WandbSink:
             for ref in outputs:
                 self.run.log_artifact(_artifact(ref), aliases=["latest"])
             self.run.finish(exit_code=exit_code)
+            if self.degraded:  # (a service torn down once finishes its writes only when torn down again)
+                import wandb
+
+                wandb.teardown()
         except Exception as e:  # noqa: BLE001 - W&B never fails a job
             self._warn(f"W&B: could not finish run {self.run_id} ({e})")
         self.run = None
@@ -142,7 +148,7 @@ class WandbSink:
             project=self.cfg.project, entity=self.cfg.entity, mode=self.mode, dir=self.root_dir,
             id=None if resume else self.run_id, name=self.name, group=self.group, job_type=self.job_type,
             tags=list(self.cfg.tags), config=self.config, **(resume or {"resume": "allow"}),
-            settings=wandb.Settings(console="off", silent=True, init_timeout=INIT_TIMEOUT_S,
+            settings=wandb.Settings(console="off", silent=True, init_timeout=self.init_timeout_s,
                                     x_disable_stats=True),  # (this is the runner's node: rank 0 logs system/*)
         )
         self.run_dir = os.path.dirname(self.run.dir)  # .../wandb/offline-run-<time>-<id>
@@ -194,9 +200,11 @@ class WandbSink:
             pass
         self.run = None
         if self.mode == "online":
+            self._drop_online_folders()
             self._warn(f"W&B online failed for run {self.run_id} ({_one_line(error)}); logging offline to "
                        f"{self.root_dir} instead (upload later with `orch sync`); training goes on")
             self.mode, self.logged, self.wandb_step, self.monotonic, self.url = "offline", [], 0, False, None
+            self.degraded = True
             try:
                 self._update(rows[:-1])
                 return
@@ -205,6 +213,20 @@ class WandbSink:
         self._warn(f"W&B failed for run {self.run_id} ({_one_line(error)}); no more W&B logging for this job, "
                    f"its metrics history in the store is complete; training goes on")
         self.failed = True
+
+    def _drop_online_folders(self) -> None:
+        """A failed online run leaves W&B's service holding its id and a local folder behind: both
+        go (the offline run that replaces it is written from the whole history)."""
+        import glob
+
+        import wandb
+
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - nothing to tear down
+            pass
+        for folder in glob.glob(os.path.join(self.root_dir, "wandb", f"run-*-{self.run_id}")):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _warn(self, msg: str) -> None:
         log.warning(msg)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +125,8 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
 
     # The metrics history in the store (status --json): a row per logged step, the same losses.
     for job in (pre, fine):
-        rows = job["metrics_history"]["rows"]
+        rows = _status_json(state_dir, job["id"])["metrics_history"]["rows"]
+        assert job["metrics_history"]["rows"] == len(rows) and job["metrics_history"]["last"] == rows[-1]
         logged = [r["step"] for r in rows if "train/loss" in r["metrics"]]
         assert logged == [1, *range(5, job["metrics"]["step"] + 1, 5)]
         assert rows[-1]["metrics"]["train/loss"] == pytest.approx(job["metrics"]["loss"])
@@ -145,6 +148,15 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     # The summary names the jobs, their states and where things are.
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout
+
+
+def _status_json(state_dir: Path, job_id: str) -> dict:
+    """`orch status JOB --json`: the job with every row of its metrics history."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "status", job_id, "--json", "--state-dir",
+                          str(state_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (job,) = json.loads(out.stdout)
+    return job
 
 
 def _job_config(state_dir: Path, job_id: str) -> dict:

@@ -20,6 +20,7 @@ from orchestrator.train.history import (
     resolve,
 )
 from tests import wandb_files
+from tests.leaks import find_in_tree, plant_secrets
 
 
 def _row(step, attempt, loss, **extra):
@@ -136,3 +137,28 @@ def test_offline_sink_keeps_one_folder_with_one_row_per_step_after_a_replay(tmp_
     used = [a for a in arts if a["use_after_commit"]]
     assert [a["name"] for a in used] == ["model-p0-pretrain"]
     assert [a["name"] for a in arts if not a["use_after_commit"]] == ["model-p1-finetune"]
+
+
+def test_an_unreachable_wandb_server_warns_once_and_degrades_to_offline(tmp_path: Path, monkeypatch):
+    """Online with a (planted) key and a server that refuses connections: one warning, the run
+    written offline from the whole history instead (for `orch sync`), and the key in no file."""
+    secrets = plant_secrets(seed=11)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", secrets["WANDB_API_KEY"])
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # (discard port: nothing listens)
+    rows = [_row(s, 1, 1.0 / s) for s in range(1, 7)]
+    said = []
+    sink = WandbSink(TrackingConfig(mode="online"), run_id="p2-pretrain", name="pretrain-p2-pretrain", group="p2",
+                     job_type="pretrain", config={"trainer": {"lr": 1e-3}}, root_dir=str(tmp_path / "state"),
+                     say=said.append, init_timeout_s=3)
+    sink.update(rows)
+    sink.finish(rows)
+    assert len(said) == 1 and "logging offline" in said[0] and "training goes on" in said[0]
+    assert sink.info()["mode"] == "offline"
+    (folder,) = (tmp_path / "state" / "wandb").glob("*run-*-p2-pretrain")
+    assert folder.name.startswith("offline-run-")
+    hist = wandb_files.history(wandb_files.run_file(folder))
+    kinds = [r.WhichOneof("record_type") for r in wandb_files.read_records(wandb_files.run_file(folder))]
+    assert {r["_step"]: r["train/loss"] for r in hist} == pytest.approx(losses(rows)), (kinds, sink.info())
+    hits, searched = find_in_tree(tmp_path, {"WANDB_API_KEY": secrets["WANDB_API_KEY"]})
+    assert hits == [] and searched > 3

@@ -106,11 +106,7 @@ class WandbSink:
         try:
             for ref in outputs:
                 self.run.log_artifact(_artifact(ref), aliases=["latest"])
-            self.run.finish(exit_code=exit_code)
-            if self.degraded:  # (a service torn down once finishes its writes only when torn down again)
-                import wandb
-
-                wandb.teardown()
+            self._close(exit_code)
         except Exception as e:  # noqa: BLE001 - W&B never fails a job
             self._warn(f"W&B: could not finish run {self.run_id} ({e})")
         self.run = None
@@ -122,6 +118,8 @@ class WandbSink:
             out["dir"] = self.run_dir
         if self.url:
             out["url"] = self.url
+        if self.degraded:
+            out["degraded"] = "online failed: written offline, upload with `orch sync`"
         return out
 
     # ------------------------------------------------------------------------------ internals
@@ -141,9 +139,16 @@ class WandbSink:
             self._log(rows[i], restarts[i])
 
     def _open(self, **resume) -> None:
+        import glob
+
         import wandb  # (slow to import: only the runner of a tracked job needs it)
 
         os.makedirs(self.root_dir, exist_ok=True)
+        if self.mode == "offline" and not self.logged:
+            # Written from the whole history: an earlier folder of this run (a previous runner's,
+            # before a head restart) would be a second, partial copy.
+            for old in glob.glob(os.path.join(self.root_dir, "wandb", f"offline-run-*-{self.run_id}")):
+                shutil.rmtree(old, ignore_errors=True)
         self.run = wandb.init(
             project=self.cfg.project, entity=self.cfg.entity, mode=self.mode, dir=self.root_dir,
             id=None if resume else self.run_id, name=self.name, group=self.group, job_type=self.job_type,
@@ -161,6 +166,16 @@ class WandbSink:
             else:  # offline: what use_artifact does with a draft artifact (logged, then used, at sync)
                 self.run._log_artifact(_artifact(ref), is_user_created=True, use_after_commit=True)
 
+    def _close(self, exit_code: int) -> None:
+        """Finish the run and wait until its file is complete: `finish` returns before W&B's
+        service has flushed the run's file (seen with 0.31: a file read right after it may lack
+        the last rows, or all of them); tearing the service down flushes and closes it."""
+        import wandb
+
+        run, self.run = self.run, None
+        run.finish(exit_code=exit_code)
+        wandb.teardown()
+
     def _log(self, row: dict, restarts: int) -> None:
         step = self.wandb_step + 1 if self.monotonic else row["step"]
         self.run.log(wandb_row(row, restarts), step=step)
@@ -171,8 +186,7 @@ class WandbSink:
         """Drop the logged rows from index `keep` on: the resumed attempt's rows replace them."""
         last_good = rows[keep - 1]["step"] if keep else 0
         old_dir = self.run_dir
-        self.run.finish()
-        self.run = None
+        self._close(0)
         if self.mode == "offline":  # write the run folder again, from the history
             if old_dir:
                 shutil.rmtree(old_dir, ignore_errors=True)

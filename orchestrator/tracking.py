@@ -124,7 +124,7 @@ class WandbSink:
 
     # ------------------------------------------------------------------------------ internals
     def _update(self, rows: list[dict]) -> None:
-        if not rows and self.run is not None:
+        if not rows:  # (nothing logged yet: no run; a job that fails before training has none)
             return
         if self.run is None:
             self._open()

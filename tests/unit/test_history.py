@@ -162,3 +162,62 @@ def test_an_unreachable_wandb_server_warns_once_and_degrades_to_offline(tmp_path
     assert {r["_step"]: r["train/loss"] for r in hist} == pytest.approx(losses(rows)), (kinds, sink.info())
     hits, searched = find_in_tree(tmp_path, {"WANDB_API_KEY": secrets["WANDB_API_KEY"]})
     assert hits == [] and searched > 3
+
+
+class _FakeWandb:
+    """W&B's online calls, recorded (a server cannot run here): init, log, define_metric, finish;
+    `rewind` says whether the server allows `resume_from`."""
+
+    class Settings(dict):
+        def __init__(self, **kw):
+            super().__init__(kw)
+
+    def __init__(self, rewind: bool):
+        self.rewind, self.calls = rewind, []
+
+    def init(self, **kw):
+        if "resume_from" in kw and not self.rewind:
+            raise RuntimeError("resume_from is not enabled for this entity")
+        self.calls.append(("init", kw.get("resume_from") or kw.get("resume")))
+        fake = self
+
+        class Run:
+            dir, url = "/nowhere/wandb/run-x-j/files", "https://wandb.example/run/j"
+
+            def define_metric(self, *a, **k):
+                pass
+
+            def log(self, row, step):
+                fake.calls.append(("log", step, row["trainer/step"], row["train/loss"]))
+
+            def finish(self, exit_code=0):
+                fake.calls.append(("finish",))
+
+        return Run()
+
+    def teardown(self):
+        pass
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_online_replayed_steps_are_recorded(monkeypatch, tmp_path, rewind):
+    """Online, a resume from step 3 after step 5 was logged: W&B's rewind replaces steps 4-5; where
+    the server refuses it, the replayed rows come after the others (W&B steps 6, 7, ...) at their
+    trainer step, so nothing is dropped."""
+    import sys
+
+    fake = _FakeWandb(rewind)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sink = WandbSink(TrackingConfig(mode="online"), run_id="j", name="j", group="g", job_type="pretrain", config={},
+                     root_dir=str(tmp_path), say=lambda m: None)
+    first = [_row(s, 1, 10.0 + s) for s in range(1, 7)]
+    sink.update(first)  # logs 1-5 (6 may still get its eval values)
+    resumed = first[:3] + [_row(s, 2, 20.0 + s) for s in range(4, 8)]
+    sink.update(resumed, final=True)
+    logs = [c[1:] for c in fake.calls if c[0] == "log"]
+    assert logs[:5] == [(s, s, 10.0 + s) for s in range(1, 6)]
+    if rewind:
+        assert ("init", "j?_step=3") in fake.calls
+        assert logs[5:] == [(s, s, 20.0 + s) for s in range(4, 8)]
+    else:
+        assert logs[5:] == [(6 + i, s, 20.0 + s) for i, s in enumerate(range(4, 8))]

@@ -118,7 +118,8 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
         rows = [r for r in wandb_files.history(f) if "train/loss" in r]
         runs[job["kind"]] = info
         assert info["job_type"] == job["kind"]
-        assert rows and rows[-1]["_step"] == job["metrics"]["step"]
+        assert rows and rows[-1]["_step"] == job["metrics"]["step"] == rows[-1]["trainer/step"]
+        assert rows[-1]["trainer/world_size"] == 2 and rows[-1]["trainer/restarts"] == 0
         assert rows[-1]["train/loss"] == pytest.approx(job["metrics"]["loss"])
         assert rows[0]["train/loss"] == pytest.approx(job["metrics"]["first_loss"])
     assert runs["pretrain"]["group"] == runs["finetune"]["group"] == pre["pipeline_id"]
@@ -132,6 +133,10 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
         assert rows[-1]["metrics"]["train/loss"] == pytest.approx(job["metrics"]["loss"])
         assert rows[-1]["metrics"]["eval/perplexity"] == pytest.approx(math.exp(job["metrics"]["eval_loss"]))
         assert [e["kind"] for e in rows[0]["events"]] == ["start"]
+        expected = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+                    "perf/data_wait_s", "system/cpu_percent", "system/rss_gb"}
+        assert expected <= set(rows[-1]["metrics"]) and rows[-1]["world_size"] == 2, sorted(rows[-1]["metrics"])
+        assert math.isfinite(rows[-1]["metrics"]["train/grad_norm"])
         assert any(e["kind"] == "checkpoint" for r in rows for e in r["events"])
     # Lineage: each run logged its export and final checkpoint as reference artifacts (the URI);
     # the fine-tune used the pretraining export, and its config records where it started from.

@@ -147,9 +147,10 @@ def _check_job_id(job: str) -> None:
                           f"`orch status` lists the jobs")
 
 
-def metrics_history(record: JobRecord) -> dict:
+def metrics_history(record: JobRecord, unreachable: dict | None = None) -> dict:
     """The job's metrics history from its run folder in the store: one row per logged step (what
-    the model produced, after any resume), with the attempts and their markers."""
+    the model produced, after any resume), with the attempts and their markers. `unreachable`:
+    stores that failed before (by root and endpoint), not asked again."""
     # Lazy: the storage backends load boto3.
     from orchestrator.checkpoint.layout import run_uri
     from orchestrator.storage import open_store
@@ -157,12 +158,17 @@ def metrics_history(record: JobRecord) -> dict:
 
     storage = record.config.get("storage") or {}
     run = run_uri(storage.get("root", ""), record.id)
+    where = (storage.get("root"), storage.get("endpoint_url"))
+    unreachable = {} if unreachable is None else unreachable
+    if where in unreachable:
+        return {"uri": history_uri(run), "error": unreachable[where]}
     try:
         store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
         return read_history(store, run)
     except Exception as e:  # noqa: BLE001 - status shows what it can
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        return {"uri": history_uri(run), "error": f"{type(e).__name__}: {first}"}
+        unreachable[where] = f"{type(e).__name__}: {first}"
+        return {"uri": history_uri(run), "error": unreachable[where]}
 
 
 def _history_summary(history: dict) -> dict:
@@ -174,13 +180,13 @@ def status_rows(records, metrics: str | None = None) -> list[dict]:
     """What `orch status --json` prints for each job: its record (`history`: its state changes)
     and, with `metrics`, its metrics history from the store (`metrics_history`): "rows" every row
     (one per logged step), "summary" how many and the last."""
-    out = []
+    out, unreachable = [], {}
     for r in records:
         d = r.to_json()
         d.pop("config")
         d["workers"] = r.workers
         if metrics:
-            history = metrics_history(r)
+            history = metrics_history(r, unreachable)
             d["metrics_history"] = history if metrics == "rows" else _history_summary(history)
         out.append(d)
     return out

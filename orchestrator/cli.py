@@ -4,6 +4,7 @@
     orch up [--nodes N] / orch down         a persistent local Ray cluster with the controller
     orch submit [OVERRIDES...] [--after J]  queue a pipeline's jobs on the controller; prints the ids
     orch status [JOB] [--json] [--watch]    job records (from the controller, else the state folder)
+    orch sync JOB|PIPELINE                  upload the jobs' offline W&B runs (`wandb sync`)
     orch logs JOB [-f]                      a job's events: states, progress, failures
     orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
     orch scale JOB --workers N              checkpoint, restart at N workers from it
@@ -33,7 +34,7 @@ from orchestrator.client import connect_controller, down, resolve_address, up
 from orchestrator.config.schema import RootConfig, is_plain_name
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
-from orchestrator.errors import ClusterError, ConfigError, OrchError
+from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
 from orchestrator.jobs.policy import job_demand
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
@@ -123,10 +124,10 @@ def _print_summary(root, records) -> None:
         if r.export:
             print(f"weights     {r.id}: {r.export}")
     for r in records:
-        if r.wandb.get("dir"):
-            print(f"W&B run     {r.id}: {r.wandb['dir']}")
-    if root.tracking.mode == "offline" and any(r.wandb.get("dir") for r in records):
-        print("            (offline: upload with `wandb sync DIR` once WANDB_API_KEY is set)")
+        if r.wandb.get("url") or r.wandb.get("dir"):
+            print(f"W&B run     {r.id}: {r.wandb.get('url') or r.wandb['dir']}")
+    if any(r.wandb.get("mode") == "offline" and r.wandb.get("dir") for r in records):
+        print(f"            (offline: upload with `orch sync {records[0].pipeline_id}` once WANDB_API_KEY is set)")
     print(f"job records {root.state_dir} (`orch status`)")
 
 
@@ -146,20 +147,54 @@ def _check_job_id(job: str) -> None:
                           f"`orch status` lists the jobs")
 
 
-def status_rows(records) -> list[dict]:
-    """What `orch status --json` prints for each job."""
-    out = []
+def metrics_history(record: JobRecord, unreachable: dict | None = None) -> dict:
+    """The job's metrics history from its run folder in the store: one row per logged step (what
+    the model produced, after any resume), with the attempts and their markers. `unreachable`:
+    stores that failed before (by root and endpoint), not asked again."""
+    # Lazy: the storage backends load boto3.
+    from orchestrator.checkpoint.layout import run_uri
+    from orchestrator.storage import open_store
+    from orchestrator.train.history import history_uri, read_history
+
+    storage = record.config.get("storage") or {}
+    run = run_uri(storage.get("root", ""), record.id)
+    where = (storage.get("root"), storage.get("endpoint_url"))
+    unreachable = {} if unreachable is None else unreachable
+    if where in unreachable:
+        return {"uri": history_uri(run), "error": unreachable[where]}
+    try:
+        store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
+        return read_history(store, run)
+    except Exception as e:  # noqa: BLE001 - status shows what it can
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        unreachable[where] = f"{type(e).__name__}: {first}"
+        return {"uri": history_uri(run), "error": unreachable[where]}
+
+
+def _history_summary(history: dict) -> dict:
+    rows = history.pop("rows", [])
+    return {**history, "rows": len(rows), "last": rows[-1] if rows else None}
+
+
+def status_rows(records, metrics: str | None = None) -> list[dict]:
+    """What `orch status --json` prints for each job: its record (`history`: its state changes)
+    and, with `metrics`, its metrics history from the store (`metrics_history`): "rows" every row
+    (one per logged step), "summary" how many and the last."""
+    out, unreachable = [], {}
     for r in records:
         d = r.to_json()
         d.pop("config")
         d["workers"] = r.workers
+        if metrics:
+            history = metrics_history(r, unreachable)
+            d["metrics_history"] = history if metrics == "rows" else _history_summary(history)
         out.append(d)
     return out
 
 
 def _print_status(args, records) -> None:
     if args.json:
-        print(json.dumps(status_rows(records), indent=1))
+        print(json.dumps(status_rows(records, metrics="rows" if args.job else "summary"), indent=1))
         return
     print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
     for r in records:
@@ -170,6 +205,9 @@ def _print_status(args, records) -> None:
         print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} "
               f"{_fmt(m.get('loss')):>8} {r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
         if args.job:
+            if r.wandb.get("url") or r.wandb.get("dir"):
+                print(f"W&B run: {r.wandb.get('url') or r.wandb['dir']} ({r.wandb.get('mode', '?')}, "
+                      f"group {r.wandb.get('group', r.pipeline_id)})")
             print(json.dumps(status_rows([r])[0], indent=1))
     for r in records:
         if r.failure_reason and not args.job:
@@ -199,6 +237,39 @@ def cmd_status(args) -> int:
     store = JobStore(state_dir)
     _print_status(args, [store.get(args.job)] if args.job else store.list())
     return 0
+
+
+def cmd_sync(args) -> int:
+    """Upload the offline W&B runs of a job, or of every job of a pipeline, with `wandb sync`
+    (again after a partial upload: the run id and steps are the same, so it completes the run)."""
+    import subprocess
+
+    _check_job_id(args.target)
+    state_dir = _state_dir(args)
+    address = resolve_address(args.address, state_dir)
+    if address:
+        with connect_controller(address, state_dir, start=False) as client:
+            records = [JobRecord.from_json(d) for d in client.status(None)]
+    elif os.path.exists(os.path.join(state_dir, JOBS_DB)):
+        records = JobStore(state_dir).list()
+    else:
+        raise ConfigError(f"no job records in {state_dir} and no cluster to ask; pass --state-dir / --address")
+    chosen = [r for r in records if args.target in (r.id, r.pipeline_id)]
+    if not chosen:
+        raise JobNotFound(f"no job or pipeline {args.target!r} in {state_dir}; `orch status` lists the jobs")
+    failed = 0
+    for r in chosen:
+        folder = r.wandb.get("dir")
+        if not folder or not os.path.isdir(folder):
+            _say(f"{r.id}: no offline W&B run to upload ({r.wandb.get('url') or 'tracking off, or not started'})")
+            continue
+        _say(f"{r.id}: wandb sync {folder}")
+        done = subprocess.run([sys.executable, "-m", "wandb", "sync", "--include-synced", folder])
+        if done.returncode != 0:
+            failed += 1
+            print(f"orch: {r.id}: `wandb sync` failed (exit {done.returncode}); run `orch sync {args.target}` again "
+                  f"(set WANDB_API_KEY, check the network)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------- the persistent controller
@@ -392,6 +463,10 @@ def _add_job_commands(sub) -> None:
     st.add_argument("--watch", action="store_true", help="refresh until every job listed has ended")
     st.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     st.set_defaults(func=cmd_status)
+
+    sy = sub.add_parser("sync", parents=shared, help="upload the offline W&B runs of a job or a pipeline")
+    sy.add_argument("target", metavar="JOB|PIPELINE", help="a job id, or a pipeline id (all its jobs)")
+    sy.set_defaults(func=cmd_sync)
 
     lg = sub.add_parser("logs", parents=shared, help="a job's events: state changes, progress, failures")
     lg.add_argument("job")

@@ -25,7 +25,7 @@ from orchestrator.jobs.policy import (
     restart_decision,
     scale_refusal,
 )
-from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
 
@@ -57,14 +57,14 @@ class Controller:
         """Record a pipeline's jobs as PENDING. Dependencies are named by job name inside the
         pipeline; `after` (job ids already submitted) is added to every job that has none there."""
         pipeline_id = pipeline_id or new_pipeline_id()
-        for dep in after:
-            self.store.get(dep)  # raises JobNotFound with the fix
+        parents = [self.store.get(dep) for dep in after]  # raises JobNotFound with the fix
+        group = wandb_group(parents[0]) if parents else pipeline_id  # `--after`: the parent's W&B group
         ids = {j.name: f"{pipeline_id}-{j.name}" for j in jobs}
         now = time.time()
         records = [
             JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
                       priority=j.priority, depends_on=[ids.get(d, d) for d in j.depends_on] or list(after),
-                      config=to_dict(j), created_at=now)
+                      config=to_dict(j), created_at=now, wandb={"group": group})
             for j in jobs
         ]
         capacity = self.capacity()

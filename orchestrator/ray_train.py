@@ -23,7 +23,7 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
-from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.runner import worker_causes
 from orchestrator.workspace import local_scratch, open_job_store
 
@@ -60,12 +60,10 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     `max_failures`); called in the job's runner actor, to which rank 0 reports."""
     from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not the controller)
 
-    # W&B files: the state folder on an embedded cluster (this machine), else node-local scratch
-    # on rank 0's node (or tracking.dir); online runs upload as they go, offline ones with `wandb sync`.
-    wandb_root = job.tracking.dir or (job.state_dir if not job.cluster.address else None)
+    # (W&B is written by the runner from the job's metrics history: orchestrator.tracking.)
     me = ray.get_runtime_context().current_actor
-    spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=record.pipeline_id,
-                init_from=init_from, reporter=me, wandb_root=wandb_root)
+    spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=wandb_group(record),
+                init_from=init_from, reporter=me)
     trainer = _trainer_class(me)(
         train_worker,
         train_loop_config={"job": to_dict(job), "spec": spec},

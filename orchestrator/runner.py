@@ -25,11 +25,13 @@ from orchestrator.checkpoint.layout import latest_committed, run_uri
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import TRAINER_STATE
+from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
-from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
+from orchestrator.tracking import ArtifactRef, WandbSink, export_job_id, redact
+from orchestrator.train.history import read_history
 from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,47 @@ class _EventLog:
             return self.events[seq:]
 
 
+class _Feed:
+    """Feeds the job's W&B run from its metrics history in the store (a thread of the runner), and
+    tells the controller where the run is."""
+
+    def __init__(self, job: JobConfig, run: str, sink: WandbSink, emit):
+        self.store, self.run, self.sink, self.emit = open_job_store(job), run, sink, emit
+        self.told: dict = {}
+        self.stop = threading.Event()
+        self.warned = False
+        self.thread = threading.Thread(target=self._loop, name="orch-wandb-feed", daemon=True)
+        self.thread.start()
+
+    def _rows(self) -> list[dict] | None:
+        try:
+            return read_history(self.store, self.run)["rows"]
+        except Exception as e:  # noqa: BLE001 - read again at the next poll
+            if not self.warned:
+                log.warning("could not read the metrics history of %s: %s", self.run, e)
+                self.warned = True
+            return None
+
+    def _tell(self) -> None:
+        info = self.sink.info()
+        if info != self.told:
+            self.told = info
+            self.emit(EventKind.PROGRESS, wandb=info)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(HISTORY_POLL_S):
+            rows = self._rows()
+            if rows:
+                self.sink.update(rows)
+                self._tell()
+
+    def close(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sink.finish(self._rows() or [], outputs, exit_code)
+        self._tell()
+
+
 class JobRunner:
     """The controller polls `events()`; rank 0 reports through `update()` and polls `control()`
     every step; Ray Train's controller tells `decision()` why it starts the next worker group."""
@@ -93,28 +136,30 @@ class JobRunner:
         self.stop: dict | None = None  # the pending request: {"action": "cancel" | "scale", "id", "job"}
         self.seen_requests: set[str] = set()
         self.placement_groups: list = []
+        self.feed: _Feed | None = None  # the W&B run, fed from the history (tracking on)
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
 
     # --------------------------------------------------------------------- called by rank 0
     def update(self, fields: dict) -> None:
-        """Rank 0's report: `event` attempt | ready | resumed | stopped, checkpoints, metrics."""
+        """Rank 0's report: `event` ready | resumed | stopped, checkpoints, metrics (a new worker
+        group calls `begin_attempt` first)."""
         event = fields.get("event")
-        if event == "attempt":
-            self._attempt_started(fields["world_size"])
-        elif event in ("ready", "resumed"):
+        if event in ("ready", "resumed"):
             self.log.emit(EventKind.ENGINE_READY, attempt=self.attempts, resumed_from=fields.get("resumed_from"),
                           step=fields.get("resumed_step"), skipped=fields.get("skipped", []),
                           universal=fields.get("universal", False))
         if fields.get("checkpoint"):
             self.log.emit(EventKind.CHECKPOINT_COMMITTED, uri=fields["checkpoint"], step=fields.get("checkpoint_step"))
         metrics = {k: fields[k] for k in ("step", "loss", "first_loss", "eval_loss", "tokens") if k in fields}
-        wandb = {k.removeprefix("wandb_"): fields[k] for k in ("wandb_run_id", "wandb_dir") if fields.get(k)}
-        if metrics or wandb:
-            self.log.emit(EventKind.PROGRESS, **({"metrics": metrics} if metrics else {}),
-                          **({"wandb": wandb} if wandb else {}))
+        if metrics:
+            self.log.emit(EventKind.PROGRESS, metrics=metrics)
 
-    def _attempt_started(self, world_size: int) -> None:
+    def begin_attempt(self, world_size: int) -> str:
+        """Rank 0 of a new worker group: the attempt is recorded; returns why it started."""
+        return self._attempt_started(world_size).value
+
+    def _attempt_started(self, world_size: int) -> AttemptReason:
         with self.lock:
             self.attempts += 1
             reason = self.next_reason
@@ -124,6 +169,7 @@ class JobRunner:
             self.next_reason, self.world_size = None, world_size
             attempt = self.attempts
         self.log.emit(EventKind.ATTEMPT_STARTED, attempt=attempt, reason=reason.value, world_size=world_size)
+        return reason
 
     def control(self) -> str | None:
         """'stop' once a stop was requested: every rank checkpoints the current step and returns."""
@@ -184,15 +230,46 @@ class JobRunner:
     def _run(self) -> None:
         try:
             job = self._job()
+            self._start_feed(job)
             self._prepare(job)
             self._fit_until_done(job)
         except OrchError as e:
+            self._close_feed(exit_code=1)
             self.log.emit(EventKind.FAILED, reason=str(e), retryable=False)
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
             log.debug("job %s failed", self.record.id, exc_info=True)
+            self._close_feed(exit_code=1)
             retryable = all(getattr(c, "retryable", True) for c in worker_causes(e))
             self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=retryable,
                           traceback=traceback.format_exc())
+
+    # --------------------------------------------------------------------------------- W&B
+    def _start_feed(self, job: JobConfig) -> None:
+        """The job's one W&B run (orchestrator.tracking), unless tracking is off."""
+        if job.tracking.backend == "none" or job.tracking.mode == "disabled":
+            return
+        rid = self.record.id
+        parent = export_job_id(self.init_from)
+        uses = (ArtifactRef(f"model-{parent}", "model", self.init_from, {"job_id": parent}),) if parent else ()
+        facts = {"workers": job.workers, "max_workers": job.max_workers, "nodes": _alive_nodes(),
+                 "accelerator": job.cluster.accelerator, "backend": job.cluster.backend,
+                 "devices_per_worker": job.cluster.gpus_per_worker or job.cluster.cpus_per_worker,
+                 "zero_stage": job.deepspeed.stage, "precision": job.deepspeed.precision}
+        config = redact({**to_dict(job), "job_id": rid, "pipeline_id": self.record.pipeline_id,
+                         "init_from": self.init_from, "cluster_facts": facts})
+        sink = WandbSink(job.tracking, run_id=rid, name=f"{job.name}-{rid}", group=wandb_group(self.record),
+                         job_type=job.kind, config=config, root_dir=job.tracking.dir or job.state_dir, uses=uses,
+                         say=self._say)
+        self.feed = _Feed(job, run_uri(job.storage.root, rid), sink, self.log.emit)
+
+    def _close_feed(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0) -> None:
+        """The last rows and the outputs into the W&B run, which is closed (before the job's end is told)."""
+        feed, self.feed = self.feed, None
+        if feed is not None:
+            try:
+                feed.close(outputs, exit_code)
+            except Exception as e:  # noqa: BLE001 - W&B never fails a job
+                self._say(f"W&B: could not close the run ({e})")
 
     def _prepare(self, job: JobConfig) -> None:
         """The job's dataset (prepared in a task if needed), then the checks that need it."""
@@ -215,6 +292,7 @@ class JobRunner:
         while True:
             stop = self._take_stop()
             if stop and stop["action"] == Action.CANCEL:
+                self._close_feed()
                 self.log.emit(EventKind.STOPPED, checkpoint=self._final_state(job).get("uri"))
                 return
             if stop and stop["action"] == Action.SCALE:
@@ -250,4 +328,14 @@ class JobRunner:
                                                 state["ref_step"], self.record.id))
         metrics = {"step": state.get("step"), "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
                    "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen")}
+        rid, meta = self.record.id, {"job_id": self.record.id, "step": state.get("step")}
+        self._close_feed((ArtifactRef(f"model-{rid}", "model", export, meta),
+                          ArtifactRef(f"checkpoint-{rid}", "checkpoint", state["uri"], meta)))
         self.log.emit(EventKind.SUCCEEDED, export=export, checkpoint=state["uri"], metrics=metrics)
+
+
+def _alive_nodes() -> int | None:
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001 - a fact for the W&B config only
+        return None

@@ -75,3 +75,18 @@ def run_info(path: str | Path) -> dict:
 def run_file(run_dir: str | Path) -> Path:
     (f,) = Path(run_dir).glob("run-*.wandb")
     return f
+
+
+def artifacts(path: str | Path) -> list[dict]:
+    """Every artifact record: name, type, whether it is an input (`use_after_commit`: what
+    `use_artifact` of a draft artifact records, used once synced) and its references."""
+    out = []
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "artifact":
+            a = rec.artifact
+            out.append({"name": a.name, "type": a.type, "use_after_commit": a.use_after_commit,
+                        "refs": [e.ref for e in a.manifest.contents]})
+        elif rec.WhichOneof("record_type") == "use_artifact":
+            out.append({"name": rec.use_artifact.name, "type": rec.use_artifact.type, "use_after_commit": True,
+                        "refs": []})
+    return out

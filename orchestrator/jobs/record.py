@@ -26,7 +26,7 @@ class JobRecord:
     failure_detail: str | None = None  # the traceback behind it (`orch --debug` prints it)
     restarts: int = 0
     history: list[dict] = field(default_factory=list)  # [{"state", "at", "reason"}]
-    wandb: dict = field(default_factory=dict)  # run id, group, offline dir
+    wandb: dict = field(default_factory=dict)  # run id, group, mode, offline folder or URL
     requested: dict | None = None  # a user action in progress: {"action": "cancel"} or {"action": "scale", ...}
     launches: int = 0  # runners started for this job (a new one after a lost runner)
     last_event_seq: int = 0  # the last event of the current runner the controller applied (exactly once)
@@ -51,3 +51,8 @@ class JobRecord:
 
     def ended_at(self) -> float | None:
         return next((h["at"] for h in self.history if JobState(h["state"]).terminal), None)
+
+
+def wandb_group(record: JobRecord) -> str:
+    """The job's W&B group: set at submit (a job queued `--after` another joins its group), else its pipeline."""
+    return record.wandb.get("group") or record.pipeline_id

@@ -2,7 +2,8 @@
 
 Each worker builds the single-device GPT from `model/`, wraps it in a DeepSpeed ZeRO engine,
 reads its slice of every global batch from the store, and checkpoints through the Checkpointer.
-Rank 0 also tracks the run in W&B and reports progress to the controller.
+Rank 0 also appends every logged row to the job's metrics history in the store (which the job's
+runner feeds to W&B) and reports progress to the controller.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -30,11 +32,11 @@ from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.order import eval_batch, micro_batches, rank_slice
 from orchestrator.data.reader import SplitReader
 from orchestrator.storage import join_uri
-from orchestrator.tracking import Tracker, make_tracker
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
 from orchestrator.train.extensions import use_prebuilt
-from orchestrator.train.metrics import IntervalMetrics
+from orchestrator.train.history import HistoryWriter, NullHistory
+from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metrics
 from orchestrator.train.mfu import peak_flops
 from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.vote import all_mean, step_vote
@@ -54,7 +56,7 @@ class TrainerState:
     last_loss: float | None = None
     eval_loss: float | None = None
     world_size: int = 0
-    wandb_run_id: str | None = None
+    wandb_run_id: str | None = None  # (unused since the runner owns the W&B run: the job id)
     zero_stage: int | None = None
     config_hash: str | None = None  # of what decides the loss curve: model, data, trainer (see config_hash)
     extra: dict = field(default_factory=dict)
@@ -73,10 +75,9 @@ class RunSpec:
 
     job_id: str
     run_uri: str  # <storage.root>/runs/<job id>
-    group: str  # W&B group: the pipeline id
+    group: str  # W&B group: the pipeline id (or the parent's, for `--after`)
     init_from: str | None  # export URI of the dependency whose weights this job starts from
     reporter: object | None  # Ray actor handle receiving rank 0's progress (or None)
-    wandb_root: str | None = None  # where W&B writes (None: node-local scratch)
 
 
 def train_worker(args: dict) -> None:
@@ -102,6 +103,7 @@ class _Trainer:
         self.scratch = local_scratch(spec.job_id)
         self._closers: list = []  # run at the end of run(), in reverse
         self._control = None  # rank 0's pending question to the runner: stop?
+        self.history: HistoryWriter | NullHistory = NullHistory()  # rank 0's, once restored
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
@@ -154,9 +156,16 @@ class _Trainer:
         return Checkpointer(
             self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint, job.deepspeed.stage,
             rank0_files={TOKENIZER: tokenizer, MODEL_CONFIG: json.dumps(to_dict(job.model), indent=1).encode()},
-            on_commit=lambda ref: self._report(checkpoint=ref.uri, checkpoint_step=ref.step),
+            on_commit=self._committed,
             resume_from=job.resume_from,
         )
+
+    def _committed(self, ref) -> None:
+        """Rank 0, in the upload thread, once checkpoint `ref` is committed: a marker in the history,
+        the history compacted up to it, and the runner told."""
+        self.history.append(ref.step, events=[{"kind": "checkpoint", "uri": ref.uri}])
+        self.history.compact(ref.step)
+        self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
 
     def _restore(self, ckpt: Checkpointer) -> tuple[object, TrainerState]:
         """The engine and the trainer state: restored from the checkpoint to resume from, or fresh."""
@@ -186,19 +195,22 @@ class _Trainer:
                         state.config_hash, digest)
         state.config_hash = digest
 
-    def _tracker(self, state: TrainerState) -> Tracker:
-        """The W&B tracker (rank 0; a null one elsewhere), continuing the run of the checkpoint's state."""
-        job = self.job
-        wandb_id = state.wandb_run_id or self.spec.job_id
-        tracker = make_tracker(
-            job.tracking, self.rank, run_id=wandb_id, name=f"{job.name}-{self.spec.job_id}", group=self.spec.group,
-            job_type=job.kind, config={"job_id": self.spec.job_id, "world_size": self.world, **to_dict(job)},
-            root_dir=self.spec.wandb_root or str(self.scratch),
-        )
-        state.wandb_run_id = wandb_id
+    def _begin_attempt(self) -> str:
+        """Tell the runner this worker group started (rank 0); why it started: first, failure, resize, ..."""
+        if self.rank != 0 or self.spec.reporter is None:
+            return "first"
+        try:
+            return ray.get(self.spec.reporter.begin_attempt.remote(self.world), timeout=60)
+        except Exception:  # noqa: BLE001 - the runner is gone: Ray Train decides; the history still records
+            log.warning("could not tell the job's runner that a worker group started", exc_info=True)
+            return "unknown"
+
+    def _open_history(self, state: TrainerState, reason: str) -> None:
+        """Rank 0: this attempt's rows go to the job's history in the store, from the step it resumed at."""
         if self.rank == 0:
-            self._report(wandb_run_id=wandb_id, wandb_dir=tracker.run_dir)
-        return tracker
+            kind = {"first": "start", "failure": "restart", "relaunch": "restart"}.get(reason, reason)
+            self.history = HistoryWriter(self.store, self.spec.run_uri, world_size=self.world, start_step=state.step,
+                                         reason=kind)
 
     def _metrics(self, train: SplitReader) -> IntervalMetrics:
         """The per-interval metrics row's bookkeeping, with this model's FLOPs and this device's peak."""
@@ -263,10 +275,10 @@ class _Trainer:
         engine.train()
         return all_mean(losses, self.device)
 
-    def _logged_eval(self, engine, val: SplitReader, tracker: Tracker, step: int) -> float:
-        """The validation loss, logged to the tracker at `step`."""
+    def _logged_eval(self, engine, val: SplitReader, step: int) -> float:
+        """The validation loss (and perplexity), logged to the history at `step`."""
         eval_loss = self._evaluate(engine, val)
-        tracker.log({"eval/loss": eval_loss}, step=step)
+        self.history.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}, step=step)
         return eval_loss
 
     def _train_step(self, engine, micro: list) -> list[float]:
@@ -287,7 +299,7 @@ class _Trainer:
         from deepspeed.accelerator import get_accelerator
 
         job = self.job
-        self._report(event="attempt", world_size=self.world)
+        reason = self._begin_attempt()
         self.device = get_accelerator().current_device_name()
         manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
@@ -296,23 +308,20 @@ class _Trainer:
         ckpt = self._checkpointer(manifest)
         engine, state = self._restore(ckpt)
         self._stamp(state)
-        tracker = self._tracker(state)
-        exit_code = 1
+        self._open_history(state, reason)
         try:
-            self._loop(engine, state, train, val, ckpt, tracker)
-            exit_code = 0
+            self._loop(engine, state, train, val, ckpt)
         finally:
             for close in reversed(self._closers):
                 close()
             train.close()  # stops the download threads (val shares train's cache)
-            tracker.finish(exit_code)
+            self.history.finish()
 
-    def _loop(self, engine, state: TrainerState, train: SplitReader, val: SplitReader, ckpt: Checkpointer,
-              tracker: Tracker) -> None:
+    def _loop(self, engine, state: TrainerState, train: SplitReader, val: SplitReader, ckpt: Checkpointer) -> None:
         """Train from `state` to trainer.max_steps, or until the ranks vote to stop."""
         tr = self.job.trainer
         meter = self._metrics(train)
-        cadence = CheckpointCadence(self.job.checkpoint, ckpt, tracker, rank=self.rank, step=state.step,
+        cadence = CheckpointCadence(self.job.checkpoint, ckpt, self.history, rank=self.rank, step=state.step,
                                     max_steps=tr.max_steps)
         batches = self._prefetcher(train, state.cursor)
         while state.step < tr.max_steps:
@@ -333,10 +342,12 @@ class _Trainer:
             state.last_loss = vote.loss
             if meter.due(state.step):
                 row = meter.row(loss=vote.loss, lr=lr, tokens_seen=state.tokens_seen, shard_wait_s=train.wait_s)
-                tracker.log(row, step=state.step)
+                if self.rank == 0:
+                    row.update(grad_norm(engine), **system_metrics(self.device))
+                self.history.log(row, step=state.step)
                 self._report(step=state.step, loss=vote.loss, first_loss=state.first_loss, tokens=state.tokens_seen)
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
-                self._report(eval_loss=self._logged_eval(engine, val, tracker, state.step))
+                self._report(eval_loss=self._logged_eval(engine, val, state.step))
             if vote.checkpoint_due:
                 self._report(ckpt_blocking_s=cadence.save(engine, state))
             if vote.stop:
@@ -346,13 +357,11 @@ class _Trainer:
                 self._report(event="stopped", stopped_step=state.step)
                 dist.barrier()
                 return
-        self._finish(engine, state, val, cadence, tracker)
+        self._finish(engine, state, val, cadence)
 
-    def _finish(self, engine, state: TrainerState, val: SplitReader, cadence: CheckpointCadence,
-                tracker: Tracker) -> None:
+    def _finish(self, engine, state: TrainerState, val: SplitReader, cadence: CheckpointCadence) -> None:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
-        eval_loss = self._logged_eval(engine, val, tracker, state.step)
-        tracker.summary({"eval/loss": eval_loss, "first_loss": state.first_loss})
+        eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
         cadence.save_final(engine, state)
         self._report(eval_loss=eval_loss)

@@ -58,3 +58,35 @@ class IntervalMetrics:
             metrics["perf/mfu"] = utilisation
         self._reset(now, shard_wait_s)
         return metrics
+
+
+def grad_norm(engine) -> dict[str, float]:
+    """The global gradient norm of the last optimizer step, where DeepSpeed computed one."""
+    try:
+        norm = engine.get_global_grad_norm()
+    except Exception:  # noqa: BLE001 - not every ZeRO stage / optimizer keeps it
+        return {}
+    if norm is None:
+        return {}
+    norm = float(norm)
+    return {"train/grad_norm": norm} if norm == norm and norm >= 0 else {}
+
+
+def system_metrics(device: str) -> dict[str, float]:
+    """The training node's own system metrics, seen from rank 0: CPU, memory and, on GPUs, device
+    utilisation and memory (W&B's system monitor would measure the runner's node instead)."""
+    import psutil
+    import torch
+
+    proc = psutil.Process()
+    out = {"system/cpu_percent": psutil.cpu_percent(interval=None),
+           "system/memory_percent": psutil.virtual_memory().percent,
+           "system/rss_gb": proc.memory_info().rss / 2**30}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["system/gpu_memory_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        out["system/gpu_memory_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        try:
+            out["system/gpu_utilization"] = float(torch.cuda.utilization())
+        except Exception:  # noqa: BLE001 - needs NVML (pynvml)
+            pass
+    return out

@@ -62,6 +62,11 @@ class Cli:
         """`orch status --json` from another process, through --address."""
         return {j["id"]: j for j in json.loads(self("status", "--json").stdout)}
 
+    def status_of(self, job: str) -> dict:
+        """`orch status JOB --json`: the job with its whole metrics history."""
+        (out,) = json.loads(self("status", job, "--json").stdout)
+        return out
+
     def jobs(self) -> dict[str, dict]:
         """The durable records, read straight from the controller's SQLite file (cheap to poll on
         2 cores, where a CLI process per poll would slow the training being watched)."""
@@ -109,6 +114,9 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     jobs = cli.status()
     assert jobs[b]["state"] == jobs[c]["state"] == "QUEUED"  # 2 CPUs free: a 4-worker gang does not start
     assert jobs[d]["state"] == "PENDING" and jobs[d]["depends_on"] == [b]
+    # A job queued `--after` another joins its W&B group (not its own pipeline's).
+    assert jobs[d]["wandb"]["group"] == jobs[b]["pipeline_id"] != jobs[d]["pipeline_id"]
+    assert jobs[f]["wandb"]["group"] == jobs[e]["pipeline_id"]
     assert "notes.txt" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
     assert f"dependency {e} is FAILED" in jobs[f]["history"][-1]["reason"]
 
@@ -138,7 +146,7 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
 
 
 def _runs(job: dict) -> list[Path]:
-    """Every W&B offline run folder of a job (one per worker group; resumed under the same id)."""
+    """Every W&B offline run folder of a job (one per job, whatever happened)."""
     return sorted(Path(job["wandb"]["dir"]).parent.glob(f"offline-run-*-{job['wandb']['run_id']}"))
 
 
@@ -186,7 +194,11 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     assert sorted(expected) == sorted(got) == list(range(1, steps + 1))
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
-    assert len(_runs(jobs[fin])) == 1 and len(_runs(jobs[pre])) == 3  # 2, 3, then 1 worker(s)
+    assert len(_runs(jobs[fin])) == 1 and len(_runs(jobs[pre])) == 1  # at 2, 3, then 1 worker(s): one run
+    # The history marks each scale, with the worker count after it.
+    marks = [(e["kind"], r["world_size"]) for r in cli.status_of(pre)["metrics_history"]["rows"] for e in r["events"]
+             if e["kind"] != "checkpoint"]
+    assert marks == [("start", 2), ("scale", 3), ("scale", 1)]
 
 
 def test_bad_input_gets_one_line_and_exit_2(orch, cluster):

@@ -117,7 +117,10 @@ def test_planted_secrets_never_written_by_a_pipeline(sandbox, s3_server):
     bucket_hits, objects = _bucket_hits(s3_server, bucket, secrets)
     assert hits + bucket_hits + _output_hits(outputs, secrets) == []
     assert objects > 10 and files > 50, (objects, files)
-    assert len(list(dirs["state"].rglob("run-*.wandb"))) == 2
+    assert len(list(dirs["state"].rglob("run-*.wandb"))) == 2  # one W&B run per job, in the state folder
+    assert not list(dirs["scratch"].rglob("*.wandb"))  # never on a worker's scratch disk
+    # The metrics history went to the bucket too (and `status --json` read it back from there).
+    assert all(j["metrics_history"]["rows"] > 0 and j["metrics_history"]["uri"].startswith("s3://") for j in jobs)
     assert list(dirs["ray"].glob("ray/session_*/logs/*"))
     assert not (dirs["state"] / "store").exists()  # everything went to the bucket
 

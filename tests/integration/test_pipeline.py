@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +118,50 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
         rows = [r for r in wandb_files.history(f) if "train/loss" in r]
         runs[job["kind"]] = info
         assert info["job_type"] == job["kind"]
-        assert rows and rows[-1]["_step"] == job["metrics"]["step"]
+        assert rows and rows[-1]["_step"] == job["metrics"]["step"] == rows[-1]["trainer/step"]
+        assert rows[-1]["trainer/world_size"] == 2 and rows[-1]["trainer/restarts"] == 0
         assert rows[-1]["train/loss"] == pytest.approx(job["metrics"]["loss"])
         assert rows[0]["train/loss"] == pytest.approx(job["metrics"]["first_loss"])
     assert runs["pretrain"]["group"] == runs["finetune"]["group"] == pre["pipeline_id"]
 
+    # The metrics history in the store (status --json): a row per logged step, the same losses.
+    for job in (pre, fine):
+        rows = _status_json(state_dir, job["id"])["metrics_history"]["rows"]
+        assert job["metrics_history"]["rows"] == len(rows) and job["metrics_history"]["last"] == rows[-1]
+        logged = [r["step"] for r in rows if "train/loss" in r["metrics"]]
+        assert logged == [1, *range(5, job["metrics"]["step"] + 1, 5)]
+        assert rows[-1]["metrics"]["train/loss"] == pytest.approx(job["metrics"]["loss"])
+        assert rows[-1]["metrics"]["eval/perplexity"] == pytest.approx(math.exp(job["metrics"]["eval_loss"]))
+        assert [e["kind"] for e in rows[0]["events"]] == ["start"]
+        expected = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+                    "perf/data_wait_s", "system/cpu_percent", "system/rss_gb"}
+        assert expected <= set(rows[-1]["metrics"]) and rows[-1]["world_size"] == 2, sorted(rows[-1]["metrics"])
+        assert math.isfinite(rows[-1]["metrics"]["train/grad_norm"])
+        assert any(e["kind"] == "checkpoint" for r in rows for e in r["events"])
+    # Lineage: each run logged its export and final checkpoint as reference artifacts (the URI);
+    # the fine-tune used the pretraining export, and its config records where it started from.
+    arts = {k: wandb_files.artifacts(wandb_files.run_file(j["wandb"]["dir"])) for k, j in (("pre", pre),
+                                                                                         ("fine", fine))}
+    assert {(a["name"], a["refs"][0].split("/export")[0] if a["type"] == "model" else a["type"])
+            for a in arts["pre"]} == {(f"model-{pre['id']}", pre["export"].split("/export")[0]),
+                                      (f"checkpoint-{pre['id']}", "checkpoint")}
+    used = [a for a in arts["fine"] if a["use_after_commit"]]
+    assert [a["name"] for a in used] == [f"model-{pre['id']}"] and used[0]["refs"][0].startswith(pre["export"])
+    assert runs["finetune"]["config"]["init_from"] == pre["export"]
+    assert runs["pretrain"]["config"]["cluster_facts"]["zero_stage"] == 2
+
     # The summary names the jobs, their states and where things are.
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout
+
+
+def _status_json(state_dir: Path, job_id: str) -> dict:
+    """`orch status JOB --json`: the job with every row of its metrics history."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "status", job_id, "--json", "--state-dir",
+                          str(state_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (job,) = json.loads(out.stdout)
+    return job
 
 
 def _job_config(state_dir: Path, job_id: str) -> dict:

@@ -45,14 +45,15 @@ def _say(msg: str) -> None:
 
 
 def _overrides(args) -> list[str]:
-    from orchestrator.config.compose import quote_value  # (only commands that compose call this)
+    # (only commands that compose call this)
+    from orchestrator.config.compose import quote_value, with_config_dirs
 
     ov = list(args.overrides)
     if getattr(args, "address", None):
         ov.append(f"cluster.address={quote_value(args.address)}")
     if getattr(args, "state_dir", None):
         ov.append(f"state_dir={quote_value(os.path.abspath(args.state_dir))}")
-    return ov
+    return with_config_dirs(ov, getattr(args, "config_dir", None) or [])
 
 
 def _compose(args, after: Sequence[str] = ()) -> tuple[dict, RootConfig, list]:
@@ -349,11 +350,14 @@ ADDRESS = _option("--address", help="Ray cluster address (default: RAY_ADDRESS, 
 STATE_DIR = _option("--state-dir", help=f"state folder: job records, the cluster `orch up` started "
                                         f"(default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
 ENDPOINT_URL = _option("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+CONFIG_DIR = _option("--config-dir", action="append", default=[], metavar="DIR",
+                     help="a folder of your own config groups (DIR/model/my_model.yaml -> model=my_model), searched "
+                          "after the built-in ones; repeatable (the same as hydra.searchpath=[file://DIR])")
 DRY_RUN_HELP = "print the resolved config and resources; start or submit nothing"
 
 
 def _add_run(sub) -> None:
-    run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR],
+    run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR, CONFIG_DIR],
                          help="run the pipeline (pretrain -> fine-tune) on an embedded or given Ray cluster")
     run.add_argument("overrides", nargs="*",
                      help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
@@ -378,7 +382,8 @@ def _add_cluster_commands(sub) -> None:
 def _add_job_commands(sub) -> None:
     """submit, status, logs, cancel, scale: they talk to the controller (status reads the state folder without one)."""
     shared = [ADDRESS, STATE_DIR]
-    sb = sub.add_parser("submit", parents=shared, help="queue a pipeline's jobs on the controller (prints the job ids)")
+    sb = sub.add_parser("submit", parents=[*shared, CONFIG_DIR],
+                        help="queue a pipeline's jobs on the controller (prints the job ids)")
     sb.add_argument("overrides", nargs="*",
                     help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
@@ -434,7 +439,7 @@ def _add_model_commands(sub) -> None:
 def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="dataset commands")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR],
+    prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR, CONFIG_DIR],
                            help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
     prep.add_argument("overrides", nargs="*", metavar="[SRC DST] OVERRIDES",
                       help="source and destination URIs, then Hydra overrides "

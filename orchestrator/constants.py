@@ -1,6 +1,6 @@
 """Environment variable names and defaults, in one place."""
 
-CONF_DIR_ENV = "ORCH_CONF_DIR"  # where conf/ lives (default: beside the package)
+CONF_DIR_ENV = "ORCH_CONF_DIR"  # a config folder instead of the built-in one (orchestrator/conf)
 STATE_DIR_ENV = "ORCH_STATE_DIR"  # the state folder (default: ./.orch)
 DEFAULT_STATE_DIR = ".orch"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -88,6 +89,15 @@ def _searchpath_entries(value: str) -> list[str]:
         raise ConfigError(f"{SEARCHPATH_KEY}={value} must be a list of folders, e.g. "
                           f"{SEARCHPATH_KEY}=[file:///home/me/orch-conf,pkg://my_package.conf]")
     return list(parsed)
+
+
+def _check_searchpath_warnings(caught) -> None:
+    """Hydra only warns about a `hydra.searchpath` entry it cannot find (a typo): one line instead."""
+    for w in caught:
+        m = re.search(r"provider=hydra\.searchpath[^,]*, path=(.+) is not available", str(w.message))
+        if m:
+            raise ConfigError(f"{SEARCHPATH_KEY} entry {m.group(1)!r} is not available: no such folder or package; "
+                              f"fix the path (file:///ABSOLUTE/DIR or pkg://package.module)")
 
 
 def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
@@ -203,8 +213,10 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict:
 
     overrides = _check_override_syntax(overrides)
     try:
-        with _hydra():
+        with _hydra(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+        _check_searchpath_warnings(caught)
     except ConfigError:
         raise
     except Exception as e:  # hydra raises several unrelated classes here

@@ -156,6 +156,8 @@ def test_the_rayjob_runs_a_pipeline_on_the_cluster_and_its_command_composes():
     jobs = resolve_jobs(root)
     assert {j.kind for j in jobs} == {"pretrain", "finetune"}
     assert (root.cluster.backend, root.deepspeed.precision, root.storage.backend) == ("nccl", "bf16", "s3")
+    # the GPU group starts at 0 pods: only an autoscaling cluster admits a job before its nodes exist
+    assert root.cluster.autoscaling is True
     images = {c["image"] for _, d in DOCS if d["apiVersion"] == "ray.io/v1" for p in _pod_specs(d)
               for c in p["containers"]}
     assert len(images) == 1  # one image everywhere: the same orch, Python and Ray on every pod

@@ -165,7 +165,10 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
     m = re.search(r"Could not find '([^']+)/([^']*)'", msg)
     if m:
         group, option = m.group(1).split("/")[-1], m.group(2)
-        choices = group_options(group, overrides)
+        try:
+            choices = group_options(group, overrides)
+        except Exception:  # noqa: BLE001 - a searchpath Hydra refuses: the generic line below names it
+            choices = []
         if choices:
             return ConfigError(f"unknown option {option!r} for config group '{group}'; "
                                f"valid choices: {', '.join(choices)}")

@@ -31,7 +31,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ libaio-dev wget ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/orch
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && pip install "setuptools>=70.1" "ninja>=1.11" "packaging>=24"   # DeepSpeed's build, without isolation
 COPY --from=wheel /dist /tmp/dist
 # DeepSpeed's GPU ops compiled now, not by every worker at start (DS_BUILD_*); the range is orch's.
 RUN TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \

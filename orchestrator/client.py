@@ -154,6 +154,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _own_ray_temp_dir(port: int) -> str:
+    """The cluster's own folder inside Ray's (<RAY_TMPDIR, else TMPDIR, else /tmp>/ray, as Ray picks
+    it). Ray resolves "auto", the address it gives each job of the Jobs API (RAY_ADDRESS), through
+    <temp>/ray_current_cluster, which in a shared folder names the machine's latest cluster, not
+    necessarily this one. (Short: Ray's socket paths under it must stay under 107 bytes.)"""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray", f"orch-{port}")
+
+
 def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     """Start a persistent local Ray cluster of `nodes` raylets (the head is one of them), then the
     controller on it; remember the address in the state folder. Everything listens on 127.0.0.1:
@@ -168,10 +177,12 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     if _listening(f"127.0.0.1:{port}"):
         raise ClusterError(f"port {port} is in use (another Ray cluster?); pick another with --port")
     address = f"127.0.0.1:{port}"
+    temp_dir = _own_ray_temp_dir(port)
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
         _ray("get-auth-token", "--generate")
-    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
+    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+              f"--temp-dir={temp_dir}"]
     # The dashboard serves Ray's state API, which Ray Train uses to free a stopped job's placement
     # group, and the Jobs API (`orch submit --address http://127.0.0.1:PORT`).
     dashboard = f"http://127.0.0.1:{_free_port()}"

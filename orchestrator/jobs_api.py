@@ -26,7 +26,9 @@ from orchestrator.errors import ClusterError, ConfigError
 
 HEAD_STATE_DIR = "$HOME/.orch"  # on the head, where ORCH_STATE_DIR is not set
 ERROR_PREFIX = "orch: error:"  # the head's one-line errors go to stderr here too
-ENTRYPOINT_LINE = "Running entrypoint for job "  # Ray's last line before the command's own output
+# The lines Ray itself writes into a job's log (the runtime env, the entrypoint), not the command's
+RAY_OWN_LINE = re.compile(r"Running entrypoint for job "
+                          r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ job_manager\.py:\d+ -- ")
 
 
 def is_jobs_api_address(address: str | None) -> bool:
@@ -90,7 +92,7 @@ def run_on_head(address: str, argv: list[str], poll_s: float = 0.5) -> int:
 
 
 def _follow(client, job_id: str, poll_s: float) -> int:
-    shown, pending, started, before = 0, "", False, []
+    shown, pending = 0, ""
     while True:
         info = client.get_job_info(job_id)  # the status first: logs read after a terminal one are complete
         logs = client.get_job_logs(job_id)
@@ -100,14 +102,9 @@ def _follow(client, job_id: str, poll_s: float) -> int:
         if info.status.is_terminal() and pending:
             lines, pending = lines + [pending], ""
         for line in lines:
-            if started:
+            if not RAY_OWN_LINE.match(line):
                 _emit(line)
-            else:  # Ray's own lines come first (runtime env, the entrypoint): the command's output follows
-                started = line.startswith(ENTRYPOINT_LINE)
-                before.append(line)
         if info.status.is_terminal():
-            for line in [] if started else before:  # a Ray that does not say so: show everything
-                _emit(line)
             return _exit_code(info)
         time.sleep(poll_s)
 

@@ -75,9 +75,12 @@ def test_follow_prints_the_commands_output_only_and_errors_to_stderr(capsys):
     assert err == "orch: error: no job 'x'\n"
 
 
-def test_follow_shows_everything_when_ray_does_not_announce_the_entrypoint(capsys):
-    assert jobs_api._follow(FakeClient(["p1-pretrain\n"], Info(Status.SUCCEEDED, driver_exit_code=0)), "j", 0) == 0
-    assert capsys.readouterr().out == "p1-pretrain\n"
+def test_follow_keeps_output_that_comes_before_rays_entrypoint_line(capsys):
+    """A fast command's output can reach the log before Ray's own "Running entrypoint" line."""
+    chunks = ["2026-11-29 16:19:16,768\tINFO job_manager.py:581 -- Runtime env is setting up.\np1-pretrain\n",
+              "Running entrypoint for job raysubmit_x: orch submit\n2026-11-29 16:19:17 p1-pretrain: submitted\n"]
+    assert jobs_api._follow(FakeClient(chunks, Info(Status.SUCCEEDED, driver_exit_code=0)), "j", 0) == 0
+    assert capsys.readouterr().out == "p1-pretrain\n2026-11-29 16:19:17 p1-pretrain: submitted\n"
 
 
 @pytest.mark.parametrize("info, code", [

@@ -33,12 +33,13 @@ from orchestrator import __version__
 from orchestrator.client import connect_controller, down, resolve_address, up
 from orchestrator.config.schema import RootConfig, is_plain_name
 from orchestrator.config.typed import build, to_dict
-from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
+from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, RAY_ADDRESS_ENV, STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
 from orchestrator.jobs.policy import job_demand
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
+from orchestrator.jobs_api import decode_jobs, encode_jobs, is_jobs_api_address, run_on_head
 
 
 def _say(msg: str) -> None:
@@ -46,14 +47,15 @@ def _say(msg: str) -> None:
 
 
 def _overrides(args) -> list[str]:
-    from orchestrator.config.compose import quote_value  # (only commands that compose call this)
+    # (only commands that compose call this)
+    from orchestrator.config.compose import quote_value, with_config_dirs
 
     ov = list(args.overrides)
     if getattr(args, "address", None):
         ov.append(f"cluster.address={quote_value(args.address)}")
     if getattr(args, "state_dir", None):
         ov.append(f"state_dir={quote_value(os.path.abspath(args.state_dir))}")
-    return ov
+    return with_config_dirs(ov, getattr(args, "config_dir", None) or [])
 
 
 def _compose(args, after: Sequence[str] = ()) -> tuple[dict, RootConfig, list]:
@@ -217,6 +219,11 @@ def _print_status(args, records) -> None:
 def cmd_status(args) -> int:
     if args.job:
         _check_job_id(args.job)
+    api = _jobs_api(args)
+    if api:
+        watch = ["--watch", "--interval", str(args.interval)] if args.watch else []
+        return _on_head(args, api, ["status", *([args.job] if args.job else []), *(["--json"] if args.json else []),
+                                    *watch])
     state_dir = _state_dir(args)
     address = resolve_address(args.address, state_dir)
     if address:
@@ -273,6 +280,20 @@ def cmd_sync(args) -> int:
 
 
 # ------------------------------------------------------------------- the persistent controller
+def _jobs_api(args) -> str | None:
+    """The head's Jobs API (http[s]://HEAD:8265) when --address or RAY_ADDRESS is one: the command
+    then runs on the head as a Ray job (orchestrator.jobs_api)."""
+    address = args.address or os.environ.get(RAY_ADDRESS_ENV)
+    return address if is_jobs_api_address(address) else None
+
+
+def _on_head(args, address: str, argv: list[str]) -> int:
+    """`orch ARGV` on the head: --state-dir (a path there) and --debug go along when given."""
+    given = getattr(args, "given_state_dir", args.state_dir)
+    head = [*(["--debug"] if args.debug else []), *argv, *(["--state-dir", given] if given else [])]
+    return run_on_head(address, head)
+
+
 def _controller(args, start: bool = False):
     """A client of the controller on the cluster `args` names (--address, RAY_ADDRESS, `orch up`'s);
     `start`: start the controller there if it is not running."""
@@ -315,25 +336,38 @@ def cmd_down(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    args.given_state_dir = args.state_dir
     args.state_dir = _state_dir(args)
     for job in args.after:
         _check_job_id(job)
-    raw, _, jobs = _compose(args, after=args.after)
-    from orchestrator.preflight import check_no_secrets  # (it reaches the storage backends: boto3)
+    if args.jobs_json:  # on the head, sent by `orch submit --address http://...`: composed there
+        job_dicts = decode_jobs(args.jobs_json)
+    else:
+        raw, _, jobs = _compose(args, after=args.after)
+        from orchestrator.preflight import check_no_secrets  # (it reaches the storage backends: boto3)
 
-    for job in jobs:
-        check_no_secrets(job)
-    if args.dry_run:
-        _print_dry_run(raw, jobs)
-        return 0
+        for job in jobs:
+            check_no_secrets(job)
+        if args.dry_run:
+            _print_dry_run(raw, jobs)
+            return 0
+        job_dicts = [to_dict(j) for j in jobs]
+        api = _jobs_api(args)
+        if api:
+            after = [w for job in args.after for w in ("--after", job)]
+            return _on_head(args, api, ["submit", "--jobs-json", encode_jobs(job_dicts), *after])
     with _controller(args, start=True) as client:
-        ids = client.submit([to_dict(j) for j in jobs], list(args.after))
+        ids = client.submit(job_dicts, list(args.after))
     for job_id in ids:
         print(job_id)
     return 0
 
 
 def cmd_logs(args) -> int:
+    _check_job_id(args.job)
+    api = _jobs_api(args)
+    if api:
+        return _on_head(args, api, ["logs", args.job, *(["--follow"] if args.follow else [])])
     with _job_controller(args, "read the logs of") as client:
         offset = 0
         while True:
@@ -346,6 +380,10 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
+    _check_job_id(args.job)
+    api = _jobs_api(args)
+    if api:
+        return _on_head(args, api, ["cancel", args.job, *(["--now"] if args.now else [])])
     with _job_controller(args, "cancel") as client:
         rec = client.cancel(args.job, args.now)
     if rec["state"] == "CANCELLED":
@@ -359,6 +397,10 @@ def cmd_cancel(args) -> int:
 def cmd_scale(args) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}; `orch cancel {args.job}` stops a job")
+    _check_job_id(args.job)
+    api = _jobs_api(args)
+    if api:
+        return _on_head(args, api, ["scale", args.job, "--workers", str(args.workers)])
     with _job_controller(args, "scale") as client:
         client.scale(args.job, args.workers)
     print(f"{args.job}: scaling to {args.workers} workers: checkpoint, then restart from it (`orch status {args.job}`)")
@@ -415,16 +457,21 @@ def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
     return parent
 
 
-ADDRESS = _option("--address", help="Ray cluster address (default: RAY_ADDRESS, else the cluster `orch up` started; "
-                                    "run and data prepare start an embedded local one instead)")
+ADDRESS = _option("--address", help="Ray cluster address: HOST:PORT of its GCS, or http://HEAD:8265 (the head's Ray "
+                                    "Jobs API: submit/status/logs/cancel/scale then run on the head as a Ray job) "
+                                    "(default: RAY_ADDRESS, else the cluster `orch up` started; run and data "
+                                    "prepare start an embedded local one instead)")
 STATE_DIR = _option("--state-dir", help=f"state folder: job records, the cluster `orch up` started "
                                         f"(default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
 ENDPOINT_URL = _option("--endpoint-url", help="S3 endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3)")
+CONFIG_DIR = _option("--config-dir", action="append", default=[], metavar="DIR",
+                     help="a folder of your own config groups (DIR/model/my_model.yaml -> model=my_model), searched "
+                          "after the built-in ones; repeatable (the same as hydra.searchpath=[file://DIR])")
 DRY_RUN_HELP = "print the resolved config and resources; start or submit nothing"
 
 
 def _add_run(sub) -> None:
-    run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR],
+    run = sub.add_parser("run", parents=[ADDRESS, STATE_DIR, CONFIG_DIR],
                          help="run the pipeline (pretrain -> fine-tune) on an embedded or given Ray cluster")
     run.add_argument("overrides", nargs="*",
                      help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
@@ -449,12 +496,14 @@ def _add_cluster_commands(sub) -> None:
 def _add_job_commands(sub) -> None:
     """submit, status, logs, cancel, scale: they talk to the controller (status reads the state folder without one)."""
     shared = [ADDRESS, STATE_DIR]
-    sb = sub.add_parser("submit", parents=shared, help="queue a pipeline's jobs on the controller (prints the job ids)")
+    sb = sub.add_parser("submit", parents=[*shared, CONFIG_DIR],
+                        help="queue a pipeline's jobs on the controller (prints the job ids)")
     sb.add_argument("overrides", nargs="*",
                     help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
                     help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
     sb.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    sb.add_argument("--jobs-json", help=argparse.SUPPRESS)  # resolved jobs, from `orch submit --address http://...`
     sb.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", parents=shared, help="list jobs and their states")
@@ -509,7 +558,7 @@ def _add_model_commands(sub) -> None:
 def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="dataset commands")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR],
+    prep = dsub.add_parser("prepare", parents=[ADDRESS, STATE_DIR, CONFIG_DIR],
                            help="tokenize a corpus (SRC: .txt/.jsonl files, local or s3://) into shards at DST")
     prep.add_argument("overrides", nargs="*", metavar="[SRC DST] OVERRIDES",
                       help="source and destination URIs, then Hydra overrides "

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,7 +139,9 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
 def _ray(*args: str) -> None:
     """`ray ARGS` for a cluster of this machine alone (orchestrator.local_ray: kept on loopback)."""
     # Ray clusters authenticate with a token (~/.ray/auth_token): every raylet and client uses it.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token"}
+    # The jobs the Jobs API runs there (`orch submit --address http://...`) find this `orch` first.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "token", "PATH": path}
     out = subprocess.run([*ray_command(), *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -149,6 +152,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _own_ray_temp_dir(port: int) -> str:
+    """The cluster's own folder inside Ray's (<RAY_TMPDIR, else TMPDIR, else /tmp>/ray, as Ray picks
+    it). Ray resolves "auto", the address it gives each job of the Jobs API (RAY_ADDRESS), through
+    <temp>/ray_current_cluster, which in a shared folder names the machine's latest cluster, not
+    necessarily this one. (Short: Ray's socket paths under it must stay under 107 bytes.)"""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray", f"orch-{port}")
 
 
 def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
@@ -165,15 +177,23 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     if _listening(f"127.0.0.1:{port}"):
         raise ClusterError(f"port {port} is in use (another Ray cluster?); pick another with --port")
     address = f"127.0.0.1:{port}"
+    temp_dir = _own_ray_temp_dir(port)
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
         _ray("get-auth-token", "--generate")
-    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
-    # The dashboard serves Ray's state API, which Ray Train uses to free a stopped job's placement group.
+    common = ["--disable-usage-stats", f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+              f"--temp-dir={temp_dir}"]
+    # The dashboard serves Ray's state API, which Ray Train uses to free a stopped job's placement
+    # group, and the Jobs API (`orch submit --address http://127.0.0.1:PORT`).
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    # Each node's dashboard agent (it runs the Jobs API's jobs) on a free port: Ray's fixed default
+    # (52365) is taken by the first cluster of the machine, and an agent that cannot bind serves no job.
     _ray("start", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *common)
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", *common)
     for i in range(1, nodes):
-        _ray("start", f"--address={address}", f"--resources={{\"orch-node-{i}\": 1}}", *common)
+        _ray("start", f"--address={address}", f"--resources={{\"orch-node-{i}\": 1}}",
+             f"--dashboard-agent-listen-port={_free_port()}", *common)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
     with connect_controller(address, state_dir) as client:
@@ -186,9 +206,9 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
         session = ray.get_runtime_context().get_session_name()
     # The session names every process of this cluster: `orch down` stops those, and only those.
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node,
-                                                   "session": session}))
+                                                   "session": session, "dashboard": dashboard}))
     say(f"cluster up at {address}: {nodes} node(s) x {cpus_per_node} CPU(s); controller pid {info['pid']}, "
-        f"state in {info['state_dir']}")
+        f"state in {info['state_dir']}; Jobs API {dashboard}")
     return address
 
 

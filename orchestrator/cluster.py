@@ -10,14 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.config.schema import ClusterConfig, RootConfig
-from orchestrator.constants import RAY_ADDRESS_ENV, RAY_SINGLE_MACHINE_ENV
+from orchestrator.constants import RAY_ADDRESS_ENV, RAY_JOB_CONFIG_ENV, RAY_SINGLE_MACHINE_ENV
 from orchestrator.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _code_runtime_env() -> dict:
-    """Ship this checkout's packages to a remote cluster's workers (no secrets: env vars stay on the nodes)."""
+def _code_runtime_env() -> dict | None:
+    """Ship this checkout's packages to a remote cluster's workers (no secrets: env vars stay on the
+    nodes). Not from a command the Jobs API runs on the cluster (`orch submit --address http://...`,
+    a RayJob): the orch installed there is the cluster's code."""
+    if os.environ.get(RAY_JOB_CONFIG_ENV):
+        return None
     import model  # (model/ loads torch: only when a remote cluster is used)
     import orchestrator
 
@@ -78,8 +82,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with one line, when nothing listens at a `host:port` address (Ray itself
     retries for a long time and prints its retries)."""
     if address.startswith(("http://", "https://")):
-        raise ConfigError(f"--address {address!r} is an HTTP address (a dashboard or Jobs API?); orch talks to the "
-                          f"cluster's GCS: give HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+        raise ConfigError(f"--address {address!r} is the head's Jobs API, which takes `orch submit/status/logs/"
+                          f"cancel/scale`; this command talks to the cluster's GCS: give HOST:PORT (e.g. 10.0.0.5:6379)"
+                          f", or submit the pipeline with `orch submit --address {address}`")
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -10,10 +10,12 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -26,25 +28,85 @@ from orchestrator.errors import ConfigError
 from orchestrator.storage import to_uri
 
 CONFIG_NAME = "config"
+CONF_MODULE = "orchestrator.conf"  # the built-in groups ship inside the package (a wheel, an image)
+SEARCHPATH_KEY = "hydra.searchpath"
 
 
 def conf_dir() -> Path:
-    """The `conf/` folder: $ORCH_CONF_DIR, else the one beside the installed package."""
+    """The built-in config folder: $ORCH_CONF_DIR, else the package's own (orchestrator/conf)."""
     env = os.environ.get(CONF_DIR_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
     if not (path / f"{CONFIG_NAME}.yaml").is_file():
-        raise ConfigError(f"config folder {path} has no {CONFIG_NAME}.yaml; "
-                          f"set {CONF_DIR_ENV} to the project's conf/ folder")
+        where = f"{CONF_DIR_ENV}={env}" if env else "the installed package"
+        raise ConfigError(f"config folder {path} ({where}) has no {CONFIG_NAME}.yaml; "
+                          f"unset {CONF_DIR_ENV}, or point it at a folder with the project's config.yaml")
     return path
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group (the YAML files in conf/<group>/)."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+@contextmanager
+def _hydra():
+    """Hydra initialised on the built-in groups: the package (pkg://orchestrator.conf), or
+    $ORCH_CONF_DIR. User folders come in through `hydra.searchpath` (see `with_config_dirs`)."""
+    GlobalHydra.instance().clear()
+    try:
+        if os.environ.get(CONF_DIR_ENV):
+            init = initialize_config_dir(config_dir=str(conf_dir().resolve()), version_base="1.3")
+        else:
+            conf_dir()  # a damaged installation fails in one line here
+            init = initialize_config_module(config_module=CONF_MODULE, version_base="1.3")
+        with init:
+            yield GlobalHydra.instance()
+    finally:
+        GlobalHydra.instance().clear()
 
 
-def _groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+def with_config_dirs(overrides: Sequence[str], config_dirs: Sequence[str]) -> list[str]:
+    """`overrides` with the user's config folders (`--config-dir`) added to `hydra.searchpath`, after
+    any entries the user gave there. Like Hydra's own `--config-dir`, a folder adds options to the
+    built-in groups (conf/model/my_model.yaml -> model=my_model); a built-in option of the same name wins."""
+    if not config_dirs:
+        return list(overrides)
+    entries: list[str] = []
+    for d in config_dirs:
+        path = Path(os.path.expanduser(d)).resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--config-dir {d}: no such folder; give a folder of config groups "
+                              f"(e.g. DIR/model/my_model.yaml, used as model=my_model)")
+        entries.append(f"file://{path}")
+    out, given = [], []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if sep and key.strip() == SEARCHPATH_KEY:
+            given = _searchpath_entries(value)
+        else:
+            out.append(ov)
+    return out + [f"{SEARCHPATH_KEY}=[{','.join(quote_value(e) for e in given + entries)}]"]
+
+
+def _searchpath_entries(value: str) -> list[str]:
+    parsed = OverridesParser.create().parse_override(f"{SEARCHPATH_KEY}={value}").value()
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise ConfigError(f"{SEARCHPATH_KEY}={value} must be a list of folders, e.g. "
+                          f"{SEARCHPATH_KEY}=[file:///home/me/orch-conf,pkg://my_package.conf]")
+    return list(parsed)
+
+
+def _check_searchpath_warnings(caught) -> None:
+    """Hydra only warns about a `hydra.searchpath` entry it cannot find (a typo): one line instead."""
+    for w in caught:
+        m = re.search(r"provider=hydra\.searchpath[^,]*, path=(.+) is not available", str(w.message))
+        if m:
+            raise ConfigError(f"{SEARCHPATH_KEY} entry {m.group(1)!r} is not available: no such folder or package; "
+                              f"fix the path (file:///ABSOLUTE/DIR or pkg://package.module)")
+
+
+def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The options of a config group: the built-in ones and those of the user's folders
+    (`hydra.searchpath` among `overrides`)."""
+    searchpath = [ov for ov in overrides if ov.partition("=")[0].strip() == SEARCHPATH_KEY]
+    with _hydra() as gh:
+        return sorted(set(gh.config_loader().get_group_options(group, config_name=CONFIG_NAME,
+                                                                overrides=searchpath)))
 
 
 def quote_value(value: str) -> str:
@@ -103,11 +165,13 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
     m = re.search(r"Could not find '([^']+)/([^']*)'", msg)
     if m:
         group, option = m.group(1).split("/")[-1], m.group(2)
-        if group in _groups():
-            return ConfigError(
-                f"unknown option {option!r} for config group '{group}'; "
-                f"valid choices: {', '.join(group_options(group))}"
-            )
+        try:
+            choices = group_options(group, overrides)
+        except Exception:  # noqa: BLE001 - a searchpath Hydra refuses: the generic line below names it
+            choices = []
+        if choices:
+            return ConfigError(f"unknown option {option!r} for config group '{group}'; "
+                               f"valid choices: {', '.join(choices)}")
     m = re.search(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
@@ -151,16 +215,15 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict:
     """Compose conf/ + overrides into a resolved plain dict (state_dir made absolute first)."""
 
     overrides = _check_override_syntax(overrides)
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        with _hydra(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+        _check_searchpath_warnings(caught)
     except ConfigError:
         raise
     except Exception as e:  # hydra raises several unrelated classes here
         raise _translate_hydra_error(e, overrides) from None
-    finally:
-        GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
     try:
         cfg.state_dir = os.path.abspath(os.path.expanduser(str(cfg.state_dir)))

@@ -89,7 +89,7 @@ class DeepSpeedConfig:
     """DeepSpeed ZeRO settings; the batch sizes come from the trainer and the worker count."""
 
     stage: Literal[1, 2, 3]  # ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 on GPUs that have it
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # conf/: the cluster's precision (bf16 on GPU clusters)
     offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO-Offload of optimizer states
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-Infinity parameter offload (stage 3)
     overlap_comm: bool = False  # overlap gradient reduction with backward
@@ -247,6 +247,9 @@ class ClusterConfig:
     accelerator: Literal["cpu", "cuda"] = "cpu"  # what DeepSpeed runs on
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # the precision DeepSpeed trains in here unless deepspeed.precision says otherwise (conf/deepspeed
+    # follows it): bf16 on GPU clusters, fp32 on CPUs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     peak_flops_per_device: Optional[float] = None  # peak FLOP/s for MFU (null: from the GPU's name; unknown on CPU)
     autoscaling: bool = False  # nodes join on demand: admit a job alone even if it does not fit yet

@@ -88,8 +88,9 @@ def test_run_against_an_address_where_nothing_listens_answers_in_seconds(orch, t
 @pytest.mark.reliability(category="cluster address", case="--address {address} ({command})", lost=NOTHING)
 @pytest.mark.parametrize("command, address, needles", [
     ("run", "host:notaport", ["'host:notaport'", "HOST:PORT"]),
-    ("run", "http://127.0.0.1:8265", ["HTTP address", "HOST:PORT", "ray://"]),
+    ("run", "http://127.0.0.1:8265", ["Jobs API", "HOST:PORT", "orch submit --address http://127.0.0.1:8265"]),
     ("status", "10.0.0.5", ["'10.0.0.5'", "HOST:PORT"]),
+    ("status", "http://127.0.0.1:1", ["cannot reach the Ray Jobs API at http://127.0.0.1:1", "port-forward"]),
 ])
 def test_address_that_is_not_a_ray_address(orch, tmp_path, command, address, needles):
     extra = ["model=gpt_tiny"] if command == "run" else []

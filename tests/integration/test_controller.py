@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import wandb_files
 
@@ -224,6 +225,43 @@ def test_bad_input_gets_one_line_and_exit_2(orch, cluster):
     out = orch("status", "--address", f"127.0.0.1:{port}", timeout=60)
     assert out.returncode == 2 and f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in out.stderr
     assert out.stderr.count("\n") == 1 and time.time() - t0 < 30
+
+
+def test_commands_through_the_jobs_api_from_a_laptop(orch, cluster, tmp_path):
+    """`orch submit/status/logs/cancel/scale --address http://HEAD:PORT`, as from a laptop: only the
+    head's dashboard (the Ray Jobs API) is given, each command runs on the head as a Ray job, and the
+    laptop's own config folder, which the head never sees, is composed here at submit."""
+    dashboard = json.loads((cluster["state"] / "cluster.json").read_text())["dashboard"]
+    conf = tmp_path / "my-conf" / "model"
+    conf.mkdir(parents=True)
+    tiny = yaml.safe_load((Path(__file__).resolve().parents[2] / "orchestrator/conf/model/gpt_tiny.yaml").read_text())
+    (conf / "laptop_tiny.yaml").write_text(yaml.safe_dump({**tiny, "name": "laptop_tiny"}))
+
+    def remote(*args):
+        return orch(*args, "--address", dashboard, cwd=tmp_path, timeout=180)
+
+    sub = remote("submit", "--config-dir", str(tmp_path / "my-conf"), "model=laptop_tiny", "pipeline=pretrain",
+                 "trainer.max_steps=100000", "data.num_documents=200", "tracking=none")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    (job,) = sub.stdout.split()  # the job id alone: Ray's own lines are not passed on
+    cancel = remote("cancel", job, "--now")
+    assert cancel.returncode == 0 and f"{job}: CANCELLED" in cancel.stdout, cancel.stdout + cancel.stderr
+    # on the head, in the controller's state folder (not the laptop's), composed with the laptop's model
+    from orchestrator.jobs.store import JobStore
+
+    assert JobStore(cluster["state"]).get(job).config["model"]["name"] == "laptop_tiny"
+    assert not (tmp_path / ".orch" / "jobs.db").exists()
+
+    status = remote("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [r["state"] for r in json.loads(status.stdout) if r["id"] == job] == ["CANCELLED"]
+    logs = remote("logs", job)
+    assert logs.returncode == 0 and f"{job}: submitted" in logs.stdout, logs.stdout + logs.stderr
+    # the head's errors come back as the same one line on stderr, with the same exit code
+    for result, needle in ((remote("scale", job, "--workers", "1"), "only a RUNNING job"),
+                           (remote("status", "p0000000-nope"), "p0000000-nope")):
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stdout + result.stderr
 
 
 def test_elastic_job_grows_then_survives_a_head_restart(orch, cluster):

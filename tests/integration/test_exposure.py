@@ -222,7 +222,7 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
     assert alive == [], f"still running after `orch down`: {[(p.pid, p.name()) for p in alive]}"
 
     hits, files = find_in_tree(root, secrets)
-    assert files > 20 and list(dirs["ray"].glob("ray/session_*/logs/*"))
+    assert files > 20 and list(dirs["ray"].glob("ray/orch-*/session_*/logs/*"))  # `orch up`'s own folder in Ray's
     bucket_hits, _ = _bucket_hits(s3_server, bucket, secrets)
     assert hits + bucket_hits + _output_hits(outputs, secrets) == []
 

@@ -12,12 +12,19 @@ import pytest
 import yaml
 
 from orchestrator.config import schema
-from orchestrator.config.compose import compose_root, conf_dir, group_options, job_config_from_dict, resolve_jobs
+from orchestrator.config.compose import (
+    compose_root,
+    conf_dir,
+    group_options,
+    job_config_from_dict,
+    resolve_jobs,
+    with_config_dirs,
+)
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
 from orchestrator.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "orchestrator" / "conf"
 # The reliability recorder's fields (tests/reliability.py) for the bad inputs checked here
 IN_PROCESS = dict(category="config (in-process)", lost="nothing",
                   happened="one ConfigError line naming the key, the value and the fix (compose, in-process)")
@@ -69,7 +76,10 @@ def _scalars(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------ every option
 def test_conf_folder_is_the_real_one():
-    assert conf_dir() == CONF
+    """The built-in groups are the package's own (they ship in the wheel: tests/integration/test_wheel.py)."""
+    import orchestrator.conf
+
+    assert conf_dir() == CONF == Path(orchestrator.conf.__file__).parent
     assert len(_group_options()) >= 20
     assert group_options("model") == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
@@ -208,6 +218,54 @@ def test_unknown_group_option_lists_the_choices():
     assert "'nope'" in msg and "model" in msg
     for option in ("gpt_tiny", "gpt_small", "gpt2_124m"):
         assert option in msg
+
+
+# ------------------------------------------------------------------------------ the user's config folders
+@pytest.fixture
+def user_conf(tmp_path):
+    """A user's config folder: a model option of their own, and a cluster option."""
+    d = tmp_path / "my-conf"
+    (d / "model").mkdir(parents=True)
+    tiny = yaml.safe_load((CONF / "model" / "gpt_tiny.yaml").read_text())
+    (d / "model" / "my_model.yaml").write_text(yaml.safe_dump({**tiny, "name": "my_model", "n_layer": 3}))
+    (d / "cluster").mkdir()
+    (d / "cluster" / "my_cluster.yaml").write_text((CONF / "cluster" / "local.yaml").read_text()
+                                                   .replace("name: local", "name: my_cluster"))
+    return d
+
+
+def test_config_dir_adds_the_users_options(user_conf):
+    root, _ = compose(*with_config_dirs(["model=my_model", "cluster=my_cluster"], [str(user_conf)]))
+    assert (root.model.name, root.model.n_layer, root.cluster.name) == ("my_model", 3, "my_cluster")
+    assert root.deepspeed.stage == 2  # the built-in groups are still there
+
+
+def test_hydra_searchpath_override_adds_the_users_options(user_conf):
+    root, _ = compose(f"hydra.searchpath=[file://{user_conf}]", "model=my_model")
+    assert root.model.name == "my_model"
+    # --config-dir adds to the user's own hydra.searchpath instead of replacing it
+    merged = with_config_dirs([f"hydra.searchpath=[file://{user_conf}]"], [str(user_conf / "model")])
+    assert merged == [f"hydra.searchpath=['file://{user_conf}','file://{user_conf / 'model'}']"]
+
+
+@pytest.mark.reliability(case="unknown group option with a --config-dir", **IN_PROCESS)
+def test_unknown_option_lists_the_users_options_too(user_conf):
+    msg = config_error(*with_config_dirs(["model=nope"], [str(user_conf)]))
+    assert "'nope'" in msg and "gpt_tiny" in msg and "my_model" in msg
+    assert "my_cluster" in config_error(f"hydra.searchpath=[file://{user_conf}]", "cluster=nope")
+    assert {"aws", "gpu", "local"} <= set(group_options("cluster")) and "my_cluster" not in group_options("cluster")
+
+
+@pytest.mark.reliability(case="--config-dir that does not exist", **IN_PROCESS)
+def test_missing_config_dir_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--config-dir .*nope: no such folder"):
+        with_config_dirs(["model=gpt_tiny"], [str(tmp_path / "nope")])
+
+
+@pytest.mark.reliability(case="hydra.searchpath entry that does not exist", **IN_PROCESS)
+def test_missing_searchpath_entry_is_one_line(tmp_path):
+    msg = config_error(f"hydra.searchpath=[file://{tmp_path}/nope]", "model=gpt_tiny")
+    assert msg.startswith("hydra.searchpath entry") and f"{tmp_path}/nope" in msg and "no such folder" in msg
 
 
 @pytest.mark.reliability(case="unknown key `{override}`", **IN_PROCESS)
@@ -365,3 +423,22 @@ def test_job_name_that_is_not_a_plain_name(name):
 def test_non_ascii_values_are_quoted_for_hydra():
     root, _ = compose("data.uri=file:///tmp/ü/données", "state_dir=/tmp/état")
     assert root.data.uri == "file:///tmp/ü/données" and root.state_dir == "/tmp/état"
+
+
+# ------------------------------------------------------------------------------ GPU clusters
+@pytest.mark.parametrize("cluster", ["gpu", "aws"])
+@pytest.mark.parametrize("ds", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_gpu_clusters_default_to_bf16_nccl_one_worker_per_gpu(cluster, ds):
+    root, jobs = compose(f"cluster={cluster}", f"deepspeed={ds}")
+    for job in jobs.values():
+        assert job.deepspeed.precision == "bf16"
+        assert (job.cluster.backend, job.cluster.accelerator, job.cluster.gpus_per_worker) == ("nccl", "cuda", 1)
+        assert job.resources_per_worker()["GPU"] == 1
+    assert root.cluster.autoscaling is (cluster == "aws")
+
+
+def test_cpu_cluster_stays_fp32_and_an_explicit_precision_wins():
+    root, _ = compose()
+    assert (root.cluster.name, root.deepspeed.precision, root.cluster.backend) == ("local", "fp32", "gloo")
+    root, _ = compose("cluster=aws", "deepspeed.precision=fp16")
+    assert root.deepspeed.precision == "fp16"

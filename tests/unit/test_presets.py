@@ -8,7 +8,7 @@ import yaml
 
 from model import GPT, GPTConfig, count_parameters, flops_per_token, gpt_to_hf_config, hf_config_to_gpt
 
-PRESETS = sorted((Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "orchestrator" / "conf" / "model").glob("*.yaml"))
 
 # Parameter counts (tied head once, position embeddings included) each named preset must land in.
 BALLPARK = {

@@ -115,3 +115,25 @@ def test_init_scales_the_residual_projections():
     assert model.model.layers[3].self_attn.o_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
     assert model.model.layers[3].mlp.down_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
     assert torch.equal(model.model.norm.weight, torch.ones(256))
+
+
+def test_the_job_config_picks_the_family_class_and_compares_architectures():
+    from model import GPTConfig, ModelConfig
+    from orchestrator.config.typed import build
+    from orchestrator.errors import ConfigError
+
+    llama = build(ModelConfig, {"family": "llama", "name": "x", **TINY}, "model")
+    assert type(llama) is LlamaConfig and llama.n_kv_head == 2
+    # A record or checkpoint written before families existed has no `family`: it is a GPT.
+    old = build(ModelConfig, {"name": "gpt_tiny", "vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2,
+                              "n_embd": 64, "bias": True}, "model")
+    assert type(old) is GPTConfig
+    with pytest.raises(ConfigError, match="model.family='mamba' is not a model family: use one of gpt, llama"):
+        build(ModelConfig, {"family": "mamba"}, "model")
+    with pytest.raises(ConfigError, match="unknown config key 'model.bias'"):
+        build(ModelConfig, {"family": "llama", "bias": True}, "model")
+    # No Llama weight depends on block_size (rotary positions): a folder fits whatever length a job trains at.
+    assert llama.architecture() == LlamaConfig(**{**TINY, "block_size": 4096}).architecture()
+    assert llama.architecture() != LlamaConfig(**{**TINY, "n_kv_head": 4}).architecture()
+    assert old.architecture() != GPTConfig(**{**old.architecture(), "block_size": 128}).architecture()
+    assert "dropout" not in llama.architecture() and llama.architecture()["family"] == "llama"

@@ -33,13 +33,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class KVCache:
     """Keys and values of the positions seen so far, for incremental decoding (inference only).
 
-    Allocated once for block_size positions; `model(idx, kv_cache=cache)` writes the new positions
+    Allocated once for up to block_size positions; `model(idx, kv_cache=cache)` writes the new positions
     at [length, length + T) in every layer, attends over [0, length + T), and advances `length` by T.
     The cache is not a module: it holds no parameters and is never trained.
     """
 
-    k: list[torch.Tensor] = field(repr=False)  # per layer (B, nkv, block_size, hs)
-    v: list[torch.Tensor] = field(repr=False)  # per layer (B, nkv, block_size, hs)
+    k: list[torch.Tensor] = field(repr=False)  # per layer (B, nkv, capacity, hs)
+    v: list[torch.Tensor] = field(repr=False)  # per layer (B, nkv, capacity, hs)
     length: int = 0  # positions filled so far; the next token's position
 
     @classmethod
@@ -49,13 +49,15 @@ class KVCache:
         batch_size: int,
         *,
         kv_heads: int | None = None,
+        capacity: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
-        """An empty cache for `batch_size` sequences of up to config.block_size tokens, holding
-        `kv_heads` heads per layer (default config.n_head)."""
+        """An empty cache for `batch_size` sequences of up to `capacity` tokens (default and at most
+        config.block_size), holding `kv_heads` heads per layer (default config.n_head)."""
         heads = kv_heads or config.n_head
-        shape = (batch_size, heads, config.block_size, config.n_embd // config.n_head)  # (B, nkv, block_size, hs)
+        positions = min(capacity or config.block_size, config.block_size)
+        shape = (batch_size, heads, positions, config.n_embd // config.n_head)  # (B, nkv, capacity, hs)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
@@ -67,7 +69,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Positions the cache can hold (the model's block_size)."""
+        """Positions the cache can hold (at most the model's block_size)."""
         return self.k[0].size(2)
 
     def reset(self) -> None:
@@ -78,15 +80,15 @@ class KVCache:
 def check_positions(T: int, B: int, block_size: int, kv_cache: KVCache | None) -> int:
     """The position of the first of T new tokens; ValueError if they do not fit block_size or the cache."""
     start = 0 if kv_cache is None else kv_cache.length
-    if start + T > block_size:
-        if kv_cache is None:
-            raise ValueError(
-                f"sequence length {T} exceeds block_size={block_size}: "
-                f"shorten the sequences or set model.block_size >= {T}"
-            )
+    if kv_cache is None and T > block_size:
         raise ValueError(
-            f"KV cache holds {start} positions and {T} more exceed block_size={block_size}: "
-            f"reset the cache (kv_cache.reset()) and refeed at most block_size tokens"
+            f"sequence length {T} exceeds block_size={block_size}: "
+            f"shorten the sequences or set model.block_size >= {T}"
+        )
+    if kv_cache is not None and start + T > min(kv_cache.capacity, block_size):
+        raise ValueError(
+            f"KV cache holds {start} positions and {T} more exceed its capacity {kv_cache.capacity} "
+            f"(block_size={block_size}): reset the cache (kv_cache.reset()) and refeed at most that many tokens"
         )
     if kv_cache is not None and kv_cache.batch_size != B:
         raise ValueError(f"KV cache batch size {kv_cache.batch_size} != input batch size {B}: allocate a new cache")

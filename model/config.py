@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 # Fields that describe how a model is trained or labelled, not the weights it has: a checkpoint or
 # an HF folder fits a job whatever their values.
@@ -94,8 +94,17 @@ class LlamaConfig(ModelConfig):
     rope_theta: float = 10000.0  # base of the rotary frequencies
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # lm_head shares the token embedding matrix (Llama 3.2 1B/3B do)
+    # Rotary frequency rescaling: "default" none; "llama3" Llama 3.1+'s (the low frequencies slowed by
+    # rope_factor, the high ones kept, a smooth blend between), with the four settings below.
+    rope_type: Literal["default", "llama3"] = "default"
+    rope_factor: float = 8.0  # llama3: how many times rope_original_context the model reads
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_context / this are slowed
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_context / this are kept
+    rope_original_context: int = 8192  # llama3: the context length pretrained before rescaling
 
     _free: ClassVar[tuple[str, ...]] = ("block_size",)
+    _LLAMA3: ClassVar[tuple[str, ...]] = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                                          "rope_original_context")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,6 +118,16 @@ class LlamaConfig(ModelConfig):
         if self.head_size % 2:
             raise ValueError(f"head size n_embd/n_head={self.head_size} is odd: rotary embeddings rotate pairs; "
                              f"choose model.n_head so that n_embd/n_head is even")
-        for name in ("rope_theta", "norm_eps"):
+        for name in ("rope_theta", "norm_eps", *self._LLAMA3):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0: set model.{name}")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                             f"rope_low_freq_factor={self.rope_low_freq_factor}: set model.rope_high_freq_factor")
+
+    def architecture(self) -> dict[str, Any]:
+        arch = super().architecture()
+        if self.rope_type == "default":  # the llama3 settings mean nothing then
+            for name in self._LLAMA3:
+                del arch[name]
+        return arch

@@ -120,10 +120,10 @@ class GPT(nn.Module):
         # parameters() already de-duplicates shared Parameters.
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch_size: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """An empty KVCache for this model, on its device and in its dtype."""
         w = self.transformer.wte.weight
-        return KVCache.allocate(self.config, batch_size, device=w.device, dtype=w.dtype)
+        return KVCache.allocate(self.config, batch_size, capacity=capacity, device=w.device, dtype=w.dtype)
 
     def forward(
         self,

@@ -21,6 +21,10 @@ _LM_HEAD = "lm_head.weight"
 # Non-parameter buffers older transformers versions keep in the state dict.
 _HF_BUFFERS = ("rotary_emb.inv_freq",)
 
+# Our llama3 RoPE settings and HF's names for them.
+_LLAMA3 = {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+           "rope_high_freq_factor": "high_freq_factor", "rope_original_context": "original_max_position_embeddings"}
+
 # transformers.LlamaConfig's defaults, for keys a config.json may leave out.
 _LLAMA_DEFAULTS: dict[str, Any] = {
     "vocab_size": 32000,
@@ -46,6 +50,9 @@ def to_hf_config(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int) -> d
     for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
         if not 0 <= value < cfg.vocab_size:
             raise ValueError(f"{name}={value} is outside the vocabulary [0, {cfg.vocab_size}): pass the tokenizer's id")
+    scaling: dict[str, Any] = {"rope_type": cfg.rope_type}
+    if cfg.rope_type == "llama3":
+        scaling.update({theirs: getattr(cfg, ours) for ours, theirs in _LLAMA3.items()})
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -60,7 +67,8 @@ def to_hf_config(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int) -> d
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5
+        "rope_scaling": None if cfg.rope_type == "default" else scaling,  # transformers 4
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **scaling},  # transformers 5
         "attention_bias": False,
         "attention_dropout": cfg.dropout,
         "mlp_bias": False,
@@ -72,16 +80,24 @@ def to_hf_config(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int) -> d
     }
 
 
-def _rope(h: dict[str, Any]) -> float:
-    """rope_theta of an HF config; ValueError for scaled RoPE variants (llama3, linear, yarn, ...)."""
-    params = h.get("rope_parameters") or {}
-    scaling = h.get("rope_scaling") or {}
-    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"Hugging Face {where} rope_type={kind!r} is not supported: orch Llama models use "
-                             f"unscaled rotary embeddings (rope_type 'default')")
-    return float(params.get("rope_theta", h["rope_theta"]))
+def _rope(h: dict[str, Any]) -> dict[str, Any]:
+    """Our rope_* settings from an HF config (transformers 5's rope_parameters, or 4's rope_theta and
+    rope_scaling); ValueError for a RoPE variant orch does not have (linear, dynamic, yarn, ...)."""
+    p = {**(h.get("rope_scaling") or {}), **(h.get("rope_parameters") or {})}
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"Hugging Face rope_type={kind!r} is not supported: orch Llama models have rotary "
+                         f"embeddings of rope_type 'default' and 'llama3'")
+    out = {"rope_type": kind, "rope_theta": float(p.get("rope_theta", h["rope_theta"]))}
+    if kind == "llama3":
+        missing = [theirs for theirs in _LLAMA3.values() if theirs not in p]
+        if missing:
+            raise ValueError(f"Hugging Face rope_type 'llama3' without {', '.join(missing)}: the config.json is "
+                             f"incomplete")
+        out.update(rope_factor=float(p["factor"]), rope_low_freq_factor=float(p["low_freq_factor"]),
+                   rope_high_freq_factor=float(p["high_freq_factor"]),
+                   rope_original_context=int(p["original_max_position_embeddings"]))
+    return out
 
 
 def from_hf_config(hf: dict[str, Any]) -> LlamaConfig:
@@ -109,7 +125,7 @@ def from_hf_config(hf: dict[str, Any]) -> LlamaConfig:
         n_kv_head=h["num_key_value_heads"] or n_head,
         n_embd=h["hidden_size"],
         intermediate_size=h["intermediate_size"],
-        rope_theta=_rope(h),
+        **_rope(h),
         norm_eps=float(h["rms_norm_eps"]),
         tie_word_embeddings=bool(h["tie_word_embeddings"]),
         dropout=float(h["attention_dropout"]),

@@ -45,12 +45,30 @@ def rotary(config: LlamaConfig, start: int, T: int, device: torch.device, dtype:
     Frequency i of a head rotates the pair (i, i + hs/2) by position * theta^(-2i/hs). Computed per
     call (hs/2 frequencies): no buffer, so nothing for ZeRO-3 to partition or a checkpoint to hold.
     """
-    hs = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=device).float() / hs))
+    inv_freq = _inv_freq(config, device)  # (hs/2,)
     pos = torch.arange(start, start + T, device=device).float()  # (T,)
     freqs = torch.outer(pos, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _inv_freq(config: LlamaConfig, device: torch.device) -> torch.Tensor:
+    """theta^(-2i/hs) for i < hs/2; rescaled as Llama 3.1 does under rope_type llama3 (as HF's
+    _compute_llama3_parameters, operation for operation, so the floats agree)."""
+    hs = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=device).float() / hs))
+    if config.rope_type == "default":
+        return inv_freq
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_context = config.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are slowed by `factor`; short ones are kept as they are.
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    # In between, blend the two smoothly.
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +159,11 @@ class Llama(nn.Module):
         """Unique parameters (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch_size: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """An empty KVCache (n_kv_head heads per layer) on this model's device, in its dtype."""
         w = self.model.embed_tokens.weight
-        return KVCache.allocate(self.config, batch_size, kv_heads=self.config.n_kv_head, device=w.device,
-                                dtype=w.dtype)
+        return KVCache.allocate(self.config, batch_size, kv_heads=self.config.n_kv_head, capacity=capacity,
+                                device=w.device, dtype=w.dtype)
 
     def forward(
         self,

@@ -8,7 +8,7 @@ module and HF adapter are imported the first time one of their functions is call
 
 What a family's module provides (model/gpt.py, model/llama.py):
     MODEL                          the nn.Module class, built as MODEL(config); forward(idx, targets=None,
-                                   kv_cache=None) -> (logits, loss); new_kv_cache(batch); activation
+                                   kv_cache=None) -> (logits, loss); new_kv_cache(batch, capacity); activation
                                    checkpointing when config.activation_checkpointing
     count_parameters(config)       exact unique parameters, by formula
     flops_per_token(config, T)     training FLOPs per token (6N + attention)

@@ -1,4 +1,4 @@
-"""Sampling from any decoder family: a model with `config.block_size`, `new_kv_cache(batch)` and
+"""Sampling from any decoder family: a model with `config.block_size`, `new_kv_cache(batch, capacity)` and
 `forward(idx, kv_cache=None) -> (logits, loss)` (GPT, Llama). Single device, no I/O."""
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_kv_cache(idx.size(0)) if use_cache and max_new_tokens > 0 else None
+        # Room for what this call can reach, not block_size (a Llama 3.2 folder says 131072 positions).
+        capacity = min(block_size, min(idx.size(1), block_size) + max_new_tokens)
+        cache = model.new_kv_cache(idx.size(0), capacity) if use_cache and max_new_tokens > 0 else None
         for step in range(max_new_tokens):
             if cache is not None and step == 0:
                 logits, _ = model(idx[:, -block_size:], kv_cache=cache)  # prefill: (B, <=block_size, V)
-            elif cache is not None and cache.length < block_size:
+            elif cache is not None and cache.length < cache.capacity:
                 logits, _ = model(idx[:, -1:], kv_cache=cache)  # decode: (B, 1, V)
             else:
                 # No cache, or the window is full: rerun the most recent block_size tokens.

@@ -53,9 +53,16 @@ def max_diff(ours, hf, idx) -> float:
         return (ours(idx)[0] - hf(input_ids=idx).logits).abs().max().item()
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_exported_folder_loads_as_llama_for_causal_lm_with_equal_logits(tmp_path, tie):
-    cfg = dataclasses.replace(CFG, tie_word_embeddings=tie)
+# Llama 3.1+'s rescaled RoPE, at a scale where the tiny model's 4 frequencies are slowed, blended and kept.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_factor=4.0, rope_high_freq_factor=32.0, rope_original_context=256)
+VARIANTS = {"untied": {}, "tied": dict(tie_word_embeddings=True),
+            "llama3-rope-tied": dict(tie_word_embeddings=True, **LLAMA3_ROPE)}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exported_folder_loads_as_llama_for_causal_lm_with_equal_logits(tmp_path, variant):
+    cfg = dataclasses.replace(CFG, **VARIANTS[variant])
+    tie = cfg.tie_word_embeddings
     model = random_llama(cfg)
     hf_cfg = LLAMA.to_hf_config(cfg, bos_token_id=BOS, eos_token_id=EOS)
     hf_sd = LLAMA.to_hf_state_dict(model.state_dict(), cfg)
@@ -84,10 +91,13 @@ def test_exported_folder_loads_as_llama_for_causal_lm_with_equal_logits(tmp_path
         torch.testing.assert_close(back(idx)[0], model(idx)[0], rtol=0, atol=0)
 
 
-def test_import_from_random_hf_model_gives_equal_logits_and_generation():
-    hf = random_hf()
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_import_from_random_hf_model_gives_equal_logits_and_generation(rope):
+    llama3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 32.0, "original_max_position_embeddings": 256}}
+    hf = random_hf(**(llama3 if rope == "llama3" else {}))
     cfg = LLAMA.from_hf_config(hf.config.to_dict())
-    assert cfg == CFG
+    assert cfg == (CFG if rope == "default" else dataclasses.replace(CFG, **LLAMA3_ROPE))
     model = Llama(cfg).eval()
     model.load_state_dict(LLAMA.from_hf_state_dict(hf.state_dict(), cfg), strict=True)
     idx = tokens()
@@ -134,8 +144,10 @@ def hf_dict(**overrides) -> dict:
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), ["rope_type", "'llama3'"]),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), ["rope_scaling", "'linear'"]),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}), ["rope_type", "'yarn'"]),
+        (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), ["rope_type", "'linear'"]),
+        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+         ["'llama3'", "low_freq_factor", "original_max_position_embeddings"]),
         (dict(hidden_act="gelu"), ["hidden_act", "'gelu'", "silu"]),
         (dict(attention_bias=True), ["attention_bias"]),
         (dict(mlp_bias=True), ["mlp_bias"]),

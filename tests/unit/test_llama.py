@@ -79,6 +79,21 @@ def test_rotary_attention_depends_on_relative_positions_only():
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
+def test_llama3_rope_keeps_high_frequencies_slows_low_ones_and_blends_between():
+    from model.llama import _inv_freq
+
+    # Head size 8, theta 5e5: wavelengths 2*pi/inv_freq of about 6, 167, 4443 and 118k positions.
+    base = LlamaConfig(**TINY, rope_theta=500000.0)
+    scaled = LlamaConfig(**TINY, rope_theta=500000.0, rope_type="llama3", rope_factor=4.0,
+                         rope_high_freq_factor=32.0, rope_original_context=256)  # kept below 8, slowed above 256
+    a, b = _inv_freq(base, torch.device("cpu")), _inv_freq(scaled, torch.device("cpu"))
+    assert b[0] == a[0]
+    assert a[1] / 4 < b[1] < a[1]
+    torch.testing.assert_close(b[2:], a[2:] / 4)
+    # The llama3 settings are part of the architecture only under rope_type llama3.
+    assert "rope_factor" not in base.architecture() and scaled.architecture()["rope_factor"] == 4.0
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_parameter_and_flops_formulas_by_hand(tie):
     cfg = LlamaConfig(**TINY, tie_word_embeddings=tie)

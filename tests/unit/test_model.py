@@ -387,3 +387,22 @@ def test_generate_uses_the_cache_until_the_window_is_full(family):
     generate(model, torch.zeros(1, 5, dtype=torch.long), max_new_tokens=14, temperature=0)
     # Prefill 5, decode one at a time until 16 positions are cached, then recompute the window.
     assert calls == [(5, True)] + [(1, True)] * 11 + [(16, False)] * 2
+
+
+@every_family
+def test_generate_allocates_only_the_positions_it_can_reach(family):
+    # An imported model may promise 131072 positions; a short generation must not allocate them all.
+    model = tiny_model(family).eval()
+    made = []
+    allocate = model.new_kv_cache
+    model.new_kv_cache = lambda batch, capacity=None: made.append(capacity) or allocate(batch, capacity)
+    prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(3))
+    out = generate(model, prompt, max_new_tokens=4, temperature=0)
+    assert made == [7]
+    assert torch.equal(out, greedy_by_hand(model, prompt, 4))
+    cache = allocate(2, 7)
+    assert cache.capacity == 7 and allocate(2, 1000).capacity == 16  # never more than block_size
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        with pytest.raises(ValueError, match="capacity 7"):
+            model(torch.zeros(2, 5, dtype=torch.long), kv_cache=cache)

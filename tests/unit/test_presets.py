@@ -27,6 +27,7 @@ BALLPARK = {
 KNOWN = {
     "llama_1b": 1_100_048_384,  # TinyLlama-1.1B
     "llama3_8b": 8_030_261_248,  # Meta-Llama-3-8B
+    "llama3_2_1b": 1_235_814_400,  # Llama-3.2-1B (tied head)
 }
 
 
@@ -40,7 +41,7 @@ def load(path: Path) -> ModelConfig:
 def test_presets_found():
     names = {p.stem for p in PRESETS}
     assert {"gpt_tiny", "gpt_small", "gpt2_124m", "gpt2_350m", "gpt_1_3b", "gpt_7b"} <= names
-    assert {"llama_tiny", "llama_1b", "llama3_8b"} <= names
+    assert {"llama_tiny", "llama_1b", "llama3_2_1b", "llama3_8b"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)

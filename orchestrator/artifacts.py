@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ModelConfig
+from model.registry import FAMILIES, family_for_hf, family_of  # (torch-free: a family's code loads on use)
 from orchestrator.checkpoint.export import consolidate_fp32, load_exported_weights
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint, latest_committed, step_of
 from orchestrator.config.typed import build
@@ -116,8 +117,6 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 def _hf_model_config(store: ObjectStore, folder: str, name: str = "hf") -> ModelConfig:
     """The model config of a Hugging Face folder's config.json (its family by model_type);
     CheckpointError naming the file otherwise."""
-    from model.registry import FAMILIES, family_for_hf
-
     uri = join_uri(folder, HF_CONFIG)
     try:
         text = store.get(uri)
@@ -146,8 +145,6 @@ def load(source: ModelSource) -> ModelArtifact:
             return ModelArtifact(model, dict(state),
                                  _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
         if source.kind == "export":
-            from model.registry import family_of
-
             model = _model_config(source.store, source.uri)
             state = load_exported_weights(source.store, source.uri, tmp, family_of(model).tied_weights(model))
             return ModelArtifact(model, state, _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
@@ -157,8 +154,6 @@ def load(source: ModelSource) -> ModelArtifact:
 def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> ModelArtifact:
     """A Hugging Face folder (config.json + model.safetensors) of a family orch has, as our weights."""
     from safetensors.torch import load_file  # (torch: only with weights)
-
-    from model.registry import family_of
 
     config = _hf_model_config(store, folder, name)
     weights = tmp / HF_WEIGHTS
@@ -182,8 +177,6 @@ def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> Mod
 
 def build_model(artifact: ModelArtifact):
     """An eval-mode model of the artifact's family holding its weights."""
-    from model.registry import family_of  # (model/ loads torch: only with weights)
-
     model = family_of(artifact.model).build(artifact.model)
     model.load_state_dict(artifact.state_dict)
     return model.eval()
@@ -194,8 +187,6 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
     with the tokenizer as a `PreTrainedTokenizerFast`. The folder must be new, empty or an earlier
     `orch export` (its marker file), unless `overwrite`; the files are written beside it first and
     moved in at the end, so a failure leaves nothing half-written."""
-    from model.registry import family_of
-
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file; give a folder path")
@@ -218,8 +209,6 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
 
 def hf_architecture(artifact: ModelArtifact) -> str:
     """The transformers class an export of the artifact loads as (e.g. LlamaForCausalLM)."""
-    from model.registry import family_of
-
     return family_of(artifact.model).hf_architecture
 
 
@@ -232,7 +221,6 @@ def _eot_id(tokenizer_json: str | None) -> int:
 def _write_hf_files(artifact: ModelArtifact, hf_config: dict, eot: int, out: Path) -> None:
     from safetensors.torch import save_file  # (torch: only with weights)
 
-    from model.registry import family_of
     from model.tokenizer import EOT_TOKEN
 
     tensors = family_of(artifact.model).to_hf_state_dict(artifact.state_dict, artifact.model)

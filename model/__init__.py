@@ -1,4 +1,5 @@
-"""A GPT decoder family: single-device model code, no I/O and no distributed code.
+"""Decoder families (GPT, Llama) behind one registry (`model.registry`): single-device model code,
+no I/O and no distributed code.
 
 The names below are imported on first use (PEP 562), so code that needs only the tokenizer
 (`orch data prepare`, which fails in a second on a bad corpus) does not wait for torch.
@@ -10,12 +11,19 @@ import importlib
 
 _WHERE = {
     "GPT": "model.gpt",
-    "IGNORE_INDEX": "model.gpt",
-    "GPTConfig": "model.gpt",
-    "KVCache": "model.gpt",
+    "IGNORE_INDEX": "model.common",
+    "GPTConfig": "model.config",
+    "LlamaConfig": "model.config",
+    "ModelConfig": "model.config",
+    "KVCache": "model.common",
+    "Llama": "model.llama",
     "count_parameters": "model.gpt",
     "flops_per_token": "model.gpt",
-    "generate": "model.gpt",
+    "generate": "model.sampling",
+    "FAMILIES": "model.registry",
+    "family_for_hf": "model.registry",
+    "family_of": "model.registry",
+    "get_family": "model.registry",
     "gpt_to_hf_config": "model.hf",
     "gpt_to_hf_state_dict": "model.hf",
     "hf_config_to_gpt": "model.hf",

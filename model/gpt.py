@@ -9,89 +9,20 @@ Parallelism (DeepSpeed ZeRO) is applied to this module from outside, by the trai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Targets equal to this are left out of the loss (the default of F.cross_entropy). Fine-tuning
-# masks the prompt this way; padding with EOT is masked the same way.
-IGNORE_INDEX = -100
+from model.common import IGNORE_INDEX, KVCache, causal_attention, check_positions, next_token_loss
+from model.config import GPTConfig
+from model.sampling import generate
+
+__all__ = ["GPT", "GPTConfig", "IGNORE_INDEX", "KVCache", "count_parameters", "flops_per_token", "generate",
+           "tied_weights"]
 
 # Normal(0, INIT_STD) for every Linear/Embedding weight, as GPT-2 does.
 INIT_STD = 0.02
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304  # tokens in the vocabulary; GPT-2's 50257 padded up to a multiple of 64 for fast matmuls
-    block_size: int = 1024  # max sequence length: the number of learned position embeddings
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block; must divide n_embd
-    n_embd: int = 768  # width of the residual stream
-    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches; 0 for pretraining
-    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 (HF export needs True)
-    activation_checkpointing: bool = False  # recompute each block in backward (saves memory, costs ~1/3 more compute)
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            # bool is an int subclass; True as a size is always a config mistake.
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name}={value!r} is invalid: set model.{name} to a positive integer")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                f"set model.n_head to a divisor of n_embd (head size = n_embd / n_head)"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout={self.dropout!r} is out of range: set model.dropout in [0, 1)")
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the positions seen so far, for incremental decoding (inference only).
-
-    Allocated once for block_size positions; `GPT.forward(idx, kv_cache=cache)` writes the new
-    positions at [length, length + T) in every layer, attends over [0, length + T), and advances
-    `length` by T. The cache is not a module: it holds no parameters and is never trained.
-    """
-
-    k: list[torch.Tensor] = field(repr=False)  # per layer (B, nh, block_size, hs)
-    v: list[torch.Tensor] = field(repr=False)  # per layer (B, nh, block_size, hs)
-    length: int = 0  # positions filled so far; the next token's position
-
-    @classmethod
-    def allocate(
-        cls,
-        config: GPTConfig,
-        batch_size: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> KVCache:
-        """An empty cache for `batch_size` sequences of up to config.block_size tokens."""
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)  # (B, nh, block_size, hs)
-        return cls(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].size(0)
-
-    @property
-    def capacity(self) -> int:
-        """Positions the cache can hold (the model's block_size)."""
-        return self.k[0].size(2)
-
-    def reset(self) -> None:
-        """Forget every position; the buffers are reused, stale values are never read."""
-        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -113,42 +44,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is None:
-            # softmax(QK^T / sqrt(hs)) V with a causal mask; dispatches to flash/memory-efficient
-            # kernels where available, so the (T, T) attention matrix is never materialised on GPU.
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )  # (B, nh, T, hs)
-        else:
-            y = self._attend_with_cache(q, k, v, kv_cache, layer)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, kv_cache, layer, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
-
-    @staticmethod
-    def _attend_with_cache(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int
-    ) -> torch.Tensor:
-        """Store this step's k/v at [L, L + T) and attend q over every key in [0, L + T).
-
-        L = kv_cache.length (GPT.forward advances it after the last layer). No dropout: the cache
-        is an inference path.
-        """
-        T = q.size(2)
-        L = kv_cache.length
-        kv_cache.k[layer][:, :, L : L + T] = k
-        kv_cache.v[layer][:, :, L : L + T] = v
-        keys = kv_cache.k[layer][:, :, : L + T]  # (B, nh, L + T, hs)
-        values = kv_cache.v[layer][:, :, : L + T]  # (B, nh, L + T, hs)
-        if L == 0:
-            # Prefill of an empty cache: exactly the training path's causal attention.
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        if T == 1:
-            # One new token may see every cached position and itself: no mask.
-            return F.scaled_dot_product_attention(q, keys, values)
-        # T new tokens after L cached ones: query t sits at position L + t and sees keys j <= L + t.
-        # (is_causal would align the mask top-left, i.e. as if the queries started at position 0.)
-        mask = torch.ones(T, L + T, dtype=torch.bool, device=q.device).tril(diagonal=L)  # (T, L + T)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -222,10 +120,10 @@ class GPT(nn.Module):
         # parameters() already de-duplicates shared Parameters.
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch_size: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """An empty KVCache for this model, on its device and in its dtype."""
         w = self.transformer.wte.weight
-        return KVCache.allocate(self.config, batch_size, device=w.device, dtype=w.dtype)
+        return KVCache.allocate(self.config, batch_size, capacity=capacity, device=w.device, dtype=w.dtype)
 
     def forward(
         self,
@@ -246,19 +144,7 @@ class GPT(nn.Module):
         no-cache forward over the whole sequence.
         """
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.block_size:
-            if kv_cache is None:
-                raise ValueError(
-                    f"sequence length {T} exceeds block_size={self.config.block_size}: "
-                    f"shorten the sequences or set model.block_size >= {T}"
-                )
-            raise ValueError(
-                f"KV cache holds {start} positions and {T} more exceed block_size={self.config.block_size}: "
-                f"reset the cache (kv_cache.reset()) and refeed at most block_size tokens"
-            )
-        if kv_cache is not None and kv_cache.batch_size != B:
-            raise ValueError(f"KV cache batch size {kv_cache.batch_size} != input batch size {B}: allocate a new cache")
+        start = check_positions(T, B, self.config.block_size, kv_cache)
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
@@ -287,13 +173,7 @@ class GPT(nn.Module):
 
         loss = None
         if targets is not None:
-            # Cross-entropy in float32 even when the model runs in bf16: log-softmax over ~50k
-            # classes in bf16 loses enough precision to show up in the loss curve.
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),  # (B*T, V)
-                targets.reshape(-1),  # (B*T,)
-                ignore_index=IGNORE_INDEX,
-            )
+            loss = next_token_loss(logits, targets)
         return logits, loss
 
 
@@ -324,68 +204,9 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     return float(6 * n + 12 * config.n_layer * config.n_embd * seq_len)
 
 
-@torch.no_grad()
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    """Append `max_new_tokens` sampled tokens to idx (B, T) and return (B, T + max_new_tokens).
-
-    temperature 0 picks the most likely token (greedy); otherwise logits / temperature are sampled,
-    keeping only the top_k most likely tokens when top_k is set; pass a seeded `generator` for
-    reproducible samples. The model is put in eval mode for the call (dropout off) and its previous
-    mode is restored afterwards.
-
-    The model only knows block_size positions, so it always conditions on the last block_size
-    tokens. With use_cache the prompt (cropped to block_size) is prefilled once into a KVCache and
-    then each new token costs one single-position forward. Positions are absolute (learned wpe), so
-    cached keys cannot slide: once the window is full, every further step recomputes the last
-    block_size tokens without the cache, exactly as use_cache=False does. This keeps the output
-    independent of use_cache (same tokens, same generator draws) at the price of one full-window
-    forward per token past the window; resetting the cache to a shorter context would be faster
-    but would condition on fewer tokens than the no-cache path.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filtering)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    block_size = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_kv_cache(idx.size(0)) if use_cache and max_new_tokens > 0 else None
-        for step in range(max_new_tokens):
-            if cache is not None and step == 0:
-                logits, _ = model(idx[:, -block_size:], kv_cache=cache)  # prefill: (B, <=block_size, V)
-            elif cache is not None and cache.length < block_size:
-                logits, _ = model(idx[:, -1:], kv_cache=cache)  # decode: (B, 1, V)
-            else:
-                # No cache, or the window is full: rerun the most recent block_size tokens.
-                cache = None
-                logits, _ = model(idx[:, -block_size:])  # (B, <=block_size, V)
-            idx_next = _sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
-    finally:
-        model.train(was_training)
-    return idx
+def tied_weights(config: GPTConfig) -> dict[str, str]:
+    """lm_head is the token embedding matrix (GPT-2 ties them)."""
+    return {"lm_head.weight": "transformer.wte.weight"}
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token ids (B, 1) from the last position's logits (B, V)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature  # (B, V); sample in fp32 even for a bf16 model
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+MODEL = GPT  # what model.registry builds

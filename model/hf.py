@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model.gpt import GPT, GPTConfig
+from model.config import GPTConfig
 
 # Linear weights that HF stores as Conv1D (transposed); the key suffix within a block.
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -144,7 +144,7 @@ def gpt_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             "state dict has no transformer.ln_f.bias (a bias=False model): Hugging Face GPT-2 always has biases; "
             "train with model.bias=true to export"
         )
-    if _LM_HEAD in state_dict and not _same_tensor(state_dict[_LM_HEAD], state_dict[_WTE]):
+    if _LM_HEAD in state_dict and not same_tensor(state_dict[_LM_HEAD], state_dict[_WTE]):
         raise ValueError("lm_head.weight differs from transformer.wte.weight: GPT-2 export needs the tied head")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -152,7 +152,7 @@ def gpt_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             continue
         if not name.startswith(_PREFIX):
             raise ValueError(f"unexpected key {name!r} in the GPT state dict: pass GPT.state_dict() (unwrapped)")
-        out[name] = _standalone(tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor)
+        out[name] = standalone(tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor)
     return out
 
 
@@ -173,39 +173,46 @@ def hf_state_dict_to_gpt(hf_state_dict: dict[str, torch.Tensor], cfg: GPTConfig)
         name = name if name.startswith(_PREFIX) else _PREFIX + name
         out[name] = (tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor).contiguous()
     if _WTE in out:
-        if lm_head is not None and not _same_tensor(lm_head, out[_WTE]):
+        if lm_head is not None and not same_tensor(lm_head, out[_WTE]):
             raise ValueError(
                 "Hugging Face lm_head.weight differs from transformer.wte.weight: only tied heads are supported"
             )
         out[_LM_HEAD] = out[_WTE]
 
-    # Names and shapes of GPT(cfg), from a model on the meta device (allocates nothing).
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
-    missing = sorted(expected.keys() - out.keys())
-    unexpected = sorted(out.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"Hugging Face state dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            f" ({len(missing)} missing, {len(unexpected)} unexpected); convert the config with hf_config_to_gpt"
-        )
-    for name, shape in expected.items():
-        if out[name].shape != shape:
-            raise ValueError(
-                f"Hugging Face tensor {name} has shape {tuple(out[name].shape)}, the config needs {tuple(shape)}: "
-                f"convert the config with hf_config_to_gpt"
-            )
+    check_names_and_shapes(out, cfg, "hf_config_to_gpt")
     return out
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def check_names_and_shapes(state_dict: dict[str, torch.Tensor], cfg, convert: str) -> None:
+    """ValueError unless `state_dict` has exactly the names and shapes of the model cfg builds."""
+    from model.registry import family_of  # (the registry imports the family's code lazily)
+
+    # Names and shapes of the model, from one built on the meta device (allocates nothing).
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in family_of(cfg).build(cfg).state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"Hugging Face state dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f" ({len(missing)} missing, {len(unexpected)} unexpected); convert the config with {convert}"
+        )
+    for name, shape in expected.items():
+        if state_dict[name].shape != shape:
+            raise ValueError(
+                f"Hugging Face tensor {name} has shape {tuple(state_dict[name].shape)}, the config needs "
+                f"{tuple(shape)}: convert the config with {convert}"
+            )
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if a and b are one tensor (tied), or equal in value (a copy of a tied matrix)."""
     if a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()):
         return True
     return a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
+def standalone(t: torch.Tensor) -> torch.Tensor:
     """t if it is contiguous and spans its whole storage, else a contiguous copy."""
     owns = (
         t.is_contiguous()
@@ -213,3 +220,13 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     )
     return t if owns else t.clone(memory_format=torch.contiguous_format)
+
+
+# The adapter protocol of model.registry.
+to_hf_config = gpt_to_hf_config
+from_hf_config = hf_config_to_gpt
+from_hf_state_dict = hf_state_dict_to_gpt
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    return gpt_to_hf_state_dict(state_dict)

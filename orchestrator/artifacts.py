@@ -7,15 +7,17 @@ its fp32 weights, write it as a Hugging Face folder, sample from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import ModelConfig
+from model.registry import FAMILIES, family_for_hf, family_of  # (torch-free: a family's code loads on use)
 from orchestrator.checkpoint.export import consolidate_fp32, load_exported_weights
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint, latest_committed, step_of
-from orchestrator.config.schema import ModelConfig
 from orchestrator.config.typed import build
 from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, JOBS_DB, MODEL_CONFIG, TOKENIZER
 from orchestrator.errors import CheckpointError, ConfigError, JobNotFound, StorageError
@@ -109,13 +111,12 @@ def read_model_config(source: ModelSource) -> ModelConfig:
     """The architecture of a model source, without loading its weights."""
     if source.kind in ("checkpoint", "export"):
         return _model_config(source.store, source.uri)
-    return _from_gpt(_hf_gpt_config(source.store, source.uri), "hf")
+    return _hf_model_config(source.store, source.uri)
 
 
-def _hf_gpt_config(store: ObjectStore, folder: str):
-    """The GPTConfig of a Hugging Face folder's config.json; CheckpointError naming the file otherwise."""
-    from model.hf import hf_config_to_gpt  # (model/ loads torch: only with weights)
-
+def _hf_model_config(store: ObjectStore, folder: str, name: str = "hf") -> ModelConfig:
+    """The model config of a Hugging Face folder's config.json (its family by model_type);
+    CheckpointError naming the file otherwise."""
     uri = join_uri(folder, HF_CONFIG)
     try:
         text = store.get(uri)
@@ -125,16 +126,11 @@ def _hf_gpt_config(store: ObjectStore, folder: str):
         hf = json.loads(text)
         if not isinstance(hf, dict):
             raise ValueError(f"a JSON {type(hf).__name__}, not an object")
-        return hf_config_to_gpt(hf)
-    except (ValueError, TypeError, KeyError) as e:  # not JSON, not GPT-2, nonsense values
-        raise CheckpointError(f"{uri} is not a usable GPT-2 config ({e}); orch reads Hugging Face GPT-2 "
-                              f"folders (model_type 'gpt2')") from None
-
-
-def _from_gpt(gpt, name: str) -> ModelConfig:
-    return ModelConfig(name=name, **{k: getattr(gpt, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                   "n_embd", "dropout", "bias",
-                                                                   "activation_checkpointing")})
+        return dataclasses.replace(family_for_hf(hf).from_hf_config(hf), name=name)
+    except (ValueError, TypeError, KeyError) as e:  # not JSON, no family reads it, nonsense values
+        kinds = ", ".join(f"{f.hf_architecture} (model_type {f.hf_model_type!r})" for f in FAMILIES.values())
+        raise CheckpointError(f"{uri} is not a usable model config ({e}); orch reads Hugging Face folders of "
+                              f"{kinds}") from None
 
 
 def load(source: ModelSource) -> ModelArtifact:
@@ -149,19 +145,17 @@ def load(source: ModelSource) -> ModelArtifact:
             return ModelArtifact(model, dict(state),
                                  _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
         if source.kind == "export":
-            state = load_exported_weights(source.store, source.uri, tmp)
-            return ModelArtifact(_model_config(source.store, source.uri), state,
-                                 _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
+            model = _model_config(source.store, source.uri)
+            state = load_exported_weights(source.store, source.uri, tmp, family_of(model).tied_weights(model))
+            return ModelArtifact(model, state, _get_text(source.store, join_uri(source.uri, TOKENIZER)), source.uri)
         return load_hf(source.store, source.uri, Path(tmp))
 
 
 def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> ModelArtifact:
-    """A Hugging Face GPT-2-layout folder (config.json + model.safetensors) as our weights."""
+    """A Hugging Face folder (config.json + model.safetensors) of a family orch has, as our weights."""
     from safetensors.torch import load_file  # (torch: only with weights)
 
-    from model.hf import hf_state_dict_to_gpt  # (model/ loads torch: only with weights)
-
-    gpt = _hf_gpt_config(store, folder)
+    config = _hf_model_config(store, folder, name)
     weights = tmp / HF_WEIGHTS
     try:
         store.get_file(join_uri(folder, HF_WEIGHTS), weights)
@@ -175,34 +169,30 @@ def load_hf(store: ObjectStore, folder: str, tmp: Path, name: str = "hf") -> Mod
                               f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
                               f"it is truncated or damaged: copy or export it again") from None
     try:
-        state = {k: v.float() for k, v in hf_state_dict_to_gpt(tensors, gpt).items()}
+        state = {k: v.float() for k, v in family_of(config).from_hf_state_dict(tensors, config).items()}
     except ValueError as e:
         raise CheckpointError(f"{join_uri(folder, HF_WEIGHTS)} does not fit its {HF_CONFIG}: {e}") from None
-    return ModelArtifact(_from_gpt(gpt, name), state, _get_text(store, join_uri(folder, TOKENIZER)), folder)
+    return ModelArtifact(config, state, _get_text(store, join_uri(folder, TOKENIZER)), folder)
 
 
 def build_model(artifact: ModelArtifact):
-    """An eval-mode GPT holding the artifact's weights."""
-    from model.gpt import GPT  # (model/ loads torch: only with weights)
-
-    model = GPT(artifact.model.gpt_config())
+    """An eval-mode model of the artifact's family holding its weights."""
+    model = family_of(artifact.model).build(artifact.model)
     model.load_state_dict(artifact.state_dict)
     return model.eval()
 
 
 def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (GPT2LMHeadModel),
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (its family's class),
     with the tokenizer as a `PreTrainedTokenizerFast`. The folder must be new, empty or an earlier
     `orch export` (its marker file), unless `overwrite`; the files are written beside it first and
     moved in at the end, so a failure leaves nothing half-written."""
-    from model.hf import gpt_to_hf_config  # (model/ loads torch: only with weights)
-
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file; give a folder path")
     eot = _eot_id(artifact.tokenizer_json)
     try:
-        hf_config = gpt_to_hf_config(artifact.model.gpt_config(), bos_token_id=eot, eos_token_id=eot)
+        hf_config = family_of(artifact.model).to_hf_config(artifact.model, bos_token_id=eot, eos_token_id=eot)
     except ValueError as e:
         raise ConfigError(f"cannot export {artifact.source} to Hugging Face: {e}") from None
     try:
@@ -217,6 +207,11 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
     return out
 
 
+def hf_architecture(artifact: ModelArtifact) -> str:
+    """The transformers class an export of the artifact loads as (e.g. LlamaForCausalLM)."""
+    return family_of(artifact.model).hf_architecture
+
+
 def _eot_id(tokenizer_json: str | None) -> int:
     from model.tokenizer import eot_id, tokenizer_from_json  # (model/ loads torch: only with weights)
 
@@ -226,10 +221,10 @@ def _eot_id(tokenizer_json: str | None) -> int:
 def _write_hf_files(artifact: ModelArtifact, hf_config: dict, eot: int, out: Path) -> None:
     from safetensors.torch import save_file  # (torch: only with weights)
 
-    from model.hf import gpt_to_hf_state_dict  # (model/ loads torch: only with weights)
     from model.tokenizer import EOT_TOKEN
 
-    save_file(gpt_to_hf_state_dict(artifact.state_dict), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    tensors = family_of(artifact.model).to_hf_state_dict(artifact.state_dict, artifact.model)
+    save_file(tensors, str(out / HF_WEIGHTS), metadata={"format": "pt"})
     (out / HF_CONFIG).write_text(json.dumps(hf_config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=1))
     if artifact.tokenizer_json:
@@ -246,7 +241,7 @@ def sample(artifact: ModelArtifact, prompt: str, *, max_new_tokens: int, tempera
     """Text the model continues `prompt` with (KV-cached sampling)."""
     import torch  # (only with weights)
 
-    from model.gpt import generate  # (model/ loads torch: only with weights)
+    from model.sampling import generate  # (model/ loads torch: only with weights)
     from model.tokenizer import eot_id, tokenizer_from_json
 
     if not artifact.tokenizer_json:

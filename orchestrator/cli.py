@@ -432,7 +432,8 @@ def cmd_export(args) -> int:
     source = artifacts.resolve(args.checkpoint, _state_dir(args), args.endpoint_url)
     artifact = artifacts.load(source)
     out = artifacts.write_hf(artifact, args.dir, overwrite=args.overwrite)
-    _say(f"exported {source.kind} {source.uri} -> {out} (Hugging Face GPT2LMHeadModel, safetensors)")
+    _say(f"exported {source.kind} {source.uri} -> {out} (Hugging Face {artifacts.hf_architecture(artifact)}, "
+         f"safetensors)")
     return 0
 
 
@@ -537,7 +538,7 @@ def _add_job_commands(sub) -> None:
 def _add_model_commands(sub) -> None:
     shared = [STATE_DIR, ENDPOINT_URL]
     exp = sub.add_parser("export", parents=shared,
-                         help="write a checkpoint as a Hugging Face folder (GPT2LMHeadModel, safetensors, tokenizer)")
+                         help="write a checkpoint as a Hugging Face folder (model class, safetensors, tokenizer)")
     exp.add_argument("checkpoint", help="job id, checkpoint URI (.../checkpoints/step-N), run URI or export URI")
     exp.add_argument("dir", help="output folder")
     exp.add_argument("--overwrite", action="store_true",
@@ -571,7 +572,7 @@ def _add_data_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch",
-                                description="Pretrain then fine-tune GPT models on Ray Train + DeepSpeed ZeRO.")
+                                description="Pretrain then fine-tune language models on Ray Train + DeepSpeed ZeRO.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -18,7 +18,7 @@ CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 COMMIT_MARKER = "COMMITTED.json"  # written last; a checkpoint exists only once this does
 TRAINER_STATE = "trainer_state.json"
-MODEL_CONFIG = "model_config.json"  # in every checkpoint and export: the GPT architecture
+MODEL_CONFIG = "model_config.json"  # in every checkpoint and export: the model architecture (family + fields)
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "export.json"  # written last in an export folder
 

@@ -23,8 +23,6 @@ from orchestrator.errors import CheckpointError, ConfigError, DatasetError
 from orchestrator.storage import ObjectNotFound, join_uri, routed, to_uri
 from orchestrator.workspace import open_job_store
 
-_ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-
 
 def preflight(jobs: list[JobConfig]) -> None:
     """Everything that can be checked when the jobs are submitted. A dataset that is already
@@ -185,9 +183,9 @@ def check_weights_match(job: JobConfig, uri: str, setting: str, committed: bool 
     source = artifacts.resolve(uri, endpoint_url=job.storage.endpoint_url)
     if source.kind == "checkpoint" and not committed:  # a step-N folder whose marker's files are all there
         check_committed(source.store, CheckpointRef(step_of(source.uri), source.uri, True))
-    theirs = artifacts.read_model_config(source)
-    diff = [f"{f}={getattr(theirs, f)} (job: {getattr(job.model, f)})" for f in _ARCHITECTURE
-            if getattr(theirs, f) != getattr(job.model, f)]
+    theirs, ours = artifacts.read_model_config(source).architecture(), job.model.architecture()
+    keys = list(ours) + [k for k in theirs if k not in ours]  # the family first, then its fields in order
+    diff = [f"{f}={theirs.get(f)} (job: {ours.get(f)})" for f in keys if theirs.get(f) != ours.get(f)]
     if diff:
         raise CheckpointError(
             f"the model at {setting}={uri} does not match model '{job.model.name}': {', '.join(diff)}; "

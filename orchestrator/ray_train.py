@@ -47,10 +47,12 @@ def export_remote():
     """A Ray task (1 CPU) that consolidates a committed checkpoint into the run's export."""
     @ray.remote(num_cpus=1)
     def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+        from model.registry import family_of
+
         job = job_config_from_dict(job_dict)
         ref = CheckpointRef(step, checkpoint_uri(run, step), True)
         return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
-                                 local_scratch(job_id))
+                                 local_scratch(job_id), family_of(job.model).tied_weights(job.model))
 
     return export
 

@@ -37,9 +37,11 @@ def consolidate_fp32(checkpoint_dir: Path, tag: str) -> dict:
 
 
 def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: dict,
-                      local_dir: str | os.PathLike) -> str:
+                      local_dir: str | os.PathLike, tied: dict[str, str]) -> str:
     """Consolidate a committed checkpoint's fp32 weights (any ZeRO stage, any world size) into the
-    run's model-only export: safetensors weights, tokenizer, model config, manifest written last."""
+    run's model-only export: safetensors weights, tokenizer, model config, manifest written last.
+    `tied`: {alias: source} of weights that are one tensor (the family's tied_weights); only the
+    source is written."""
     from safetensors.torch import save_file  # lazy: loads torch, which the CLI's other commands do without
 
     dest = Path(local_dir) / "export"
@@ -48,7 +50,7 @@ def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: di
     download_checkpoint(store, ref, dest / tag)
     state = consolidate_fp32(dest, tag)
     # Tied weights share storage; safetensors stores each tensor once, so keep one name.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if k != "lm_head.weight"}
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if k not in tied}
     weights = dest / EXPORT_WEIGHTS
     save_file(tensors, str(weights), metadata={"format": "pt"})
     out = export_uri(run)
@@ -63,8 +65,9 @@ def export_checkpoint(store: ObjectStore, run: str, ref: CheckpointRef, meta: di
     return out
 
 
-def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.PathLike) -> dict:
-    """The state dict of an export (tied lm_head restored), checked against its sha256."""
+def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.PathLike,
+                          tied: dict[str, str]) -> dict:
+    """The state dict of an export (`tied`: {alias: source} restored), checked against its sha256."""
     from safetensors.torch import load_file  # lazy: loads torch, which the CLI's other commands do without
 
     manifest_uri = join_uri(export, EXPORT_MANIFEST)
@@ -84,6 +87,7 @@ def load_exported_weights(store: ObjectStore, export: str, local_dir: str | os.P
         raise CheckpointError(f"exported weights {join_uri(export, manifest['weights'])} do not match their sha256; "
                               f"export again")
     state = load_file(str(path))
-    if "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+    for alias, source in tied.items():
+        if source in state:
+            state[alias] = state[source]
     return state

@@ -7,11 +7,11 @@ that is frozen into the job record. Everything past the entry points receives th
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from model.config import ModelConfig  # the family's config class (model.registry; torch-free)
 from orchestrator.checkpoint.interval import parse_interval
 from orchestrator.errors import OrchError
 
@@ -54,34 +54,6 @@ def _non_negative(obj, *names: str) -> None:
         value = getattr(obj, name)
         if value is not None and value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """GPT architecture (GPT-2 layout); see model/gpt.py."""
-
-    name: str  # preset name, e.g. gpt_tiny
-    vocab_size: int  # embedding rows; must cover the dataset tokenizer's vocabulary
-    block_size: int  # maximum sequence length (learned positions)
-    n_layer: int  # transformer blocks
-    n_head: int  # attention heads per block
-    n_embd: int  # model width
-    dropout: float = 0.0  # dropout on embeddings, attention and residuals
-    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
-    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
-
-    def __post_init__(self):
-        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-
-    def gpt_config(self):
-        from model.gpt import GPTConfig  # (model/ loads torch: the CLI imports this module)
-
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
-        return GPTConfig(**kw)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,12 @@ def build(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass `cls` from `data`; unknown keys, wrong types and bad choices are ConfigErrors."""
     if data is None:
         data = {}
+    select = cls.__dict__.get("select_class")  # a base class that picks its subclass from the data (model.family)
+    if select is not None:
+        try:
+            cls = select.__get__(None, cls)(data)
+        except ValueError as e:
+            raise ConfigError(f"config '{path or '<root>'}' is invalid: {e}") from None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""

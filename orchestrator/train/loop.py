@@ -1,9 +1,10 @@
 """The training loop that runs on every Ray Train worker: the only place that knows DeepSpeed.
 
-Each worker builds the single-device GPT from `model/`, wraps it in a DeepSpeed ZeRO engine,
-reads its slice of every global batch from the store, and checkpoints through the Checkpointer.
-Rank 0 also appends every logged row to the job's metrics history in the store (which the job's
-runner feeds to W&B) and reports progress to the controller.
+Each worker builds the job's single-device model from `model/` (through its family's registry
+entry), wraps it in a DeepSpeed ZeRO engine, reads its slice of every global batch from the store,
+and checkpoints through the Checkpointer. Rank 0 also appends every logged row to the job's
+metrics history in the store (which the job's runner feeds to W&B) and reports progress to the
+controller.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from model.gpt import GPT, flops_per_token
+from model.registry import family_of
 from orchestrator import artifacts
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.config.compose import job_config_from_dict
@@ -112,7 +113,7 @@ class _Trainer:
 
         job = self.job
         torch.manual_seed(job.trainer.seed)
-        model = GPT(job.model.gpt_config())
+        model = family_of(job.model).build(job.model)
         if self.spec.init_from and fresh_weights:  # (a resumed job's weights come from its checkpoint)
             model.load_state_dict(self._initial_weights(self.spec.init_from))
             log.info("initialised from %s", self.spec.init_from)
@@ -218,7 +219,7 @@ class _Trainer:
         return IntervalMetrics(
             log_interval=tr.log_interval, max_steps=tr.max_steps,
             tokens_per_step=tr.global_batch_size * job.data.seq_len,
-            flops_per_token=flops_per_token(job.model.gpt_config(), job.data.seq_len), world_size=self.world,
+            flops_per_token=family_of(job.model).flops_per_token(job.model, job.data.seq_len), world_size=self.world,
             peak_flops=peak_flops(self._device_name(), job.cluster.peak_flops_per_device), shard_wait_s=train.wait_s,
         )
 

@@ -20,7 +20,7 @@ class IntervalMetrics:
                  clock: Callable[[], float] = time.perf_counter):
         self.log_interval, self.max_steps = log_interval, max_steps
         self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token  # model FLOPs per token (model.gpt.flops_per_token)
+        self.flops_per_token = flops_per_token  # model FLOPs per token (the model family's flops_per_token)
         self.world_size = world_size
         self.peak_flops = peak_flops  # per device; None: unknown, no perf/mfu
         self.clock = clock

@@ -1,6 +1,7 @@
 """Model FLOPs utilisation: achieved model FLOP/s over the accelerators' peak dense bf16 FLOP/s.
 
-Model FLOPs come from `model.gpt.flops_per_token` (6N plus the attention term, PaLM appendix B);
+Model FLOPs come from the model family's `flops_per_token` (model.registry: 6N plus the attention term,
+PaLM appendix B);
 recomputation for activation checkpointing is not counted, as MFU (unlike HFU) prescribes.
 """
 

@@ -168,7 +168,12 @@ def _config_not_json(folder: Path) -> None:
 
 def _another_model_type(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+
+
+def _llama_config_over_gpt2_weights(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))  # a family orch has
 
 
 def _config_a_list(folder: Path) -> None:
@@ -183,8 +188,10 @@ def _weights_of_fewer_layers(folder: Path) -> None:
 HF_CASES = [
     ("a truncated model.safetensors", _truncated_safetensors, ["model.safetensors", "not a readable safetensors",
                                                                "truncated"]),
-    ("config.json that is not JSON", _config_not_json, ["config.json", "not a usable GPT-2 config"]),
-    ("config.json of another model type", _another_model_type, ["config.json", "'llama'", "gpt2"]),
+    ("config.json that is not JSON", _config_not_json, ["config.json", "not a usable model config"]),
+    ("config.json of another model type", _another_model_type, ["config.json", "'mistral'", "gpt2", "llama"]),
+    ("a Llama config.json over GPT-2 weights", _llama_config_over_gpt2_weights,
+     ["model.safetensors", "does not fit its config.json", "missing"]),
     ("config.json that is a list", _config_a_list, ["config.json", "list"]),
     ("weights with fewer layers than config.json", _weights_of_fewer_layers, ["model.safetensors", "config.json"]),
 ]

@@ -22,8 +22,8 @@ def _losses(job) -> dict[int, float]:
     return {r["_step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def _common(stage: int) -> list[str]:
-    return ["pipeline=pretrain", f"deepspeed=zero{stage}", "model=gpt_tiny", f"trainer.max_steps={STEPS}",
+def _common(stage: int, model: str = "gpt_tiny") -> list[str]:
+    return ["pipeline=pretrain", f"deepspeed=zero{stage}", f"model={model}", f"trainer.max_steps={STEPS}",
             "trainer.log_interval=1", "trainer.global_batch_size=24", "trainer.micro_batch_size=4",
             f"checkpoint.interval={SAVE_AT}", "checkpoint.keep_last=3", "data.num_documents=600"]
 

@@ -65,13 +65,10 @@ def _hf_folder(folder: Path, n_layer: int) -> Path:
     """A Hugging Face GPT-2 folder written by `orch export` from a small random model."""
     from model import GPT, GPTConfig
     from orchestrator import artifacts
-    from orchestrator.config.schema import ModelConfig
 
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    cfg = GPTConfig(name="t", vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
     torch.manual_seed(n_layer)
-    model = ModelConfig(name="t", **{k: getattr(cfg, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                  "n_embd", "dropout", "bias")})
-    artifact = artifacts.ModelArtifact(model, GPT(cfg).state_dict(), None, "test")
+    artifact = artifacts.ModelArtifact(cfg, GPT(cfg).state_dict(), None, "test")
     return artifacts.write_hf(artifact, folder)
 
 

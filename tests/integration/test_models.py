@@ -1,6 +1,7 @@
 """Models outside training, on a real pretraining run: `orch export` to a Hugging Face folder that
 `transformers` loads with equal logits, `orch generate` with a KV cache, and a fine-tuning job that
-starts from a Hugging Face folder."""
+starts from a Hugging Face folder. The same for a Llama, on a 2-worker ZeRO-3 run that is resumed at
+3 workers beside a job that continues pretraining from its Hugging Face export."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from orchestrator import artifacts
 from orchestrator.jobs.store import JobStore
+from tests.integration.test_checkpoints import SAVE_AT, STEPS, _common, _losses
 from tests.integration.test_pipeline import _first_loss_from
 
 pytestmark = pytest.mark.slow
@@ -116,11 +118,81 @@ def test_model_mismatch_and_non_models_fail_in_one_line(pretrained, orch, tmp_pa
     (tmp_path / "empty").mkdir()
     one_line(orch("export", str(tmp_path / "empty"), str(tmp_path / "x")), "is not a model")
     one_line(orch("generate", "no-such-job", "--prompt", "hi", "--state-dir", str(pretrained["state"])), "no-such-job")
-    # A Hugging Face folder of another architecture.
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    one_line(orch("generate", str(llama), "--prompt", "hi"), "llama")
+    # A Hugging Face folder of an architecture orch has no family for.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    one_line(orch("generate", str(other), "--prompt", "hi"), "'mistral'", "LlamaForCausalLM")
     # A dataset whose tokenizer is larger than the model's vocabulary.
     one_line(orch("run", "model=gpt_tiny", "data.vocab_size=1024", "--dry-run"),
              "data.vocab_size=1024", "model.vocab_size=512")
+
+
+# --- Llama: the same family-independent machinery, on a 2-worker ZeRO-3 run -----------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A 2-worker ZeRO-3 llama_tiny run (checkpoints at steps 8 and 16) and its `orch export`."""
+    from tests.conftest import run_orch
+
+    tmp = tmp_path_factory.mktemp("llama")
+    result = run_orch("run", *_common(3, "llama_tiny"), "--state-dir", str(tmp / "state"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (job,) = JobStore(tmp / "state").list()
+    exported = run_orch("export", job.id, str(tmp / "hf"), "--state-dir", str(tmp / "state"))
+    assert exported.returncode == 0, exported.stderr
+    assert "LlamaForCausalLM" in exported.stderr + exported.stdout
+    return {"tmp": tmp, "job": job, "hf": tmp / "hf"}
+
+
+def test_llama_export_is_a_llama_for_causal_lm_with_equal_logits(llama):
+    transformers = pytest.importorskip("transformers")
+    job = llama["job"]
+    ours = artifacts.build_model(artifacts.load(artifacts.resolve(job.export)))
+    assert type(ours).__name__ == "Llama" and ours.config.n_kv_head == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(llama["hf"])).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()  # its own head
+    idx = torch.randint(0, ours.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4
+    # Importing the folder back gives the consolidated ZeRO-3 weights exactly.
+    back = artifacts.load(artifacts.resolve(str(llama["hf"])))
+    assert back.model.family == "llama"
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict[k], v), k
+
+
+@pytest.mark.reliability(category="fault: training",
+                         case="a 2-worker ZeRO-3 Llama checkpoint resumed at 3 workers",
+                         lost="nothing: the losses match the uninterrupted 2-worker run",
+                         happened="converted to a universal checkpoint and continued at step 9 with the same losses")
+def test_llama_zero3_resumed_at_three_workers_and_continued_from_its_hf_folder(llama, orch, tmp_path):
+    ref, hf_dir = llama["job"], llama["hf"]
+    ckpt = ref.checkpoint.rsplit("/step-", 1)[0] + f"/step-{SAVE_AT}"
+    # One run, two jobs: the checkpoint resumed at 3 workers, and pretraining continued from the HF folder.
+    cont = f"+pipeline.jobs.cont={{kind:pretrain,workers:2,init_from:'{hf_dir}',trainer:{{max_steps:2}}}}"
+    out = orch("run", *_common(3, "llama_tiny"), "pipeline.jobs.pretrain.workers=3",
+               f"pipeline.jobs.pretrain.resume_from={ckpt}", cont, "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = {j.name: j for j in JobStore(tmp_path / "state").list()}
+
+    resumed = jobs["pretrain"]
+    assert resumed.state.value == "SUCCEEDED" and resumed.workers == 3
+    started = next(h["reason"] for h in resumed.history if h["state"] == "RUNNING")
+    assert f"resumed from {ckpt} as a universal checkpoint" in started
+    expected, got = _losses(ref), _losses(resumed)
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))  # it continued at step 9
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-4), step
+
+    # The continued job's first loss is the HF folder's weights' loss on its first batch.
+    fine = jobs["cont"]
+    assert fine.state.value == "SUCCEEDED"
+    weights = artifacts.load(artifacts.resolve(str(hf_dir))).state_dict
+    store = artifacts.resolve(fine.checkpoint).store
+    first = _first_loss_from(weights, fine.config, store, fine.config["data"]["uri"], 2, tmp_path / "cache")
+    assert fine.metrics["first_loss"] == pytest.approx(first, rel=1e-4)
+    assert fine.metrics["first_loss"] < expected[1] - 1.0  # trained weights, not a fresh init (step 1 of the ref)

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, GPTConfig, tied_weights
+from model.registry import family_of
 from orchestrator.checkpoint.export import load_exported_weights
 from orchestrator.checkpoint.layout import list_checkpoints, read_marker
+from orchestrator.config.schema import ModelConfig
+from orchestrator.config.typed import build
 from orchestrator.constants import COMMIT_MARKER
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.order import global_batch, micro_batches, rank_slice
@@ -45,7 +48,8 @@ def _history(record: dict) -> dict[str, float]:
 def _first_loss_from(weights: dict, cfg: dict, store, data_uri: str, workers: int, scratch: Path) -> float:
     """The loss a fine-tuning job starting from `weights` reports at step 1: the mean over ranks and
     micro-batches of the micro-batch losses of global batch 0 (computed before any update)."""
-    model = GPT(GPTConfig(**{k: v for k, v in cfg["model"].items() if k != "name"}))
+    model_cfg = build(ModelConfig, cfg["model"], "model")  # any family
+    model = family_of(model_cfg).build(model_cfg)
     model.load_state_dict(weights)
     model.eval()
     manifest = load_manifest(store, data_uri)
@@ -100,7 +104,7 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     from orchestrator.config.compose import compose_root, resolve_jobs  # noqa: F401  (import check)
 
     cfg = json.loads(json.dumps(_job_config(state_dir, fine["id"])))
-    weights = load_exported_weights(store, pre["export"], tmp_path / "export")
+    weights = load_exported_weights(store, pre["export"], tmp_path / "export", tied_weights(GPTConfig()))
     expected = _first_loss_from(weights, cfg, store, cfg["data"]["uri"], 2, tmp_path / "cache")
     assert fine["metrics"]["first_loss"] == pytest.approx(expected, rel=1e-4)
     torch.manual_seed(cfg["trainer"]["seed"])
@@ -222,13 +226,13 @@ def test_pretrain_each_zero_stage(tmp_path, orch, stage):
     store = open_store(job["checkpoint"])
     marker = read_marker(store, list_checkpoints(store, job["checkpoint"].rsplit("/checkpoints/", 1)[0])[-1])
     assert marker["zero_stage"] == stage
-    weights = load_exported_weights(store, job["export"], tmp_path / "w")
+    weights = load_exported_weights(store, job["export"], tmp_path / "w", tied_weights(GPTConfig()))
     assert weights["transformer.wte.weight"].shape == (512, 64)
     # Every checkpoint carries the tokenizer and the model config.
     names = {f["path"] for f in marker["files"]}
     assert {"tokenizer.json", "model_config.json", "trainer_state.json"} <= names
     # Throughput and MFU in W&B: tokens/s x FLOPs/token / (workers x peak).
-    from model.gpt import GPTConfig, flops_per_token
+    from model.gpt import flops_per_token
 
     rows = [r for r in wandb_files.history(wandb_files.run_file(job["wandb"]["dir"])) if "perf/mfu" in r]
     assert rows

@@ -1,4 +1,5 @@
-"""Unit tests of model/gpt.py on a tiny config (CPU, a few seconds)."""
+"""Unit tests of model/gpt.py on a tiny config (CPU, a few seconds); the tests every decoder family
+must pass run for each family (`family` parameter; Llama's own tests are in test_llama.py)."""
 
 import math
 
@@ -6,14 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, count_parameters, flops_per_token, generate
+from model import GPT, IGNORE_INDEX, GPTConfig, count_parameters, flops_per_token, generate, get_family
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+# The same size in each family (Llama: grouped-query attention, 4 query heads on 2 k/v heads).
+TINY_OF = {"gpt": TINY, "llama": dict(TINY, n_head=4, n_kv_head=2, intermediate_size=64)}
+every_family = pytest.mark.parametrize("family", sorted(TINY_OF))
 
 
-def tiny_model(**overrides) -> GPT:
+def tiny_model(family: str = "gpt", **overrides):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides}))
+    f = get_family(family)
+    return f.build(f.config(**{**TINY_OF[family], **overrides}))
 
 
 def random_batch(B=3, T=16, V=64, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,8 +28,9 @@ def random_batch(B=3, T=16, V=64, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, targets
 
 
-def test_forward_shapes_and_finite_scalar_loss():
-    model = tiny_model()
+@every_family
+def test_forward_shapes_and_finite_scalar_loss(family):
+    model = tiny_model(family)
     idx, targets = random_batch()
     logits, loss = model(idx, targets)
     assert logits.shape == (3, 16, 64)
@@ -38,8 +44,9 @@ def test_forward_shapes_and_finite_scalar_loss():
     assert loss is None
 
 
-def test_loss_ignores_masked_targets():
-    model = tiny_model()
+@every_family
+def test_loss_ignores_masked_targets(family):
+    model = tiny_model(family)
     idx, targets = random_batch()
     masked = targets.clone()
     masked[:, :7] = IGNORE_INDEX  # e.g. a prompt
@@ -54,8 +61,9 @@ def test_loss_ignores_masked_targets():
     assert not torch.allclose(full, loss)
 
 
-def test_loss_with_a_single_unmasked_position():
-    model = tiny_model()
+@every_family
+def test_loss_with_a_single_unmasked_position(family):
+    model = tiny_model(family)
     idx, targets = random_batch()
     masked = torch.full_like(targets, IGNORE_INDEX)
     masked[2, 11] = targets[2, 11]
@@ -66,8 +74,9 @@ def test_loss_with_a_single_unmasked_position():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_causal_future_tokens_do_not_change_past_logits():
-    model = tiny_model().eval()
+@every_family
+def test_causal_future_tokens_do_not_change_past_logits(family):
+    model = tiny_model(family).eval()
     idx, _ = random_batch(B=2)
     t = 6
     changed = idx.clone()
@@ -155,8 +164,9 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(cfg, seq_len=8) < flops_per_token(cfg, seq_len=T)
 
 
-def test_sequence_longer_than_block_size_raises():
-    model = tiny_model()
+@every_family
+def test_sequence_longer_than_block_size_raises(family):
+    model = tiny_model(family)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
 
@@ -176,8 +186,9 @@ def test_config_validation_names_the_field(bad, field):
         GPTConfig(**{**TINY, **bad})
 
 
-def test_overfits_one_batch():
-    model = tiny_model()
+@every_family
+def test_overfits_one_batch(family):
+    model = tiny_model(family)
     idx, targets = random_batch(B=4, T=16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _step in range(300):
@@ -190,16 +201,18 @@ def test_overfits_one_batch():
     assert loss.item() < 0.05, f"loss {loss.item():.4f} after {_step + 1} steps"
 
 
-def test_dropout_zero_train_equals_eval():
-    model = tiny_model(dropout=0.0)
+@every_family
+def test_dropout_zero_train_equals_eval(family):
+    model = tiny_model(family, dropout=0.0)
     idx, targets = random_batch()
     _, train_loss = model.train()(idx, targets)
     _, eval_loss = model.eval()(idx, targets)
     assert torch.equal(train_loss, eval_loss)
 
 
-def test_dropout_is_active_in_training_only():
-    model = tiny_model(dropout=0.2)
+@every_family
+def test_dropout_is_active_in_training_only(family):
+    model = tiny_model(family, dropout=0.2)
     idx, targets = random_batch()
     torch.manual_seed(5)
     _, a = model.train()(idx, targets)
@@ -211,11 +224,12 @@ def test_dropout_is_active_in_training_only():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_checkpointing_same_loss_and_grads(dropout):
+@every_family
+def test_activation_checkpointing_same_loss_and_grads(dropout, family):
     idx, targets = random_batch()
     results = []
     for ckpt in (False, True):
-        model = tiny_model(dropout=dropout, activation_checkpointing=ckpt).train()
+        model = tiny_model(family, dropout=dropout, activation_checkpointing=ckpt).train()
         torch.manual_seed(7)  # same dropout masks in both runs; the recompute replays the RNG
         _, loss = model(idx, targets)
         loss.backward()
@@ -227,8 +241,9 @@ def test_activation_checkpointing_same_loss_and_grads(dropout):
         torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
-def test_generate_appends_tokens_and_crops_context():
-    model = tiny_model().eval()
+@every_family
+def test_generate_appends_tokens_and_crops_context(family):
+    model = tiny_model(family).eval()
     idx = torch.zeros(2, 3, dtype=torch.long)
     out = generate(model, idx, max_new_tokens=20, top_k=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 23)  # longer than block_size: the context was cropped
@@ -244,8 +259,9 @@ def test_generate_appends_tokens_and_crops_context():
 # --- KV cache and generation ------------------------------------------------------------------
 
 
-def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward():
-    model = tiny_model().eval()
+@every_family
+def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(family):
+    model = tiny_model(family).eval()
     idx, _ = random_batch(B=2, T=16)
     with torch.no_grad():
         full, _ = model(idx)  # (B, 16, V), no cache
@@ -259,19 +275,21 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward():
     assert cache.length == 16
 
 
-def test_kv_cache_multi_token_chunks_after_a_prefix():
+@every_family
+def test_kv_cache_multi_token_chunks_after_a_prefix(family):
     # T > 1 new tokens after L > 0 cached ones needs the offset causal mask.
-    model = tiny_model().eval()
+    model = tiny_model(family).eval()
     idx, _ = random_batch(B=2, T=16)
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache.allocate(model.config, batch_size=2)
+        cache = model.new_kv_cache(batch_size=2)
         chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 4), (4, 9), (9, 10), (10, 16))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
 
-def test_kv_cache_reset_and_limits():
-    model = tiny_model().eval()
+@every_family
+def test_kv_cache_reset_and_limits(family):
+    model = tiny_model(family).eval()
     idx, _ = random_batch(B=2, T=16)
     with torch.no_grad():
         full, _ = model(idx)
@@ -296,10 +314,11 @@ def greedy_by_hand(model, idx, n):
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 16, 20], ids=lambda n: f"prompt{n}")
-def test_generate_with_and_without_cache_agree(prompt_len):
+@every_family
+def test_generate_with_and_without_cache_agree(prompt_len, family):
     # 30 new tokens run past block_size=16 (and prompt 20 starts past it): the cached path must
     # fall back to the cropped window and still match.
-    model = tiny_model().eval()
+    model = tiny_model(family).eval()
     prompt = torch.randint(0, 64, (2, prompt_len), generator=torch.Generator().manual_seed(3))
     cached = generate(model, prompt, max_new_tokens=30, temperature=0, use_cache=True)
     plain = generate(model, prompt, max_new_tokens=30, temperature=0, use_cache=False)
@@ -314,8 +333,9 @@ def test_generate_with_and_without_cache_agree(prompt_len):
     assert torch.equal(sampled[0][:, :prompt_len], prompt)
 
 
-def test_generate_is_deterministic_under_a_seed():
-    model = tiny_model().eval()
+@every_family
+def test_generate_is_deterministic_under_a_seed(family):
+    model = tiny_model(family).eval()
     prompt = torch.zeros(2, 2, dtype=torch.long)
 
     def sample(seed):
@@ -325,16 +345,18 @@ def test_generate_is_deterministic_under_a_seed():
     assert not torch.equal(sample(0), sample(1))
 
 
-def test_top_k_one_is_greedy():
-    model = tiny_model().eval()
+@every_family
+def test_top_k_one_is_greedy(family):
+    model = tiny_model(family).eval()
     prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(4))
     greedy = generate(model, prompt, 20, temperature=0)
     top1 = generate(model, prompt, 20, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(9))
     assert torch.equal(top1, greedy)
 
 
-def test_generate_runs_in_eval_mode_and_restores_the_mode():
-    model = tiny_model(dropout=0.3).train()
+@every_family
+def test_generate_runs_in_eval_mode_and_restores_the_mode(family):
+    model = tiny_model(family, dropout=0.3).train()
     prompt = torch.zeros(1, 3, dtype=torch.long)
     a = generate(model, prompt, 10, temperature=0)
     b = generate(model, prompt, 10, temperature=0)
@@ -353,8 +375,9 @@ def test_generate_rejects_bad_arguments(bad):
         generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
-def test_generate_uses_the_cache_until_the_window_is_full():
-    model = tiny_model().eval()
+@every_family
+def test_generate_uses_the_cache_until_the_window_is_full(family):
+    model = tiny_model(family).eval()
     calls = []  # (tokens fed, with cache?) per forward
 
     def record(module, args, kwargs):
@@ -364,3 +387,22 @@ def test_generate_uses_the_cache_until_the_window_is_full():
     generate(model, torch.zeros(1, 5, dtype=torch.long), max_new_tokens=14, temperature=0)
     # Prefill 5, decode one at a time until 16 positions are cached, then recompute the window.
     assert calls == [(5, True)] + [(1, True)] * 11 + [(16, False)] * 2
+
+
+@every_family
+def test_generate_allocates_only_the_positions_it_can_reach(family):
+    # An imported model may promise 131072 positions; a short generation must not allocate them all.
+    model = tiny_model(family).eval()
+    made = []
+    allocate = model.new_kv_cache
+    model.new_kv_cache = lambda batch, capacity=None: made.append(capacity) or allocate(batch, capacity)
+    prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(3))
+    out = generate(model, prompt, max_new_tokens=4, temperature=0)
+    assert made == [7]
+    assert torch.equal(out, greedy_by_hand(model, prompt, 4))
+    cache = allocate(2, 7)
+    assert cache.capacity == 7 and allocate(2, 1000).capacity == 16  # never more than block_size
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        with pytest.raises(ValueError, match="capacity 7"):
+            model(torch.zeros(2, 5, dtype=torch.long), kv_cache=cache)

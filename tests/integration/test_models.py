@@ -174,8 +174,11 @@ def test_llama_zero3_resumed_at_three_workers_and_continued_from_its_hf_folder(l
     ckpt = ref.checkpoint.rsplit("/step-", 1)[0] + f"/step-{SAVE_AT}"
     # One run, two jobs: the checkpoint resumed at 3 workers, and pretraining continued from the HF folder.
     cont = f"+pipeline.jobs.cont={{kind:pretrain,workers:2,init_from:'{hf_dir}',trainer:{{max_steps:2}}}}"
+    # The dataset reuses the folder's tokenizer (the one the checkpoint was trained with, too): an HF
+    # folder's weights over a dataset that would train its own tokenizer are refused before start.
     out = orch("run", *_common(3, "llama_tiny"), "pipeline.jobs.pretrain.workers=3",
-               f"pipeline.jobs.pretrain.resume_from={ckpt}", cont, "--state-dir", str(tmp_path / "state"))
+               f"pipeline.jobs.pretrain.resume_from={ckpt}", cont, f"data.tokenizer_uri={hf_dir}",
+               "--state-dir", str(tmp_path / "state"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     jobs = {j.name: j for j in JobStore(tmp_path / "state").list()}
 

@@ -148,7 +148,7 @@ def report(results: list[Result], measured: float, peak: float | None, device: s
         mem = f"{r.mem_gb:8.1f}" if r.mem_gb is not None else f"{'n/a':>8}"
         fell = "fell" if r.loss_fell else "DID NOT FALL"
         ok &= r.loss_fell
-        print(f"{r.name:<18} {r.wall_s:7.0f} {r.tokens_per_s:10,.0f} {r.tflops:8.1f} {r.tflops * 1e12 / measured:9.1%} "
+        print(f"{r.name:<18} {r.wall_s:7.0f} {r.tokens_per_s:10,.0f} {r.tflops:8.3g} {r.tflops * 1e12 / measured:9.1%} "
               f"{sheet} {mem} {r.first_loss:7.3f}->{r.last_loss:6.3f} {fell}")
     big = [r for r in results if r.name.startswith("gpt_1_3b") and not r.error]
     if big and peak:
@@ -179,9 +179,14 @@ def main() -> int:
     name = "CPU" if args.smoke else torch.cuda.get_device_name(0)
     measured = matmul_rate(device, args.smoke)
     peak = None if args.smoke else peak_flops(name)
-    print(f"device: {name}; measured {'fp32' if args.smoke else 'bf16'} matmul {measured / 1e12:.2f} TFLOP/s; "
-          f"datasheet bf16 peak " + (f"{peak / 1e12:.1f} TFLOP/s (measured/peak {measured / peak:.2f})" if peak
-                                     else "unknown (orchestrator/train/mfu.py: PEAK_BF16_FLOPS)"))
+    if args.smoke:
+        sheet = "none for a CPU (smoke: the MFU columns only show the path works)"
+    elif peak:
+        sheet = f"{peak / 1e12:.1f} TFLOP/s (measured/peak {measured / peak:.2f})"
+    else:
+        sheet = "unknown for this device: add it to PEAK_BF16_FLOPS in orchestrator/train/mfu.py"
+    print(f"device: {name}; measured {'fp32' if args.smoke else 'bf16'} matmul {measured / 1e12:.3g} TFLOP/s; "
+          f"datasheet bf16 peak {sheet}")
     runs = [("gpt_tiny", s) for s in STAGES] if args.smoke else _selected(args.only)
     steps = args.steps or (8 if args.smoke else 40)
     work = Path(args.keep or tempfile.mkdtemp(prefix="orch-gpu-bench-"))

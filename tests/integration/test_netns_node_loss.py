@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                  reason="network namespaces need root and iproute2's `ip`")]
 
-RUN = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=160", "trainer.log_interval=1",
+RUN = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=120", "trainer.log_interval=1",
        "checkpoint.interval=40", "data.num_documents=300", "tracking=none", "storage.shared=true",
        "pipeline.jobs.pretrain.max_failures=2"]
 

@@ -1,18 +1,18 @@
-"""Process and node faults on a real 3-node Ray cluster on this machine (`orch up --nodes 3`):
-the job's runner actor killed with SIGKILL, and a whole worker node lost (its raylet and every
-process under it killed with SIGKILL, as when a machine dies). After each the job completes, no
-committed checkpoint is lost, the job is launched once, and its final loss equals an
-uninterrupted run's; the steps redone are only those since the last commit.
+"""The job's runner actor killed with SIGKILL on a real 3-node Ray cluster on this machine
+(`orch up --nodes 3`): the controller launches a new runner, the job completes, no committed
+checkpoint is lost, the job is launched once, and its final loss equals an uninterrupted run's;
+the steps redone are only those since the last commit.
 
 (The worker processes, the controller actor and the whole cluster (`orch down` / `orch up`) are
-killed in test_recovery.py and test_controller.py.)
+killed in test_recovery.py and test_controller.py; a whole node in test_netns_node_loss.py. A
+raylet SIGKILLed with everything under it on this cluster recovered the same way: restarts 1, once
+2, when the first retry was placed before the GCS had noticed; dropped from the suite for time.)
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
@@ -21,7 +21,7 @@ from tests.integration.test_controller import TINY, Cli, _free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS = 240
+STEPS = 160
 JOB = [*TINY, "pipeline=pretrain", f"trainer.max_steps={STEPS}", "checkpoint.interval=40", "checkpoint.keep_last=2",
        "pipeline.jobs.pretrain.max_failures=2"]
 
@@ -54,17 +54,6 @@ def _processes(cluster: dict, name: str) -> list[psutil.Process]:
             except psutil.Error:
                 continue
     return out
-
-
-def _raylet_of(proc: psutil.Process) -> psutil.Process | None:
-    for parent in proc.parents():
-        if parent.name() == "raylet" or any(part.endswith("/raylet") for part in parent.cmdline()[:1]):
-            return parent
-    return None
-
-
-def _under(root: psutil.Process, pids: set[int]) -> bool:
-    return any(c.pid in pids for c in root.children(recursive=True))
 
 
 def _committed_step(job: dict) -> int:
@@ -102,36 +91,3 @@ def test_runner_killed(orch, cluster):
     _assert_recovered(jobs[job], jobs[ref], before)
     assert any("runner died" in h["reason"] for h in jobs[job]["history"])
     cluster["ref"] = jobs[ref]
-
-
-@pytest.mark.reliability(category="fault: node", case="a worker node lost (its raylet and all its processes SIGKILLed)",
-                         lost="the node's share of the running step; the steps since the last commit",
-                         happened="Ray Train restarted the worker group on the nodes left and resumed from the last "
-                                  "commit; final loss equal to an uninterrupted run's")
-def test_node_lost(orch, cluster):
-    cli = Cli(orch, cluster)
-    ref = cluster.get("ref")
-    if ref is None:
-        (ref_id,) = cli.submit(*JOB)
-        ref = cli.wait(lambda j: j[ref_id]["state"] in ("SUCCEEDED", "FAILED"), timeout=600)[ref_id]
-    (job,) = cli.submit(*JOB, "cluster.placement_strategy=SPREAD")
-    before = _committed_step(_wait_for_commit(cli, job, 80)[job])
-    head = _raylet_of(_processes(cluster, "ray::ControllerService")[0])
-    workers = {p.pid for p in _processes(cluster, "ray::RayTrainWorker")}
-    raylets = {_raylet_of(p) for p in _processes(cluster, "ray::RayTrainWorker")}
-    (victim,) = [r for r in raylets if r and r.pid != head.pid][:1]
-    assert _under(victim, workers)
-    doomed = [victim, *victim.children(recursive=True)]
-    for p in doomed:  # the machine dies: everything of that node at once
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    t0 = time.time()
-    jobs = cli.wait(lambda j: j[job]["state"] in ("SUCCEEDED", "FAILED"), timeout=600)
-    note = _assert_recovered(jobs[job], ref, before)
-    print("\n".join(f"{h['state']}: {h['reason']}" for h in jobs[job]["history"]))
-    # A failure of the worker group, retried by Ray Train; a second one when the first retry is
-    # placed before the cluster has noticed the node is gone (seen once in 3 runs).
-    assert 1 <= jobs[job]["restarts"] <= 2, jobs[job]["history"]
-    print(f"node lost: {note}; finished {time.time() - t0:.0f} s after the kill")

@@ -17,26 +17,16 @@ import signal
 import psutil
 import pytest
 
-from tests.integration.test_controller import TINY, Cli, _free_port
+from tests.integration import test_controller
+from tests.integration.test_controller import TINY, Cli
 
 pytestmark = pytest.mark.slow
+
+cluster = test_controller.cluster  # the same fixture: a 3-node `orch up` cluster of this module's own
 
 STEPS = 160
 JOB = [*TINY, "pipeline=pretrain", f"trainer.max_steps={STEPS}", "checkpoint.interval=40", "checkpoint.keep_last=2",
        "pipeline.jobs.pretrain.max_failures=2"]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from tests.conftest import run_orch
-
-    state = tmp_path_factory.mktemp("node-faults")
-    port = _free_port()
-    up = run_orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", str(port), "--state-dir", str(state),
-                  timeout=180)
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield {"address": f"127.0.0.1:{port}", "state": state}
-    run_orch("down", "--state-dir", str(state), timeout=120)
 
 
 def _processes(cluster: dict, name: str) -> list[psutil.Process]:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -38,6 +39,17 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting (and remount
 
 def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@contextmanager
+def _tmpfs(path: Path, size: str):
+    """A fresh tmpfs of `size` mounted at `path` (made here), unmounted at the end."""
+    path.mkdir()
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _remount_read_only(path: Path, timeout: float = 60) -> None:
@@ -111,10 +123,7 @@ def _intact(store, checkpoint: str) -> int:
                          happened="the job failed at once (no restart used) with one line naming the staging folder "
                                   "and ORCH_LOCAL_DIR; the last committed checkpoint verified")
 def test_staging_disk_full(tmp_path, reliability_tries):
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    _mount("-t", "tmpfs", "-o", "size=256m", "tmpfs", str(scratch))
-    try:
+    with _tmpfs(tmp_path / "scratch", "256m") as scratch:
         run = Run(tmp_path / "state", env={"ORCH_LOCAL_DIR": str(scratch)})
         checkpoint = run.wait_for_commit()
         with open(scratch / "filler", "wb") as f:  # fill what is left of the disk
@@ -127,8 +136,6 @@ def test_staging_disk_full(tmp_path, reliability_tries):
         code, out, seconds = run.finish()
         reason = _failed_at_once(run, code, out, "cannot stage the checkpoint", "ORCH_LOCAL_DIR", "disk is full")
         assert str(scratch) in reason
-    finally:
-        subprocess.run(["umount", "-l", str(scratch)], capture_output=True)
     store = open_store(f"file://{tmp_path / 'state' / 'store'}")
     assert _intact(store, checkpoint) > 0
     reliability_tries(1)
@@ -141,10 +148,7 @@ def test_staging_disk_full(tmp_path, reliability_tries):
                          happened="the job failed at once with one line (read-only file system, the fix); once "
                                   "writable again, a run with resume_from continued from the last commit")
 def test_store_made_read_only_then_resumed(tmp_path, reliability_tries):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    _mount("-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt))
-    try:
+    with _tmpfs(tmp_path / "mnt", "512m") as mnt:
         root = f"file://{mnt}/store"
         run = Run(tmp_path / "state", f"storage.root={root}")
         checkpoint = run.wait_for_commit()
@@ -163,8 +167,6 @@ def test_store_made_read_only_then_resumed(tmp_path, reliability_tries):
                                   "--state-dir", str(tmp_path / "state2")], capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert f"resumed from {newest}" in resumed.stdout
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     reliability_tries(1)
     print(f"store read-only: failed {seconds:.1f} s after the fault")
 

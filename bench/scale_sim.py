@@ -434,9 +434,10 @@ def run_queue(nodes: int, jobs: int, seed: int, tick_s: float) -> QueueStats:
     step, listing = controller_step_s(jobs)
     print(f"  the real Controller.step over the {jobs:,} waiting jobs in its SQLite store (nothing to decide): "
           f"{step:.2f} s, {step / jobs * 1e3:.2f} ms per job, where one JobStore.list() of them takes "
-          f"{listing:.2f} s: the step reads each job with its own connection (store.get), twice")
+          f"{listing:.2f} s (the step reads the jobs it drives with JobStore.get_many, twice)")
     print(f"  against the controller's 1 s poll: the policies take {stats.first_tick_s:.1%} of it with all {jobs:,} "
-          f"jobs queued; the store reads take {step:.1f}x the poll (the loop then runs back to back)")
+          f"jobs queued; the whole step {step:.1f}x the poll"
+          + (" (the loop then runs back to back)" if step > 1 else ""))
     return stats
 
 

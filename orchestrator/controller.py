@@ -79,7 +79,7 @@ class Controller:
     def step(self, job_ids: list[str]) -> bool:
         """One pass of the loop over `job_ids`. Returns True while any of them is not terminal."""
         self._decide_dependencies(job_ids)
-        jobs = [self.store.get(i) for i in job_ids]
+        jobs = self.store.get_many(job_ids)
         autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
         for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
             record = self.store.transition(d.job_id, d.state, d.reason)
@@ -88,10 +88,10 @@ class Controller:
         for job_id, handle in list(self.handles.items()):
             record = self.store.get(job_id)
             self._observe(record, self.launcher.poll(handle, record.last_event_seq))
-        return any(not self.store.get(i).state.terminal for i in job_ids)
+        return any(not j.state.terminal for j in self.store.get_many(job_ids))
 
     def _decide_dependencies(self, job_ids: list[str]) -> None:
-        jobs = [self.store.get(i) for i in job_ids]
+        jobs = self.store.get_many(job_ids)
         known = {j.id for j in jobs}
         for d in sorted({d for j in jobs for d in j.depends_on if d not in known}):
             try:

@@ -189,3 +189,12 @@ def test_from_json_rejects_an_unknown_state_or_field():
         JobRecord.from_json({**d, "state": "BOGUS"})
     with pytest.raises(TypeError, match="bogus"):
         JobRecord.from_json({**d, "bogus": 1})
+
+
+def test_get_many_reads_in_order_and_names_a_missing_job(store):
+    records = [record(f"j{i}-pretrain") for i in range(1203)]  # more than one chunk of parameters
+    store.add(records)
+    wanted = [r.id for r in reversed(records)]
+    assert [r.id for r in store.get_many(wanted)] == wanted
+    with pytest.raises(JobNotFound, match="nope-pretrain"):
+        store.get_many([wanted[0], "nope-pretrain"])

@@ -132,8 +132,9 @@ class Checkpointer:
         try:
             self._stage(engine, staging, tag, trainer_state)
         except (OSError, RuntimeError) as err:
+            error = _staging_error(err, staging, step)  # (the free space before the partial files go)
             shutil.rmtree(staging, ignore_errors=True)
-            raise _staging_error(err, staging, step) from err
+            raise error from err
 
         def upload() -> None:
             self._upload_and_commit(step, staging, tag, save_id[0])

@@ -86,6 +86,7 @@ class _Feed:
     def __init__(self, job: JobConfig, run: str, sink: WandbSink, emit):
         self.store, self.run, self.sink, self.emit = open_job_store(job), run, sink, emit
         self.told: dict = {}
+        self.parts: dict[str, list[dict]] = {}  # history parts read so far (each poll fetches only new ones)
         self.stop = threading.Event()
         self.warned = False
         self.thread = threading.Thread(target=self._loop, name="orch-wandb-feed", daemon=True)
@@ -93,7 +94,7 @@ class _Feed:
 
     def _rows(self) -> list[dict] | None:
         try:
-            return read_history(self.store, self.run)["rows"]
+            return read_history(self.store, self.run, self.parts)["rows"]
         except Exception as e:  # noqa: BLE001 - read again at the next poll
             if not self.warned:
                 log.warning("could not read the metrics history of %s: %s", self.run, e)

@@ -69,8 +69,10 @@ def losses(rows: list[dict], key: str = "train/loss") -> dict[int, float]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_parts(store: ObjectStore, run: str) -> tuple[list[str], dict[int, int], list[dict], dict]:
-    """(part uris read, attempt starts, rows, compacted document) of a run's history in the store."""
+def _read_parts(store: ObjectStore, run: str, cache: dict[str, list[dict]] | None = None
+                ) -> tuple[dict[str, list[dict]], dict[int, int], list[dict], dict]:
+    """({part uri: its items} read, attempt starts, rows, compacted document) of a run's history in
+    the store. `cache`: parts read before (a part is never rewritten), kept to those still listed."""
     prefix = join_uri(history_uri(run), PARTS_DIR) + "/"
     uris = sorted(o.uri for o in store.list(prefix) if o.uri.endswith(".jsonl"))
     try:
@@ -79,29 +81,34 @@ def _read_parts(store: ObjectStore, run: str) -> tuple[list[str], dict[int, int]
         base = {"through": 0, "starts": {}, "rows": []}
     starts = {int(a): s for a, s in base.get("starts", {}).items()}
     rows = list(base.get("rows", []))
-    read = []
+    read: dict[str, list[dict]] = {}
     for uri in uris:
+        if cache is not None and uri in cache:
+            read[uri] = cache[uri]
+            continue
         try:
             text = store.get(uri).decode()
         except ObjectNotFound:  # compacted away since listed: its rows are in a newer base
             base["missing"] = True
             continue
-        read.append(uri)
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
+        read[uri] = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for items in read.values():
+        for item in items:
             if item.get("header"):
                 starts[item["attempt"]] = item["start"]
             else:
                 rows.append(item)
+    if cache is not None:
+        cache.clear()
+        cache.update(read)
     return read, starts, rows, base
 
 
-def read_history(store: ObjectStore, run: str) -> dict:
-    """{"uri", "attempts": {attempt: resumed from step}, "rows": one per step}."""
+def read_history(store: ObjectStore, run: str, cache: dict[str, list[dict]] | None = None) -> dict:
+    """{"uri", "attempts": {attempt: resumed from step}, "rows": one per step}. `cache`: a dict the
+    caller keeps between reads, so that a poll fetches only the parts written since the last one."""
     for _ in range(3):  # a part compacted away after the base was read: read again
-        _read, starts, rows, base = _read_parts(store, run)
+        _read, starts, rows, base = _read_parts(store, run, cache)
         if not base.get("missing"):
             break
     return {"uri": history_uri(run), "attempts": {str(a): s for a, s in sorted(starts.items())},
@@ -180,20 +187,16 @@ class HistoryWriter:
                 kept = [r for r in resolve(starts, rows) if r["step"] <= through]
                 doc = {"through": through, "starts": {str(a): s for a, s in sorted(starts.items())}, "rows": kept}
                 self.store.put(join_uri(history_uri(self.run), COMPACTED), json.dumps(doc).encode())
-                for uri in read:
-                    if self._consumed(uri, through):
+                for uri, items in read.items():
+                    if self._consumed(uri, items, through):
                         self.store.delete(uri)
             except Exception as e:  # noqa: BLE001 - parts stay; the next commit compacts them
                 self._warn(f"could not compact the metrics history at step {through} ({e})")
 
-    def _consumed(self, uri: str, through: int) -> bool:
+    def _consumed(self, uri: str, items: list[dict], through: int) -> bool:
         """Whether the compacted history holds everything of part `uri` (a header is in its starts)."""
         if _part_attempt(uri) < self.attempt:
             return True
-        try:
-            items = [json.loads(line) for line in self.store.get(uri).decode().splitlines() if line.strip()]
-        except ObjectNotFound:
-            return False
         return all(i.get("header") or i["step"] <= through for i in items)
 
     def _warn(self, msg: str) -> None:

@@ -85,6 +85,30 @@ def test_writer_kill_and_resume_in_a_real_store(tmp_path: Path):
     assert losses(rows)[6] == 5006.0 and rows[-1]["world_size"] == 3
 
 
+def test_a_reader_with_a_cache_fetches_only_new_parts_and_reads_the_same(tmp_path: Path):
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.gets = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get(self, uri):
+            self.gets.append(uri)
+            return self.inner.get(uri)
+
+    store = Counting(open_store(str(tmp_path / "store")))
+    run = f"file://{tmp_path}/store/runs/p1-pretrain"
+    cache: dict = {}
+    w = _attempt(store.inner, run, 0, 7, 0.0, commit_at=(5,), reason="start")
+    assert read_history(store, run, cache) == read_history(store.inner, run)
+    store.gets.clear()
+    w.log({"train/loss": 8.0}, step=8)  # one new part since the last read
+    got = read_history(store, run, cache)
+    assert got == read_history(store.inner, run) and sorted(losses(got["rows"])) == list(range(1, 9))
+    assert [u for u in store.gets if "/parts/" in u] == [max(cache)]  # only the new part was fetched
+
+
 def test_a_failing_store_never_stops_the_writer(tmp_path: Path):
     class Flaky:
         def __init__(self, inner):

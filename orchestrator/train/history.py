@@ -130,11 +130,12 @@ class HistoryWriter:
     failed write is retried with the next flush (training goes on: a warning, once)."""
 
     def __init__(self, store: ObjectStore, run: str, *, world_size: int, start_step: int, reason: str,
-                 clock=time.time):
+                 clock=time.time, background: bool = False):
         self.store, self.run, self.world_size, self.clock = store, run, world_size, clock
         self.attempt = next_attempt(store, run)
         self.start_step = start_step
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pending rows
+        self._io = threading.RLock()  # writes to the store: one part at a time, in order; compaction
         self._pending: list[dict] = [{"header": True, "attempt": self.attempt, "start": start_step,
                                       "world_size": world_size, "reason": reason, "time": clock()}]
         self._events: list[dict] = [{"kind": reason, "from_step": start_step, "world_size": world_size}]
@@ -142,6 +143,22 @@ class HistoryWriter:
         self._warned = False
         self.last_step = start_step
         self.flush()
+        # background: rows are written by a thread (woken by each row, and every FLUSH_S), so the
+        # training step never waits for the store; a commit (compact) and finish write what is pending.
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._flusher, name="orch-history", daemon=True)
+            self._thread.start()
+
+    FLUSH_S = 5.0
+
+    def _flusher(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.FLUSH_S)
+            self._wake.clear()
+            self.flush()
 
     # the tracker's methods
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -151,6 +168,10 @@ class HistoryWriter:
         self.append(self.last_step, values)
 
     def finish(self, exit_code: int = 0) -> None:
+        if self._thread is not None:
+            self._closed = True
+            self._wake.set()
+            self._thread.join(timeout=60)
         self.flush()
 
     def append(self, step: int, metrics: dict | None = None, events: list[dict] | None = None) -> None:
@@ -162,26 +183,33 @@ class HistoryWriter:
             self._pending.append({"step": step, "attempt": self.attempt, "world_size": self.world_size,
                                   "time": self.clock(), "metrics": dict(metrics or {}), "events": evs})
             self.last_step = max(self.last_step, step)
-        self.flush()
+        if self._thread is not None:
+            self._wake.set()
+        else:
+            self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._pending:
-                return
-            self._n += 1
-            uri = join_uri(history_uri(self.run), PARTS_DIR, f"a{self.attempt:05d}-{self._n:06d}.jsonl")
-            body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._pending).encode()
+        """Write the pending rows as one new part (a failed write keeps them for the next flush)."""
+        with self._io:
+            with self._lock:
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+                self._n += 1
+                uri = join_uri(history_uri(self.run), PARTS_DIR, f"a{self.attempt:05d}-{self._n:06d}.jsonl")
+            body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in batch).encode()
             try:
                 self.store.put(uri, body)
-                self._pending = []
             except Exception as e:  # noqa: BLE001 - the history must never stop training
+                with self._lock:
+                    self._pending = batch + self._pending
                 self._warn(f"could not write metrics history to {uri} ({e}); retrying with the next row")
 
     def compact(self, through: int) -> None:
         """At a checkpoint commit of step `through`: one compacted history of the rows up to it, and
         the parts it replaces removed (earlier attempts' all, this attempt's up to `through`)."""
-        self.flush()
-        with self._lock:
+        with self._io:
+            self.flush()
             try:
                 read, starts, rows, _base = _read_parts(self.store, self.run)
                 kept = [r for r in resolve(starts, rows) if r["step"] <= through]

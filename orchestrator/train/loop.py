@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -83,6 +84,7 @@ class RunSpec:
 
 def train_worker(args: dict) -> None:
     """Entry point of each Ray Train worker (`train_loop_per_worker`)."""
+    entered = time.time()
     job = job_config_from_dict(args["job"])
     spec = RunSpec(**args["spec"])
     # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
@@ -90,20 +92,32 @@ def train_worker(args: dict) -> None:
     use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
     torch.set_num_threads(job.trainer.threads_per_worker)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _Trainer(job, spec).run()
+    _Trainer(job, spec, entered).run()
+
+
+def _process_start() -> float:
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return time.time()
 
 
 class _Trainer:
     """One worker's training run: builds everything, runs the loop, closes everything."""
 
-    def __init__(self, job: JobConfig, spec: RunSpec):
+    def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None):
         ctx = ray.train.get_context()
+        # Where this attempt's start-up time goes (rank 0 records it in the history at its first step).
+        self.startup = {"process_start": _process_start(), "entered": entered or time.time()}
         self.job, self.spec = job, spec
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.store = open_job_store(job)
         self.scratch = local_scratch(spec.job_id)
         self._closers: list = []  # run at the end of run(), in reverse
         self._control = None  # rank 0's pending question to the runner: stop?
+        self._asked_at = float("-inf")  # when it was asked (time.monotonic)
         self.history: HistoryWriter | NullHistory = NullHistory()  # rank 0's, once restored
 
     # ------------------------------------------------------------------------------ building
@@ -211,7 +225,7 @@ class _Trainer:
         if self.rank == 0:
             kind = {"first": "start", "failure": "restart", "relaunch": "restart"}.get(reason, reason)
             self.history = HistoryWriter(self.store, self.spec.run_uri, world_size=self.world, start_step=state.step,
-                                         reason=kind)
+                                         reason=kind, background=True)
 
     def _metrics(self, train: SplitReader) -> IntervalMetrics:
         """The per-interval metrics row's bookkeeping, with this model's FLOPs and this device's peak."""
@@ -241,13 +255,18 @@ class _Trainer:
             return torch.cuda.get_device_name()
         return None
 
+    STOP_POLL_S = 1.0  # how often rank 0 asks the runner whether to stop (one actor call each time)
+
     def _stop_requested(self) -> bool:
-        """Rank 0 only: whether the runner asked for a stop (polled without waiting: the answer to
-        the previous step's question)."""
+        """Rank 0 only: whether the runner asked for a stop. Asked at most once per STOP_POLL_S and
+        never waited for: a step sees the answer to a question asked at an earlier one."""
         if self.rank != 0 or self.spec.reporter is None:
             return False
         if self._control is None:
-            self._control = self.spec.reporter.control.remote()
+            now = time.monotonic()
+            if now - self._asked_at < self.STOP_POLL_S:
+                return False
+            self._control, self._asked_at = self.spec.reporter.control.remote(), now
         ready, _ = ray.wait([self._control], timeout=0)
         if not ready:
             return False
@@ -257,6 +276,12 @@ class _Trainer:
             answer = None
         self._control = None
         return answer == "stop"
+
+    def _record_startup(self, step: int) -> None:
+        """Rank 0, after this attempt's first step: when each start-up stage ended, as a history
+        event (bench/overhead.py reads it: process start, imports, data, engine + restore, batch)."""
+        self.startup["first_step"] = time.time()
+        self.history.append(step, events=[{"kind": "startup", **self.startup}])
 
     def _report(self, **fields) -> None:
         if self.rank == 0 and self.spec.reporter is not None:
@@ -307,7 +332,9 @@ class _Trainer:
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
         val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
         ckpt = self._checkpointer(manifest)
+        self.startup["data_opened"] = time.time()
         engine, state = self._restore(ckpt)
+        self.startup["restored"] = time.time()
         self._stamp(state)
         self._open_history(state, reason)
         try:
@@ -327,12 +354,16 @@ class _Trainer:
         batches = self._prefetcher(train, state.cursor)
         while state.step < tr.max_steps:
             micro, waited = batches.next(more=state.step + 1 < tr.max_steps)
+            if "first_batch" not in self.startup:
+                self.startup["first_batch"] = time.time()
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
             losses = self._train_step(engine, micro)
             state.step += 1
             state.cursor += tr.global_batch_size
             state.tokens_seen += meter.tokens_per_step
             meter.stepped(waited)
+            if "first_step" not in self.startup:
+                self._record_startup(state.step)
             # One all-reduce per step carries the loss and, for time-based intervals, whether any
             # rank's clock says a checkpoint is due (so every rank decides the same).
             due = cadence.due(state.step)

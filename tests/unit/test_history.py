@@ -131,6 +131,39 @@ def test_a_failing_store_never_stops_the_writer(tmp_path: Path):
     assert losses(read_history(store.inner, run)["rows"]) == {1: 1.0, 2: 2.0}
 
 
+def test_a_background_writer_never_makes_the_step_wait_and_loses_nothing_it_was_given(tmp_path):
+    """The training loop's writer: log() returns while the store is slow; rows reach the store in
+    order (the flusher thread), a commit writes what is pending first, finish() writes the rest."""
+    import threading
+
+    class Slow:
+        def __init__(self, inner):
+            self.inner, self.gate = inner, threading.Event()
+
+        def put(self, uri, data):
+            if "/parts/" in uri and not uri.endswith("-000001.jsonl"):
+                self.gate.wait()  # held until the test opens it (log() waiting here would hang the test)
+            self.inner.put(uri, data)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    store = Slow(open_store(str(tmp_path / "store")))
+    run = f"file://{tmp_path}/store/runs/j"
+    w = HistoryWriter(store, run, world_size=1, start_step=0, reason="start", background=True)
+    for step in range(1, 21):
+        w.log({"train/loss": float(step)}, step=step)  # returns although the store holds every write back
+    assert read_history(store.inner, run)["rows"] == []  # nothing written yet: only the header part
+    store.gate.set()
+    w.append(10, events=[{"kind": "checkpoint"}])
+    w.compact(10)
+    assert sorted(losses(read_history(store.inner, run)["rows"])) == list(range(1, 21))
+    for step in range(21, 31):
+        w.log({"train/loss": float(step)}, step=step)
+    w.finish()
+    assert losses(read_history(store.inner, run)["rows"]) == {s: float(s) for s in range(1, 31)}
+
+
 def test_export_job_and_redaction(monkeypatch):
     assert export_job_id("s3://b/orch/runs/p1-pretrain/export") == "p1-pretrain"
     assert export_job_id("/tmp/hf-model") is None

@@ -178,15 +178,21 @@ def _history_summary(history: dict) -> dict:
     return {**history, "rows": len(rows), "last": rows[-1] if rows else None}
 
 
-def status_rows(records, metrics: str | None = None) -> list[dict]:
-    """What `orch status --json` prints for each job: its record (`history`: its state changes)
+def status_rows(records, metrics: str | None = None, now: float | None = None) -> list[dict]:
+    """What `orch status --json` prints for each job: its record (`history`: its state changes),
+    what the table shows (max_steps, started_at, finished_at, elapsed_s, eta_s, tokens_per_s, mfu)
     and, with `metrics`, its metrics history from the store (`metrics_history`): "rows" every row
     (one per logged step), "summary" how many and the last."""
+    from orchestrator.status_view import job_row
+
     out, unreachable = [], {}
     for r in records:
         d = r.to_json()
         d.pop("config")
         d["workers"] = r.workers
+        shown = job_row(r, now)
+        shown.pop("workers_shown")
+        d.update(shown)
         if metrics:
             history = metrics_history(r, unreachable)
             d["metrics_history"] = history if metrics == "rows" else _history_summary(history)
@@ -194,26 +200,49 @@ def status_rows(records, metrics: str | None = None) -> list[dict]:
     return out
 
 
-def _print_status(args, records) -> None:
+def _print_status(args, records, header: list[str]) -> None:
     if args.json:
         print(json.dumps(status_rows(records, metrics="rows" if args.job else "summary"), indent=1))
         return
-    print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
-    for r in records:
-        m = r.metrics
-        workers = str(m.get("world_size") or r.workers) if r.state.active else str(r.workers)
-        if r.config.get("max_workers"):
-            workers = f"{workers} ({r.workers}-{r.config['max_workers']})"
-        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} "
-              f"{_fmt(m.get('loss')):>8} {r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
-        if args.job:
+    from orchestrator.status_view import show, status_view
+
+    show(status_view(records, header))
+    if args.job:
+        for r in records:
             if r.wandb.get("url") or r.wandb.get("dir"):
                 print(f"W&B run: {r.wandb.get('url') or r.wandb['dir']} ({r.wandb.get('mode', '?')}, "
                       f"group {r.wandb.get('group', r.pipeline_id)})")
             print(json.dumps(status_rows([r])[0], indent=1))
-    for r in records:
-        if r.failure_reason and not args.job:
-            print(f"{r.id}: {r.failure_reason}")
+
+
+def _show_status(args, read, header: list[str]) -> int:
+    """Print the jobs `read()` returns; with --watch, again every --interval seconds until every job
+    shown has ended: redrawn in place on a terminal (rich Live), one block per refresh otherwise."""
+    if not args.watch:
+        _print_status(args, read(), header)
+        return 0
+    from orchestrator.status_view import console, status_view
+
+    out = console()
+    if out.is_terminal and not args.json:
+        from rich.live import Live
+
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                records = read()
+                live.update(status_view(records, [f"{time.strftime('%H:%M:%S')}  {h}" for h in header or [""]]),
+                            refresh=True)
+                if all(r.state.terminal for r in records):
+                    return 0
+                time.sleep(args.interval)
+    while True:
+        records = read()
+        print(f"# {time.strftime('%H:%M:%S')}")
+        _print_status(args, records, header)
+        sys.stdout.flush()
+        if all(r.state.terminal for r in records):
+            return 0
+        time.sleep(args.interval)
 
 
 def cmd_status(args) -> int:
@@ -228,22 +257,14 @@ def cmd_status(args) -> int:
     address = resolve_address(args.address, state_dir)
     if address:
         with connect_controller(address, state_dir, start=False) as client:
-            while True:
-                records = [JobRecord.from_json(d) for d in client.status(args.job)]
-                if args.watch:
-                    print("\033[2J\033[H" if sys.stdout.isatty() else "", end="")
-                    print(f"# {time.strftime('%H:%M:%S')}  {address}")
-                _print_status(args, records)
-                if not args.watch or all(r.state.terminal for r in records):
-                    return 0
-                sys.stdout.flush()
-                time.sleep(args.interval)
+            header = [f"cluster {address}" + (f", dashboard {client.dashboard}" if client.dashboard else "")]
+            return _show_status(args, lambda: [JobRecord.from_json(d) for d in client.status(args.job)], header)
     if not os.path.exists(os.path.join(state_dir, JOBS_DB)):
         raise ConfigError(f"no job records in {state_dir} and no cluster to ask; run `orch run` or `orch up` first, "
                           f"or pass --state-dir / --address")
+    # No controller: the state folder's records, as `orch run` (maybe still running) writes them.
     store = JobStore(state_dir)
-    _print_status(args, [store.get(args.job)] if args.job else store.list())
-    return 0
+    return _show_status(args, lambda: [store.get(args.job)] if args.job else store.list(), [])
 
 
 def cmd_sync(args) -> int:

@@ -206,7 +206,7 @@ def _print_status(args, records, header: list[str]) -> None:
         return
     from orchestrator.status_view import show, status_view
 
-    show(status_view(records, header))
+    show(lambda width: status_view(records, header, width=width))
     if args.job:
         for r in records:
             if r.wandb.get("url") or r.wandb.get("dir"):
@@ -230,8 +230,8 @@ def _show_status(args, read, header: list[str]) -> int:
         with Live(console=out, auto_refresh=False) as live:
             while True:
                 records = read()
-                live.update(status_view(records, [f"{time.strftime('%H:%M:%S')}  {h}" for h in header or [""]]),
-                            refresh=True)
+                live.update(status_view(records, [f"{time.strftime('%H:%M:%S')}  {h}" for h in header or [""]],
+                                        width=out.width), refresh=True)
                 if all(r.state.terminal for r in records):
                     return 0
                 time.sleep(args.interval)

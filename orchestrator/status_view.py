@@ -9,7 +9,7 @@ escape codes to a pipe). rich is imported inside the functions that draw: `orch 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from orchestrator.jobs.record import JobRecord
 
@@ -101,9 +101,9 @@ _STATE_STYLE = {"RUNNING": "green", "SUCCEEDED": "bold green", "FAILED": "bold r
 COLUMNS = ("JOB", "STATE", "STEP", "LOSS", "TOK/S", "MFU", "WORKERS", "RESTARTS", "ELAPSED", "ETA")
 
 
-def status_table(records: list[JobRecord], now: float | None = None, title: str | None = None):
-    """A rich Table: per pipeline, a line with its id, then its jobs as the branches of a tree. On a
-    narrow terminal only the JOB column gives way (the ids are cut short, never the numbers)."""
+def status_table(records: list[JobRecord], now: float | None = None, width: int | None = None):
+    """A rich Table: per pipeline, a line with its id, then its jobs as the branches of a tree.
+    `width`: the terminal's; only the JOB column gives way to it (ids cut short, never numbers)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -124,12 +124,13 @@ def status_table(records: list[JobRecord], now: float | None = None, title: str 
             lines.append([Text(branch + r.id), Text(r.state.value, style=_STATE_STYLE.get(r.state.value, "")),
                           step, _num(m.get("loss"), ".4f"), fmt_rate(row["tokens_per_s"]), mfu, row["workers_shown"],
                           str(r.restarts), fmt_duration(row["elapsed_s"]), fmt_duration(row["eta_s"])])
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, title=title, title_justify="left", pad_edge=False,
-                  padding=(0, 1, 0, 0))
-    table.add_column(COLUMNS[0], no_wrap=True, overflow="ellipsis", min_width=8)
-    for i, name in enumerate(COLUMNS[1:], 1):
-        widest = max([len(name)] + [len(str(line[i])) for line in lines if len(line) > i])
-        table.add_column(name, no_wrap=True, min_width=widest, justify="left" if name == "STATE" else "right")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    widest = [max([len(name)] + [len(str(line[i])) for line in lines if len(line) > i])
+              for i, name in enumerate(COLUMNS)]
+    room = None if width is None else max(8, width - sum(widest[1:]) - 2 * (len(COLUMNS) - 1))
+    table.add_column(COLUMNS[0], no_wrap=True, overflow="ellipsis", max_width=room)
+    for name, w in zip(COLUMNS[1:], widest[1:]):
+        table.add_column(name, no_wrap=True, min_width=w, justify="left" if name == "STATE" else "right")
     for line in lines:
         table.add_row(*line)
     return table
@@ -154,9 +155,11 @@ def console(file=None, terminal: bool | None = None):
                    highlight=False, soft_wrap=False, emoji=False)
 
 
-def show(renderable, file=None) -> None:
-    """Print `renderable`: as rich draws it on a terminal, else as plain lines without trailing blanks."""
+def show(view: Callable[[int | None], object], file=None) -> None:
+    """Print `view(width)`: as rich draws it on a terminal (its width), else as plain lines without
+    trailing blanks."""
     out = console(file)
+    renderable = view(out.width if out.is_terminal else None)
     if out.is_terminal:
         out.print(renderable)
         return
@@ -165,9 +168,10 @@ def show(renderable, file=None) -> None:
     print("\n".join(line.rstrip() for line in captured.get().splitlines()), file=out.file, flush=True)
 
 
-def status_view(records: list[JobRecord], header: list[str] = (), now: float | None = None):
+def status_view(records: list[JobRecord], header: Sequence[str] = (), now: float | None = None,
+                width: int | None = None):
     """Everything one refresh of `orch status` prints, as one rich renderable."""
     from rich.console import Group
     from rich.text import Text
 
-    return Group(*(Text(h) for h in header), status_table(records, now), *failures(records))
+    return Group(*(Text(h) for h in header), status_table(records, now, width), *failures(records))

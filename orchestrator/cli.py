@@ -11,6 +11,7 @@
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
+    orch completion bash|zsh|tcsh           a shell completion script (source <(orch completion bash))
 
 Errors print one line and exit 2 (usage, config, input) or 1 (a job failed); --debug adds the
 traceback.
@@ -591,14 +592,44 @@ def _add_data_commands(sub) -> None:
     prep.set_defaults(func=cmd_data_prepare)
 
 
+def cmd_completion(args) -> int:
+    from orchestrator.completion import script
+
+    print(script(build_parser(), args.shell))
+    return 0
+
+
+def cmd_complete(args) -> int:
+    """The words a completion script offers (`orch _complete jobs|overrides`); fast and never loud."""
+    from orchestrator.completion import job_ids, override_words
+
+    words = job_ids(args.state_dir) if args.what == "jobs" else override_words()
+    print("\n".join(words))
+    return 0
+
+
+def _add_completion_commands(sub) -> None:
+    from orchestrator.completion import SHELLS  # (the standard library only)
+
+    comp = sub.add_parser("completion", help="print a shell completion script (source <(orch completion bash))")
+    comp.add_argument("shell", choices=SHELLS)
+    comp.set_defaults(func=cmd_completion)
+    words = sub.add_parser("_complete", parents=[STATE_DIR])  # (hidden: see build_parser)
+    words.add_argument("what", choices=("jobs", "overrides"))
+    words.set_defaults(func=cmd_complete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch",
                                 description="Pretrain then fine-tune language models on Ray Train + DeepSpeed ZeRO.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands):
+    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands,
+                _add_completion_commands):
         add(sub)
+    # `_complete` is for the completion scripts: out of the help, and out of the commands they offer.
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_complete"]
     return p
 
 

@@ -108,10 +108,10 @@ def status_table(records: list[JobRecord], now: float | None = None, width: int 
     from rich.table import Table
     from rich.text import Text
 
-    ids = {r.id for r in records}
     lines: list[list] = []
     for pid, jobs in pipelines(records):
-        outside = sorted({d for j in jobs for d in j.depends_on if d not in ids and not d.startswith(pid + "-")})
+        own = {j.id for j in jobs}
+        outside = sorted({d for j in jobs for d in j.depends_on if d not in own})  # `orch submit --after`
         head = Text(pid, style="bold")
         if outside:
             head.append(f"  (after {', '.join(outside)})", style="dim")

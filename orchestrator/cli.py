@@ -44,7 +44,9 @@ from orchestrator.jobs_api import decode_jobs, encode_jobs, is_jobs_api_address,
 
 
 def _say(msg: str) -> None:
-    print(f"[orch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    from orchestrator.progress import stamp
+
+    print(stamp(msg), flush=True)
 
 
 def _overrides(args) -> list[str]:
@@ -76,8 +78,10 @@ def cmd_run(args) -> int:
         _print_dry_run(raw, jobs)
         return 0
     from orchestrator.pipeline import run_pipeline  # (Ray, boto3: only when a pipeline runs)
+    from orchestrator.progress import ConsoleProgress
 
-    records = run_pipeline(root, jobs, say=_say, verbose=args.verbose)
+    with ConsoleProgress() as progress:  # bars on a terminal; the plain lines otherwise
+        records = run_pipeline(root, jobs, say=progress.say, verbose=args.verbose, watch=progress.jobs)
     _print_summary(root, records)
     if args.debug:
         for r in records:
@@ -443,7 +447,11 @@ def cmd_data_prepare(args) -> int:
     if args.dry_run:
         print("\n".join(describe(d) for d in datasets))
         return 0
-    prepare_datasets(root, datasets, say=_say, overwrite=args.overwrite)
+    from orchestrator.progress import ConsoleProgress
+
+    with ConsoleProgress() as progress:  # a bar per dataset on a terminal; the plain lines otherwise
+        parts = progress.bar if progress.terminal else None
+        prepare_datasets(root, datasets, say=progress.say, overwrite=args.overwrite, parts=parts)
     return 0
 
 

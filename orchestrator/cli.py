@@ -11,6 +11,7 @@
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
+    orch completion bash|zsh|tcsh           a shell completion script (source <(orch completion bash))
 
 Errors print one line and exit 2 (usage, config, input) or 1 (a job failed); --debug adds the
 traceback.
@@ -43,7 +44,9 @@ from orchestrator.jobs_api import decode_jobs, encode_jobs, is_jobs_api_address,
 
 
 def _say(msg: str) -> None:
-    print(f"[orch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    from orchestrator.progress import stamp
+
+    print(stamp(msg), flush=True)
 
 
 def _overrides(args) -> list[str]:
@@ -75,8 +78,10 @@ def cmd_run(args) -> int:
         _print_dry_run(raw, jobs)
         return 0
     from orchestrator.pipeline import run_pipeline  # (Ray, boto3: only when a pipeline runs)
+    from orchestrator.progress import ConsoleProgress
 
-    records = run_pipeline(root, jobs, say=_say, verbose=args.verbose)
+    with ConsoleProgress() as progress:  # bars on a terminal; the plain lines otherwise
+        records = run_pipeline(root, jobs, say=progress.say, verbose=args.verbose, watch=progress.jobs)
     _print_summary(root, records)
     if args.debug:
         for r in records:
@@ -178,15 +183,21 @@ def _history_summary(history: dict) -> dict:
     return {**history, "rows": len(rows), "last": rows[-1] if rows else None}
 
 
-def status_rows(records, metrics: str | None = None) -> list[dict]:
-    """What `orch status --json` prints for each job: its record (`history`: its state changes)
+def status_rows(records, metrics: str | None = None, now: float | None = None) -> list[dict]:
+    """What `orch status --json` prints for each job: its record (`history`: its state changes),
+    what the table shows (max_steps, started_at, finished_at, elapsed_s, eta_s, tokens_per_s, mfu)
     and, with `metrics`, its metrics history from the store (`metrics_history`): "rows" every row
     (one per logged step), "summary" how many and the last."""
+    from orchestrator.status_view import job_row
+
     out, unreachable = [], {}
     for r in records:
         d = r.to_json()
         d.pop("config")
         d["workers"] = r.workers
+        shown = job_row(r, now)
+        shown.pop("workers_shown")
+        d.update(shown)
         if metrics:
             history = metrics_history(r, unreachable)
             d["metrics_history"] = history if metrics == "rows" else _history_summary(history)
@@ -194,26 +205,49 @@ def status_rows(records, metrics: str | None = None) -> list[dict]:
     return out
 
 
-def _print_status(args, records) -> None:
+def _print_status(args, records, header: list[str]) -> None:
     if args.json:
         print(json.dumps(status_rows(records, metrics="rows" if args.job else "summary"), indent=1))
         return
-    print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'WORKERS':>7} {'STEP':>6} {'LOSS':>8} {'RESTARTS':>8}  DEPENDS ON")
-    for r in records:
-        m = r.metrics
-        workers = str(m.get("world_size") or r.workers) if r.state.active else str(r.workers)
-        if r.config.get("max_workers"):
-            workers = f"{workers} ({r.workers}-{r.config['max_workers']})"
-        print(f"{r.id:<28} {r.kind:<9} {r.state.value:<10} {workers:>7} {m.get('step', '-'):>6} "
-              f"{_fmt(m.get('loss')):>8} {r.restarts:>8}  {', '.join(r.depends_on) or '-'}")
-        if args.job:
+    from orchestrator.status_view import show, status_view
+
+    show(lambda width: status_view(records, header, width=width))
+    if args.job:
+        for r in records:
             if r.wandb.get("url") or r.wandb.get("dir"):
                 print(f"W&B run: {r.wandb.get('url') or r.wandb['dir']} ({r.wandb.get('mode', '?')}, "
                       f"group {r.wandb.get('group', r.pipeline_id)})")
             print(json.dumps(status_rows([r])[0], indent=1))
-    for r in records:
-        if r.failure_reason and not args.job:
-            print(f"{r.id}: {r.failure_reason}")
+
+
+def _show_status(args, read, header: list[str]) -> int:
+    """Print the jobs `read()` returns; with --watch, again every --interval seconds until every job
+    shown has ended: redrawn in place on a terminal (rich Live), one block per refresh otherwise."""
+    if not args.watch:
+        _print_status(args, read(), header)
+        return 0
+    from orchestrator.status_view import console, status_view
+
+    out = console()
+    if out.is_terminal and not args.json:
+        from rich.live import Live
+
+        with Live(console=out, auto_refresh=False) as live:
+            while True:
+                records = read()
+                live.update(status_view(records, [f"{time.strftime('%H:%M:%S')}  {h}" for h in header or [""]],
+                                        width=out.width), refresh=True)
+                if all(r.state.terminal for r in records):
+                    return 0
+                time.sleep(args.interval)
+    while True:
+        records = read()
+        print(f"# {time.strftime('%H:%M:%S')}")
+        _print_status(args, records, header)
+        sys.stdout.flush()
+        if all(r.state.terminal for r in records):
+            return 0
+        time.sleep(args.interval)
 
 
 def cmd_status(args) -> int:
@@ -228,22 +262,14 @@ def cmd_status(args) -> int:
     address = resolve_address(args.address, state_dir)
     if address:
         with connect_controller(address, state_dir, start=False) as client:
-            while True:
-                records = [JobRecord.from_json(d) for d in client.status(args.job)]
-                if args.watch:
-                    print("\033[2J\033[H" if sys.stdout.isatty() else "", end="")
-                    print(f"# {time.strftime('%H:%M:%S')}  {address}")
-                _print_status(args, records)
-                if not args.watch or all(r.state.terminal for r in records):
-                    return 0
-                sys.stdout.flush()
-                time.sleep(args.interval)
+            header = [f"cluster {address}" + (f", dashboard {client.dashboard}" if client.dashboard else "")]
+            return _show_status(args, lambda: [JobRecord.from_json(d) for d in client.status(args.job)], header)
     if not os.path.exists(os.path.join(state_dir, JOBS_DB)):
         raise ConfigError(f"no job records in {state_dir} and no cluster to ask; run `orch run` or `orch up` first, "
                           f"or pass --state-dir / --address")
+    # No controller: the state folder's records, as `orch run` (maybe still running) writes them.
     store = JobStore(state_dir)
-    _print_status(args, [store.get(args.job)] if args.job else store.list())
-    return 0
+    return _show_status(args, lambda: [store.get(args.job)] if args.job else store.list(), [])
 
 
 def cmd_sync(args) -> int:
@@ -421,7 +447,11 @@ def cmd_data_prepare(args) -> int:
     if args.dry_run:
         print("\n".join(describe(d) for d in datasets))
         return 0
-    prepare_datasets(root, datasets, say=_say, overwrite=args.overwrite)
+    from orchestrator.progress import ConsoleProgress
+
+    with ConsoleProgress() as progress:  # a bar per dataset on a terminal; the plain lines otherwise
+        parts = progress.bar if progress.terminal else None
+        prepare_datasets(root, datasets, say=progress.say, overwrite=args.overwrite, parts=parts)
     return 0
 
 
@@ -570,14 +600,44 @@ def _add_data_commands(sub) -> None:
     prep.set_defaults(func=cmd_data_prepare)
 
 
+def cmd_completion(args) -> int:
+    from orchestrator.completion import script
+
+    print(script(build_parser(), args.shell))
+    return 0
+
+
+def cmd_complete(args) -> int:
+    """The words a completion script offers (`orch _complete jobs|overrides`); fast and never loud."""
+    from orchestrator.completion import job_ids, override_words
+
+    words = job_ids(args.state_dir) if args.what == "jobs" else override_words()
+    print("\n".join(words))
+    return 0
+
+
+def _add_completion_commands(sub) -> None:
+    from orchestrator.completion import SHELLS  # (the standard library only)
+
+    comp = sub.add_parser("completion", help="print a shell completion script (source <(orch completion bash))")
+    comp.add_argument("shell", choices=SHELLS)
+    comp.set_defaults(func=cmd_completion)
+    words = sub.add_parser("_complete", parents=[STATE_DIR])  # (hidden: see build_parser)
+    words.add_argument("what", choices=("jobs", "overrides"))
+    words.set_defaults(func=cmd_complete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orch",
                                 description="Pretrain then fine-tune language models on Ray Train + DeepSpeed ZeRO.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands):
+    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands,
+                _add_completion_commands):
         add(sub)
+    # `_complete` is for the completion scripts: out of the help, and out of the commands they offer.
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "_complete"]
     return p
 
 

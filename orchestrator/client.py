@@ -68,8 +68,9 @@ _ERRORS = {c.__name__: c for c in (ClusterError, ConfigError, JobNotFound, OrchE
 class Client:
     """Calls on the controller actor; errors come back as the matching OrchError."""
 
-    def __init__(self, actor):
+    def __init__(self, actor, dashboard: str | None = None):
         self.actor = actor
+        self.dashboard = dashboard  # the URL of the cluster's Ray dashboard (and Jobs API), if it has one
 
     def _call(self, method: str, *args, timeout: float = 120):
         import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
@@ -115,8 +116,8 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
     from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (it imports Ray)
 
     try:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(), log_to_driver=False,
-                 logging_level=logging.ERROR)
+        context = ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(),
+                           log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
                            f"check --address / {RAY_ADDRESS_ENV}") from None
@@ -128,11 +129,18 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
                 raise ClusterError(f"no orch controller runs on the cluster at {address}; `orch up` starts one "
                                    f"(or any `orch submit` does)") from None
             actor = start_controller(state_dir or "~/.orch")
-        client = Client(actor)
+        client = Client(actor, dashboard_url(getattr(context, "dashboard_url", None)))
         client.ping()
         yield client
     finally:
         ray.shutdown()
+
+
+def dashboard_url(address: str | None) -> str | None:
+    """Ray's dashboard address as a URL (Ray gives HOST:PORT; none when the head runs no dashboard)."""
+    if not address:
+        return None
+    return address if "://" in address else f"http://{address}"
 
 
 # ------------------------------------------------------------------------------ orch up / down
@@ -208,7 +216,8 @@ def up(state_dir: str, nodes: int, cpus_per_node: int, port: int, say) -> str:
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node,
                                                    "session": session, "dashboard": dashboard}))
     say(f"cluster up at {address}: {nodes} node(s) x {cpus_per_node} CPU(s); controller pid {info['pid']}, "
-        f"state in {info['state_dir']}; Jobs API {dashboard}")
+        f"state in {info['state_dir']}")
+    say(f"dashboard {dashboard} (Ray's dashboard; also the Jobs API: `orch submit --address {dashboard}`)")
     return address
 
 

@@ -240,8 +240,14 @@ class Controller:
             if not record.state.terminal:
                 self.store.transition(job_id, JobState.CANCELLED, reason, failure_reason=reason)
 
-    def run(self, job_ids: list[str], poll_s: float = 1.0) -> list[JobRecord]:
-        """Step until every job in `job_ids` is terminal; their final records."""
-        while self.step(job_ids):
+    def run(self, job_ids: list[str], poll_s: float = 1.0,
+            watch: Callable[[list[JobRecord]], None] | None = None) -> list[JobRecord]:
+        """Step until every job in `job_ids` is terminal; their final records. `watch` sees the
+        records after each pass (orch run's progress bars)."""
+        while True:
+            going = self.step(job_ids)
+            if watch is not None:
+                watch(self.store.get_many(job_ids))
+            if not going:
+                return [self.store.get(i) for i in job_ids]
             time.sleep(poll_s)
-        return [self.store.get(i) for i in job_ids]

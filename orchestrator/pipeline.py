@@ -15,7 +15,9 @@ from orchestrator.storage import open_store
 
 
 def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
-                 verbose: bool = False) -> list[JobRecord]:
+                 verbose: bool = False, watch: Callable[[list[JobRecord]], None] | None = None) -> list[JobRecord]:
+    """Run the pipeline's jobs to their end; `say` gets the log lines, `watch` the records after
+    each pass of the controller (progress bars)."""
     store = open_store(root.storage.root, endpoint_url=root.storage.endpoint_url, region=root.storage.region)
     store.check(root.storage.root)  # fail fast on a missing bucket or bad credentials
     preflight(jobs)
@@ -31,7 +33,7 @@ def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], N
             + " -> ".join(f"{r.id}" for r in records))
         ids = [r.id for r in records]
         try:
-            return controller.run(ids)
+            return controller.run(ids, watch=watch)
         except BaseException:
             # The jobs of this command die with it: record that, so no job is left RUNNING forever.
             controller.abandon(ids, "orch run was interrupted before the job finished")

@@ -28,6 +28,7 @@ from orchestrator.config.typed import to_dict
 from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
+from orchestrator.jobs.lifecycle import PROGRESS_METRICS
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
 from orchestrator.tracking import ArtifactRef, WandbSink, export_job_id, redact
@@ -152,7 +153,7 @@ class JobRunner:
                           universal=fields.get("universal", False))
         if fields.get("checkpoint"):
             self.log.emit(EventKind.CHECKPOINT_COMMITTED, uri=fields["checkpoint"], step=fields.get("checkpoint_step"))
-        metrics = {k: fields[k] for k in ("step", "loss", "first_loss", "eval_loss", "tokens") if k in fields}
+        metrics = {k: fields[k] for k in PROGRESS_METRICS if k in fields}
         if metrics:
             self.log.emit(EventKind.PROGRESS, metrics=metrics)
 

@@ -19,7 +19,7 @@ from orchestrator.config.compose import resolve_jobs
 from orchestrator.config.schema import ClusterConfig, DataConfig, RootConfig
 from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.data.manifest import Manifest
-from orchestrator.data.prepare import check_prepare_destination, prepare_dataset, ray_runner
+from orchestrator.data.prepare import PartsProgress, check_prepare_destination, prepare_dataset, ray_runner
 from orchestrator.data.sources import check_source
 from orchestrator.errors import ConfigError
 from orchestrator.storage import open_store, routed, to_uri
@@ -60,11 +60,12 @@ def describe(data: DataConfig) -> str:
 
 
 def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Callable[[str], None],
-                     overwrite: bool = False) -> list[Manifest]:
+                     overwrite: bool = False, parts: PartsProgress | None = None) -> list[Manifest]:
     """Check every destination and source, then prepare each dataset; its parts are tokenized on the
     cluster `root.cluster` names (an embedded one when it names none), which is started only once
     there are parts to tokenize: a corpus whose first files cannot be read fails in a second.
-    `overwrite`: prepare into folders of files orch did not write."""
+    `overwrite`: prepare into folders of files orch did not write. `parts`: a progress bar of the
+    parts tokenized, instead of a line per part."""
     storage = root.storage
     # each dataset's store, which also reads its source and tokenizer wherever they are (local, S3)
     stores = [routed(open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region)) for d in datasets]
@@ -79,7 +80,7 @@ def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Call
     manifests = []
     with _ClusterOnDemand(root.cluster) as runner:
         for store, d in zip(stores, datasets):
-            m = prepare_dataset(store, d, progress=say, runner=runner, overwrite=overwrite)
+            m = prepare_dataset(store, d, progress=say, runner=runner, overwrite=overwrite, parts=parts)
             say(f"dataset {m.name} ready at {d.uri}: {m.splits['train'].tokens:,} train tokens, "
                 f"{m.splits['train'].samples:,} samples of {m.seq_len} tokens")
             manifests.append(m)

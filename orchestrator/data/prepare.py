@@ -101,13 +101,20 @@ def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) ->
                     return
 
 
-class _Progress:
-    """Documents, tokens and MB/s as tasks finish: one line per update (redrawn on a terminal)."""
+# A progress bar of the parts tokenized: (key, description, parts done, parts in all, unit, detail)
+# (orchestrator.progress.ConsoleProgress.bar, on a terminal).
+PartsProgress = Callable[[str, str, int, int, str, str], None]
 
-    def __init__(self, say: Callable[[str], None], name: str, units: int):
-        self.say, self.name, self.units = say, name, units
+
+class _Progress:
+    """Documents, tokens and MB/s as tasks finish: one line per update, or a bar's move (`parts`)."""
+
+    def __init__(self, say: Callable[[str], None], name: str, units: int, parts: PartsProgress | None = None):
+        self.say, self.name, self.units, self.parts = say, name, units, parts
         self.done = self.docs = self.tokens = self.bytes = 0
         self.t0 = time.perf_counter()
+        if parts is not None:
+            parts(f"dataset {name}", f"dataset {name}: tokenizing", 0, units, "parts", "")
 
     def update(self, result: dict) -> None:
         self.done += 1
@@ -116,6 +123,10 @@ class _Progress:
         self.bytes += result["source_bytes"]
         dt = max(time.perf_counter() - self.t0, 1e-6)
         mb_s = f", {self.bytes / dt / 1e6:.1f} MB/s" if self.bytes else ""
+        if self.parts is not None:
+            self.parts(f"dataset {self.name}", f"dataset {self.name}: tokenizing", self.done, self.units, "parts",
+                       f"{self.docs:,} documents, {self.tokens:,} tokens{mb_s}, {self.tokens / dt:,.0f} tokens/s")
+            return
         self.say(f"dataset {self.name}: tokenized {self.done}/{self.units} parts, {self.docs:,} documents, "
                  f"{self.tokens:,} tokens{mb_s}, {self.tokens / dt:,.0f} tokens/s")
 
@@ -149,7 +160,8 @@ def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str]
 
 
 def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,
-                    runner: Runner | None = None, overwrite: bool = False) -> Manifest:
+                    runner: Runner | None = None, overwrite: bool = False,
+                    parts: PartsProgress | None = None) -> Manifest:
     """Prepare `cfg` at `cfg.uri` unless a dataset with the same signature is already there (a
     dataset from other settings there is an error: it is never overwritten). `cfg.uri` must not
     overlap the source, and must be empty or a dataset folder orch wrote, unless `overwrite`.
@@ -185,7 +197,7 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     dtype = token_dtype(vocab)
     store.put(join_uri(cfg.uri, TOKENIZER), tok_file.json.encode())
 
-    bar = _Progress(say, cfg.name, len(units))
+    bar = _Progress(say, cfg.name, len(units), parts)
     results = []
     for result in (runner or default_runner())(tokenize_unit, [(store, cfg, cfg.source, u, tok_file.json, dtype, eot)
                                                                for u in units]):

@@ -19,7 +19,10 @@ from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEve
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState, allowed
 
-_METRIC_KEYS = ("step", "loss", "first_loss", "eval_loss", "tokens", "world_size")
+# What a PROGRESS event carries into the record's metrics (rank 0's latest logged row): `orch status`
+# shows them; step_time_s (the mean over the last log interval) gives the ETA.
+PROGRESS_METRICS = ("step", "loss", "first_loss", "eval_loss", "tokens", "tokens_per_s", "step_time_s", "mfu")
+_METRIC_KEYS = (*PROGRESS_METRICS, "world_size")
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,9 @@ class _Trainer:
                 if self.rank == 0:
                     row.update(grad_norm(engine), **system_metrics(self.device))
                 self.history.log(row, step=state.step)
-                self._report(step=state.step, loss=vote.loss, first_loss=state.first_loss, tokens=state.tokens_seen)
+                self._report(step=state.step, loss=vote.loss, first_loss=state.first_loss, tokens=state.tokens_seen,
+                             tokens_per_s=row["perf/tokens_per_s"], step_time_s=row["perf/step_time_s"],
+                             mfu=row.get("perf/mfu"))
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
                 self._report(eval_loss=self._logged_eval(engine, val, state.step))
             if vote.checkpoint_due:

@@ -41,6 +41,9 @@ def cluster(tmp_path_factory):
                   timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "3 node(s) x 2 CPU(s)" in up.stdout
+    dashboard = re.search(r"dashboard (http://127\.0\.0\.1:\d+) ", up.stdout).group(1)
+    status = run_orch("status", "--state-dir", str(state), timeout=120)  # no jobs yet: the cluster and its dashboard
+    assert status.returncode == 0 and f"cluster 127.0.0.1:{port}, dashboard {dashboard}" in status.stdout, status
     yield {"address": f"127.0.0.1:{port}", "state": state}
     down = run_orch("down", "--state-dir", str(state), timeout=120)
     assert down.returncode == 0, down.stderr

@@ -158,6 +158,20 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout
 
+    # `orch status` (no controller: the state folder): the pipeline as a tree of its jobs, with
+    # step/total, throughput and elapsed time; --json has the same values.
+    for job in (pre, fine):
+        assert job["max_steps"] == job["metrics"]["step"] and job["eta_s"] is None
+        assert 0 < job["elapsed_s"] == pytest.approx(job["finished_at"] - job["started_at"])
+        assert job["tokens_per_s"] == job["metrics"]["tokens_per_s"] > 0 and job["metrics"]["step_time_s"] > 0
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--state-dir", str(state_dir)],
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and lines[0].split()[:3] == ["JOB", "STATE", "STEP"], out.stdout + out.stderr
+    assert lines[2] == pre["pipeline_id"]
+    assert lines[3].split()[:4] == ["├─", pre["id"], "SUCCEEDED", "30/30"]
+    assert lines[4].split()[:4] == ["└─", fine["id"], "SUCCEEDED", "10/10"]
+
 
 def _status_json(state_dir: Path, job_id: str) -> dict:
     """`orch status JOB --json`: the job with every row of its metrics history."""

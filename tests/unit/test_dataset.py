@@ -403,3 +403,17 @@ def test_jsonl_line_without_text_names_file_and_line(tmp_path):
     root = f"file://{tmp_path}/store"
     with pytest.raises(DatasetError, match=r"rows\.jsonl line 2 .*'text'"):
         prepare_dataset(open_store(root), text_config(root, source=f"file://{src}"))
+
+
+def test_progress_bar_of_the_parts_instead_of_lines(tmp_path):
+    """On a terminal `orch data prepare` moves a bar per dataset (parts done of all, with tokens/s)
+    instead of printing a line per part; the other lines are said as before."""
+    store = open_store(f"file://{tmp_path}/store")
+    cfg = text_config(f"file://{tmp_path}/store", name="bar", unit_mb=0.01, num_documents=300)
+    moves, lines = [], []
+    prepare_dataset(store, cfg, progress=lines.append, parts=lambda *a: moves.append(a))
+    total = moves[0][3]
+    assert total >= 1 and moves[0][:5] == ("dataset bar", "dataset bar: tokenizing", 0, total, "parts")
+    assert [m[2] for m in moves] == list(range(total + 1)) and all(m[3] == total for m in moves)
+    assert "tokens/s" in moves[-1][5] and not any("tokenized" in line for line in lines)
+    assert any("train:" in line for line in lines)

@@ -154,8 +154,9 @@ def read_events(state_dir: str | os.PathLike[str], job_id: str, offset: int = 0)
 
 # ----------------------------------------------------------------------------------- workers
 class WorkerLogReader:
-    """Reads a run's worker logs from the store, each part once: rank `rank`'s output (with
-    `[rank R]`, and the attempt when there are several) and every other rank's traceback."""
+    """Reads a run's worker logs from the store, each part once: rank `rank`'s output and every
+    other rank's traceback, each line shown as `<time> [rank R] text` (`[attempt N rank R]` after
+    the first worker group)."""
 
     def __init__(self, store, run: str, rank: int):
         self.store, self.run, self.rank = store, run, rank
@@ -184,7 +185,7 @@ class WorkerLogReader:
             prefix = self._prefix(name, attempts)
             if name.seq < 0:
                 prefix += "traceback: "
-            out += parse_part(text, prefix)
+            out += [Line(line.t, f"{format_time(line.t)} {line.text}") for line in parse_part(text, prefix)]
         return out
 
 

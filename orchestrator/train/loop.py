@@ -330,6 +330,8 @@ class _Trainer:
         val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
         ckpt = self._checkpointer(manifest)
         engine, state = self._restore(ckpt)
+        log.info("rank %d of %d on %s: ZeRO-%d engine ready at step %d of %d", self.rank, self.world, self.device,
+                 job.deepspeed.stage, state.step, job.trainer.max_steps)
         self._stamp(state)
         self._open_history(state, reason)
         try:

@@ -72,15 +72,18 @@ def test_worker_reader_shows_one_rank_and_every_other_ranks_traceback_each_part_
     _write_part(store, run, a1, 1, -1, [(T0 + 2, "Traceback (most recent call last):"), (T0 + 2, "ValueError: x")])
     _write_part(store, run, a1, 0, -1, [(T0 + 2, "rank 0's own traceback")])  # (in its output already)
     reader = WorkerLogReader(store, run, rank=0)
-    assert [line.text for line in reader.read()] == [
+    first = reader.read()
+    assert first[0].text == f"{format_time(T0)} [rank 0] r0 first"
+    assert [line.text.split(" ", 2)[2] for line in first] == [
         "[rank 0] r0 first", "[rank 1] traceback: Traceback (most recent call last):",
         "[rank 1] traceback: ValueError: x"]
     assert reader.read() == []  # nothing new
     _write_part(store, run, a1, 0, 2, [(T0 + 1, "r0 second")])
     _write_part(store, run, a2, 0, 1, [(T0 + 100, "r0 again")])
-    assert [line.text for line in reader.read()] == ["[rank 0] r0 second", "[attempt 2 rank 0] r0 again"]
+    assert [line.text.split(" ", 2)[2] for line in reader.read()] == ["[rank 0] r0 second",
+                                                                       "[attempt 2 rank 0] r0 again"]
     assert reader.ranks == {0, 1}
-    assert sorted(line.text for line in WorkerLogReader(store, run, rank=1).read()) == [
+    assert sorted(line.text.split(" ", 2)[2] for line in WorkerLogReader(store, run, rank=1).read()) == [
         "[rank 0] traceback: rank 0's own traceback", "[rank 1] r1 first"]
 
 

@@ -202,12 +202,15 @@ def show_logs(read, open_workers, emit, *, follow: bool = False, events_only: bo
     from orchestrator.constants import WORKER_LOG_UPLOAD_S
 
     lag_s = WORKER_LOG_UPLOAD_S + 2 * poll_s if lag_s is None else lag_s
-    offset, workers, merged, failed, ended = 0, None, Interleaver(), False, False
+    offset, workers, merged, failed, ended, listed = 0, None, Interleaver(), False, False, None
     while True:
         out = read(offset)
         offset = out["offset"]
         merged.add(parse_events(out["text"]))
-        if not events_only and not failed:
+        done = not follow or ended
+        # (the store is listed once per upload interval: a worker's new part comes no more often)
+        if not events_only and not failed and (done or listed is None or clock() - listed >= WORKER_LOG_UPLOAD_S):
+            listed = clock()
             try:
                 workers = workers or open_workers(out["record"])
                 merged.add(workers.read())
@@ -220,7 +223,6 @@ def show_logs(read, open_workers, emit, *, follow: bool = False, events_only: bo
                 if warn is not None:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                     warn(f"the workers' output could not be read ({type(e).__name__}: {first}); the events only")
-        done = not follow or ended
         for line in merged.take(None if done else clock() - lag_s):
             emit(line)
         if done:

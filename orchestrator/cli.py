@@ -5,7 +5,7 @@
     orch submit [OVERRIDES...] [--after J]  queue a pipeline's jobs on the controller; prints the ids
     orch status [JOB] [--json] [--watch]    job records (from the controller, else the state folder)
     orch sync JOB|PIPELINE                  upload the jobs' offline W&B runs (`wandb sync`)
-    orch logs JOB [-f]                      a job's events: states, progress, failures
+    orch logs JOB [-f] [--rank N]           a job's workers' output among its events (--controller: events only)
     orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
     orch scale JOB --workers N              checkpoint, restart at N workers from it
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
@@ -390,19 +390,55 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    """The job's events and its workers' own output (rank 0, or --rank; every failed rank's
+    traceback), by time: from the controller, else the state folder; the workers' from the store."""
     _check_job_id(args.job)
+    if args.rank < 0:
+        raise ConfigError(f"--rank must be a worker's rank (0, 1, ...), got {args.rank}")
     api = _jobs_api(args)
     if api:
-        return _on_head(args, api, ["logs", args.job, *(["--follow"] if args.follow else [])])
-    with _job_controller(args, "read the logs of") as client:
-        offset = 0
-        while True:
-            out = client.logs(args.job, offset)
-            print(out["text"], end="", flush=True)
-            offset = out["offset"]
-            if not args.follow or out["terminal"]:
-                return 0
-            time.sleep(1.0)
+        return _on_head(args, api, ["logs", args.job, *(["--follow"] if args.follow else []),
+                                    *(["--rank", str(args.rank)] if args.rank else []),
+                                    *(["--controller"] if args.controller else [])])
+    from orchestrator.joblogs import read_events, show_logs
+
+    def show(read) -> int:
+        show_logs(read, lambda record: _worker_logs(record, args.rank), lambda line: print(line, flush=True),
+                  follow=args.follow, events_only=args.controller, warn=lambda msg: print(f"orch: {msg}",
+                                                                                         file=sys.stderr))
+        return 0
+
+    state_dir = _state_dir(args)
+    address = resolve_address(args.address, state_dir)
+    if address:
+        with connect_controller(address, state_dir, start=False) as client:
+            return show(lambda offset: client.logs(args.job, offset))
+    if not os.path.exists(os.path.join(state_dir, JOBS_DB)):
+        raise ConfigError(f"no job records in {state_dir} and no cluster to ask; run `orch run` or `orch up` first, "
+                          f"or pass --state-dir / --address")
+    records = JobStore(state_dir)
+
+    def read(offset: int) -> dict:
+        record = records.get(args.job)  # (first: the events read after a terminal state hold its line)
+        text, offset = read_events(state_dir, args.job, offset)
+        return {"text": text, "offset": offset, "terminal": record.state.terminal, "record": record.to_json()}
+
+    return show(read)
+
+
+def _worker_logs(record: dict, rank: int):
+    """A reader of the job's workers' output in its run folder of the store (`orchestrator.joblogs`)."""
+    # Lazy: the storage backends load boto3.
+    from orchestrator.checkpoint.layout import run_uri
+    from orchestrator.joblogs import WorkerLogReader
+    from orchestrator.storage import open_store
+
+    most = record["config"].get("max_workers") or record["config"]["workers"]
+    if rank >= most:
+        raise ConfigError(f"job {record['id']} runs at most {most} worker(s) (ranks 0-{most - 1}), got --rank {rank}")
+    storage = record["config"].get("storage") or {}
+    store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
+    return WorkerLogReader(store, run_uri(storage["root"], record["id"]), rank)
 
 
 def cmd_cancel(args) -> int:
@@ -548,9 +584,13 @@ def _add_job_commands(sub) -> None:
     sy.add_argument("target", metavar="JOB|PIPELINE", help="a job id, or a pipeline id (all its jobs)")
     sy.set_defaults(func=cmd_sync)
 
-    lg = sub.add_parser("logs", parents=shared, help="a job's events: state changes, progress, failures")
+    lg = sub.add_parser("logs", parents=shared,
+                        help="a job's workers' output (rank 0; every failed rank's traceback) among its events")
     lg.add_argument("job")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    lg.add_argument("--rank", type=int, default=0, help="whose output: the worker of this rank (default 0)")
+    lg.add_argument("--controller", action="store_true",
+                    help="the job's events only: state changes, attempts, progress, failures")
     lg.set_defaults(func=cmd_logs)
 
     cn = sub.add_parser("cancel", parents=shared, help="checkpoint a job, then stop it (its dependents become BLOCKED)")

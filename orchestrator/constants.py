@@ -40,3 +40,4 @@ SECRET_ENV_VARS = (
 LOCAL_DIR_ENV = "ORCH_LOCAL_DIR"  # node-local scratch for staging, restores and the shard cache (default: $TMPDIR/orch)
 
 HISTORY_POLL_S = 10.0  # how often a job's runner feeds new metrics history rows to its W&B run
+WORKER_LOG_UPLOAD_S = 5.0  # how often each worker uploads what it printed since (orchestrator.train.output)

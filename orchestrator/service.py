@@ -16,13 +16,13 @@ import os
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import ray
 
 from orchestrator.cluster import capacity
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.errors import OrchError
+from orchestrator.joblogs import EventLog, read_events
 from orchestrator.jobs.store import JobStore
 from orchestrator.launcher import new_controller
 from orchestrator.preflight import preflight
@@ -59,8 +59,7 @@ class ControllerService:
     def __init__(self, state_dir: str, poll_s: float = 1.0):
         self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
         self.poll_s = poll_s
-        self.log_dir = Path(self.state_dir) / "logs"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.state_dir)  # logs/controller.log and logs/<job id>.log
         self.lock = threading.RLock()
         self.store = JobStore(self.state_dir)
         self.started_at = time.time()
@@ -75,13 +74,7 @@ class ControllerService:
 
     # ---------------------------------------------------------------------------------- logs
     def _say(self, msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
-        with open(self.log_dir / "controller.log", "a") as f:
-            f.write(line)
-        job_id, sep, _ = msg.partition(": ")
-        if sep and job_id and "/" not in job_id and " " not in job_id:
-            with open(self.log_dir / f"{job_id}.log", "a") as f:
-                f.write(line)
+        self.events.write(msg)
 
     def _loop(self) -> None:
         while True:
@@ -123,16 +116,11 @@ class ControllerService:
 
     @_answer(locked=False)
     def logs(self, job_id: str, offset: int = 0) -> dict:
+        """The job's events from byte `offset` of its event file on, and where to read next."""
         record = self.store.get(job_id)
-        path = self.log_dir / f"{job_id}.log"
-        text = ""
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-            offset += len(data)
-            text = data.decode(errors="replace")
-        return {"text": text, "offset": offset, "terminal": record.state.terminal, "state": record.state.value}
+        text, offset = read_events(self.state_dir, job_id, offset)
+        return {"text": text, "offset": offset, "terminal": record.state.terminal, "state": record.state.value,
+                "record": record.to_json()}
 
 
 def start_controller(state_dir: str):

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import ray
@@ -33,6 +34,7 @@ from orchestrator.constants import MODEL_CONFIG, TOKENIZER
 from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.order import eval_batch, micro_batches, rank_slice
 from orchestrator.data.reader import SplitReader
+from orchestrator.joblogs import rank_logs_uri
 from orchestrator.storage import join_uri
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
@@ -40,6 +42,7 @@ from orchestrator.train.extensions import use_prebuilt
 from orchestrator.train.history import HistoryWriter, NullHistory
 from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metrics
 from orchestrator.train.mfu import peak_flops
+from orchestrator.train.output import WorkerOutput
 from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.vote import all_mean, step_vote
 from orchestrator.workspace import local_scratch, open_job_store
@@ -83,16 +86,34 @@ class RunSpec:
 
 
 def train_worker(args: dict) -> None:
-    """Entry point of each Ray Train worker (`train_loop_per_worker`)."""
+    """Entry point of each Ray Train worker (`train_loop_per_worker`). What the worker prints goes
+    to the run's folder in the store as well (`orch logs`), its traceback first if it fails."""
     entered = time.time()
     job = job_config_from_dict(args["job"])
     spec = RunSpec(**args["spec"])
-    # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
-    os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
-    use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
-    torch.set_num_threads(job.trainer.threads_per_worker)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _Trainer(job, spec, entered).run()
+    rank = ray.train.get_context().get_world_rank()
+    output = WorkerOutput(local_scratch(spec.job_id) / "logs" / f"rank-{rank}-{os.getpid()}.log").start()
+    try:
+        output.upload_to(open_job_store(job), rank_logs_uri(spec.run_uri, _attempt_name(), rank))
+        # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
+        os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
+        use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
+        torch.set_num_threads(job.trainer.threads_per_worker)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        _Trainer(job, spec, entered).run()
+    except Exception:
+        output.failed(f"rank {rank} failed:\n{traceback.format_exc()}")
+        raise
+    finally:
+        output.close()
+
+
+def _attempt_name() -> str:
+    """This worker group's name in the logs, the same on every rank: when its rank 0 got here (ms)."""
+    name = [f"{int(time.time() * 1000):013d}"]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def _process_start() -> float:
@@ -335,6 +356,8 @@ class _Trainer:
         self.startup["data_opened"] = time.time()
         engine, state = self._restore(ckpt)
         self.startup["restored"] = time.time()
+        log.info("rank %d of %d on %s: ZeRO-%d engine ready at step %d of %d", self.rank, self.world, self.device,
+                 job.deepspeed.stage, state.step, job.trainer.max_steps)
         self._stamp(state)
         self._open_history(state, reason)
         try:

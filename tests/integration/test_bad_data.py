@@ -278,6 +278,14 @@ def test_shard_with_a_flipped_byte_fails_the_job_with_one_reason(orch, tmp_path,
     assert job["restarts"] == 0 and "RESTARTING" not in [h["state"] for h in job["history"]]  # failed at once
     assert not list((state / "store" / "runs").rglob("COMMITTED.json"))  # nothing trained on it was committed
     assert os.path.getsize(shard) == len(raw)
+    # `orch logs` shows the failed rank's own output, its traceback among it, and the events.
+    logs = orch("logs", job["id"], "--state-dir", str(state))
+    assert logs.returncode == 0, logs.stderr
+    assert "[rank 0] rank 0 failed:" in logs.stdout and "[rank 0] Traceback (most recent call last):" in logs.stdout
+    assert any("[rank 0] " in line and shard.name in line and "sha256" in line for line in logs.stdout.splitlines())
+    assert f"{job['id']}: FAILED: " in logs.stdout
+    out = orch("logs", job["id"], "--rank", "1", "--state-dir", str(state))
+    assert out.returncode == 2 and "at most 1 worker(s)" in out.stderr and "Traceback" not in out.stderr
 
 
 # ------------------------------------------------------------------------------ tokenizers

@@ -11,6 +11,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,6 +135,8 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     jobs = cli.wait(lambda j: j[d]["state"] == "BLOCKED")
     assert jobs[b]["state"] == "CANCELLED" and f"dependency {b} is CANCELLED" in jobs[d]["history"][-1]["reason"]
 
+    follow = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", c, "-f", "--rank", "3", "--address",
+                               cli.address, "--state-dir", str(cli.state)], stdout=subprocess.PIPE, text=True)
     out = cli("cancel", c)  # checkpoint first, then stop
     assert "checkpointing" in out.stdout
     jobs = cli.wait(lambda j: j[c]["state"] == "CANCELLED")
@@ -147,6 +151,9 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
 
     logs = cli("logs", c).stdout
     assert "RUNNING on 4 workers" in logs and "CANCELLED" in logs and re.search(r"step \d+/5000 loss \d", logs)
+    assert "[rank 0] rank 0 of 4 on cpu" in logs and "[rank 3]" not in logs
+    followed, _ = follow.communicate(timeout=60)  # `orch logs -f` started while it ran: it ended with the job
+    assert "[rank 3] rank 3 of 4 on cpu" in followed and f"{c}: CANCELLED" in followed and follow.returncode == 0
 
 
 def _runs(job: dict) -> list[Path]:
@@ -258,7 +265,7 @@ def test_commands_through_the_jobs_api_from_a_laptop(orch, cluster, tmp_path):
     status = remote("status", "--json")
     assert status.returncode == 0, status.stderr
     assert [r["state"] for r in json.loads(status.stdout) if r["id"] == job] == ["CANCELLED"]
-    logs = remote("logs", job)
+    logs = remote("logs", job, "--controller")  # (the flags go along to the head)
     assert logs.returncode == 0 and f"{job}: submitted" in logs.stdout, logs.stdout + logs.stderr
     # the head's errors come back as the same one line on stderr, with the same exit code
     for result, needle in ((remote("scale", job, "--workers", "1"), "only a RUNNING job"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,9 +189,40 @@ def _job_config(state_dir: Path, job_id: str) -> dict:
     return JobStore(state_dir).get(job_id).config
 
 
+def _logs(state_dir: Path, job_id: str, *flags: str, env: dict | None = None) -> list[str]:
+    """`orch logs JOB [FLAGS]` after the run (no cluster left): its lines."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "logs", job_id, *flags, "--state-dir", str(state_dir)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def _check_logs(state_dir: Path, job: dict, env: dict | None = None) -> str:
+    """The workers' own lines among the job's events, in time order, for rank 0, --rank 1 and
+    --controller (events only)."""
+    lines = _logs(state_dir, job["id"], env=env)
+    text = "\n".join(lines)
+    assert lines == sorted(lines, key=lambda line: line[:23]), text  # each starts with its time, to the ms
+    ready = next(i for i, line in enumerate(lines) if "[rank 0] rank 0 of 2 on cpu: ZeRO-2 engine ready" in line)
+    committed = next(i for i, line in enumerate(lines) if "[rank 0] checkpoint" in line and "step-30 committed" in line)
+    started = next(i for i, line in enumerate(lines) if f"{job['id']}: STARTING" in line)
+    done = next(i for i, line in enumerate(lines) if f"{job['id']}: SUCCEEDED" in line)
+    assert started < ready < committed < done, text
+    assert "[rank 1]" not in text and re.search(r"step 30/30 loss \d", text)
+    rank1 = "\n".join(_logs(state_dir, job["id"], "--rank", "1", env=env))
+    assert "[rank 1] rank 1 of 2 on cpu" in rank1 and "[rank 0]" not in rank1 and "SUCCEEDED" in rank1
+    events = _logs(state_dir, job["id"], "--controller", env=env)
+    assert not any("[rank" in line for line in events) and any("RUNNING on 2 workers" in line for line in events)
+    return text + rank1
+
+
 def test_pipeline_local_store(tmp_path, orch):
     result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"))
     _check_pipeline(tmp_path, result, {})
+    (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]
+    _check_logs(tmp_path / "state", pre)
 
 
 SECRET_KEY = "orch-test-secret-7f3a9c"  # moto accepts any key; this one must never be written anywhere
@@ -211,6 +243,10 @@ def test_pipeline_s3_store(tmp_path, orch, s3_server):
                   f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"),
                   env={"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WANDB_API_KEY": WANDB_KEY})
     _check_pipeline(tmp_path, result, {"endpoint_url": s3_server.endpoint_url})
+    # The workers' output is in the bucket (checked for secrets below with every other object).
+    (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]
+    logs = _check_logs(tmp_path / "state", pre, env={"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WANDB_API_KEY": WANDB_KEY})
+    assert SECRET_KEY not in logs and WANDB_KEY not in logs
     # Secrets travel in environment variables only: not in job records, W&B files, the store or output.
     for needle in (SECRET_KEY, WANDB_KEY):
         assert needle not in result.stdout + result.stderr

@@ -145,6 +145,19 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     logs = cli("logs", c).stdout
     assert "RUNNING on 4 workers" in logs and "CANCELLED" in logs and re.search(r"step \d+/5000 loss \d", logs)
 
+    # `orch retry`: the cancelled job continues from its checkpoint; a blocked one points at its dependency;
+    # the failed one is queued again with the dependent it blocked.
+    assert f"{c}: queued again (PENDING): continues from step-{step}" in cli("retry", c).stdout
+    jobs = cli.wait(lambda j: j[c]["state"] == "RUNNING")
+    assert f"resumed from {ckpt}" in jobs[c]["history"][-1]["reason"]
+    cli("cancel", c, "--now")
+    out = cli("retry", f, ok=False)
+    assert out.returncode == 2 and f"job {f} is BLOCKED" in out.stderr and "Traceback" not in out.stderr
+    cli("retry", e)
+    assert cli.jobs()[f]["state"] == "PENDING"
+    jobs = cli.wait(lambda j: j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
+    assert [h["state"] for h in jobs[f]["history"]].count("BLOCKED") == 2
+
 
 def _runs(job: dict) -> list[Path]:
     """Every W&B offline run folder of a job (one per job, whatever happened)."""

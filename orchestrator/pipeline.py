@@ -21,6 +21,7 @@ from orchestrator.config.schema import JobConfig, RootConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import JOBS_DB, RUN_LOCKS_DIR
 from orchestrator.controller import new_pipeline_id
+from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.retry import ABANDONED, Resumable, find_resumable
 from orchestrator.jobs.store import JobStore
@@ -49,7 +50,11 @@ def driving(state_dir: str, pipeline_id: str):
     path = _locks(state_dir) / f"{pipeline_id}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClusterError(f"pipeline {pipeline_id} is being run by another `orch run` (it holds {path}); "
+                               f"wait for it, or stop it first") from None
         try:
             yield
         finally:

@@ -396,7 +396,7 @@ def test_only_a_failed_or_cancelled_job_can_be_retried(env, state):
         env.store.transition("a", s)
     with pytest.raises(ClusterError, match={"SUCCEEDED": "not run again", "BLOCKED": "retry that one"}.get(
             state, "only a FAILED or CANCELLED job")):
-        env.controller().retry("a")
+        Controller(env.store, env.launcher, capacity=lambda: {"CPU": 8}).retry("a")
     assert env.store.get("a").state.value == state
 
 
@@ -415,7 +415,7 @@ def test_resume_requeues_what_orch_run_left_and_ends_orphans_first(env):
 
     env.store.add([record("pre"), record("ft", depends_on=["pre"]), record("ev", depends_on=["ft"])])
     for s in (S.QUEUED, S.STARTING, S.RUNNING, S.SUCCEEDED):
-        env.store.transition("pre", s)
+        env.store.transition("pre", s, export="s3://x/runs/pre/export")
     for s in (S.QUEUED, S.STARTING, S.RUNNING):  # its orch run vanished (SIGKILL): still RUNNING
         env.store.transition("ft", s)
     env.store.transition("ev", S.CANCELLED, ABANDONED, failure_reason=ABANDONED)

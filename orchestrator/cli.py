@@ -1,6 +1,8 @@
 """`orch`: the command line. Parse, build, run; the logic lives in the modules it calls.
 
     orch run [OVERRIDES...] [--dry-run]     pretrain -> fine-tune on an embedded (or given) Ray cluster
+    orch run --resume [OVERRIDES...]        continue the interrupted `orch run` of these overrides
+    orch run|submit -m OVERRIDES...         a sweep: one pipeline per combination (Hydra's syntax)
     orch up [--nodes N] / orch down         a persistent local Ray cluster with the controller
     orch submit [OVERRIDES...] [--after J]  queue a pipeline's jobs on the controller; prints the ids
     orch status [JOB] [--json] [--watch]    job records (from the controller, else the state folder)
@@ -8,6 +10,7 @@
     orch logs JOB [-f] [--rank N]           a job's workers' output among its events (--controller: events only)
     orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
     orch scale JOB --workers N              checkpoint, restart at N workers from it
+    orch retry JOB                          queue a FAILED or CANCELLED job again, from its last checkpoint
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
@@ -71,17 +74,45 @@ def _compose(args, after: Sequence[str] = ()) -> tuple[dict, RootConfig, list]:
     return raw, root, resolve_jobs(root, after=after)
 
 
+def _combinations(args, after: Sequence[str] = ()) -> list[tuple[list[str], dict, RootConfig, list]]:
+    """(overrides, raw, root, jobs) of each pipeline: one, or with -m one per combination of the sweep."""
+    if not args.multirun:
+        return [(list(args.overrides), *_compose(args, after))]
+    from orchestrator.config.sweep import expand_sweep  # (Hydra: not for --help)
+
+    out = []
+    for combo in expand_sweep(args.overrides, getattr(args, "config_dir", None) or []):
+        try:
+            out.append((combo, *_compose(argparse.Namespace(**{**vars(args), "overrides": combo}), after)))
+        except ConfigError as e:
+            raise ConfigError(f"sweep combination {' '.join(combo) or '(none)'}: {e}") from None
+    return out
+
+
+def _print_sweep(combos) -> None:
+    """`-m --dry-run`: each combination and its jobs."""
+    print(f"# sweep: {len(combos)} pipeline(s), one per combination; nothing submitted")
+    for i, (combo, _raw, _root, jobs) in enumerate(combos, 1):
+        print(f"# {i}/{len(combos)}: {' '.join(combo) or '(no overrides)'}")
+        _print_jobs(jobs)
+
+
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args) -> int:
-    raw, root, jobs = _compose(args)
+    combos = _combinations(args)
     if args.dry_run:
-        _print_dry_run(raw, jobs)
+        _print_sweep(combos) if args.multirun else _print_dry_run(combos[0][1], combos[0][3])
         return 0
-    from orchestrator.pipeline import run_pipeline  # (Ray, boto3: only when a pipeline runs)
+    from orchestrator.controller import new_sweep_id
+    from orchestrator.pipeline import Plan, run_pipelines  # (Ray, boto3: only when a pipeline runs)
     from orchestrator.progress import ConsoleProgress
 
+    plans = [Plan(root, jobs, combo) for combo, _raw, root, jobs in combos]
+    _choose_resumes(args, plans)
+    root = plans[0].root
     with ConsoleProgress() as progress:  # bars on a terminal; the plain lines otherwise
-        records = run_pipeline(root, jobs, say=progress.say, verbose=args.verbose, watch=progress.jobs)
+        records = run_pipelines(plans, say=progress.say, verbose=args.verbose,
+                                sweep_id=new_sweep_id() if args.multirun else None, watch=progress.jobs)
     _print_summary(root, records)
     if args.debug:
         for r in records:
@@ -90,11 +121,45 @@ def cmd_run(args) -> int:
     return 0 if all(r.state.value == "SUCCEEDED" for r in records) else 1
 
 
+def _choose_resumes(args, plans) -> None:
+    """Which earlier, unfinished `orch run` pipeline each plan continues: with --resume, each one
+    there is; else, for one that was interrupted, the user's answer on a terminal, and a hint that
+    names --resume (then a new pipeline) otherwise."""
+    from orchestrator.pipeline import find_interrupted  # (Ray: only when a pipeline runs)
+
+    found = [find_interrupted(p.root, p.jobs) for p in plans]
+    if args.resume:
+        if not any(res for res, _ in found):
+            raise ConfigError(f"--resume: nothing to continue in {plans[0].root.state_dir}: {found[0][1]}; "
+                              f"run without --resume to start a new pipeline")
+        for plan, (res, _) in zip(plans, found):
+            plan.resume = res
+        return
+    ask = sys.stdin.isatty() and sys.stdout.isatty()
+    for plan, (res, _) in zip(plans, found):
+        if res is None or not res.interrupted:
+            continue
+        what = f"pipeline {res.pipeline_id} in {plan.root.state_dir} was interrupted ({res.describe()})"
+        if not ask:
+            _say(f"{what}; starting a new pipeline: `orch run --resume` with the same overrides continues it instead")
+            continue
+        try:
+            answer = input(f"{what}. Continue it from its committed checkpoints? [Y/n] ").strip().lower()
+        except EOFError:
+            answer = "n"
+        if answer in ("", "y", "yes"):
+            plan.resume = res
+
+
 def _print_dry_run(raw: dict, jobs) -> None:
     import yaml  # only --dry-run prints YAML
 
     print("# resolved config")
     print(yaml.safe_dump(raw, sort_keys=False, width=10**6, allow_unicode=True), end="")  # one line per value
+    _print_jobs(jobs)
+
+
+def _print_jobs(jobs) -> None:
     print("# resources (each job is admitted only when all its workers fit at once)")
     for j in jobs:
         rec = JobRecord(id=j.name, pipeline_id="", name=j.name, kind=j.kind, state=JobState.PENDING,
@@ -366,6 +431,8 @@ def cmd_submit(args) -> int:
     args.state_dir = _state_dir(args)
     for job in args.after:
         _check_job_id(job)
+    if args.multirun or args.sweep_json:
+        return _submit_sweep(args)
     if args.jobs_json:  # on the head, sent by `orch submit --address http://...`: composed there
         job_dicts = decode_jobs(args.jobs_json)
     else:
@@ -386,6 +453,58 @@ def cmd_submit(args) -> int:
         ids = client.submit(job_dicts, list(args.after))
     for job_id in ids:
         print(job_id)
+    return 0
+
+
+def _submit_sweep(args) -> int:
+    """`orch submit -m`: every combination's pipeline, queued at once (all or none) under one sweep id."""
+    from orchestrator.controller import new_sweep_id
+
+    if args.sweep_json:  # on the head, sent by `orch submit -m --address http://...`: composed there
+        (sent,) = decode_jobs(args.sweep_json)
+        pipelines, sweep = sent["pipelines"], sent["sweep"]
+    else:
+        combos = _combinations(args, after=args.after)
+        from orchestrator.preflight import check_no_secrets  # (it reaches the storage backends: boto3)
+
+        for _combo, _raw, _root, jobs in combos:
+            for job in jobs:
+                check_no_secrets(job)
+        if args.dry_run:
+            _print_sweep(combos)
+            return 0
+        pipelines = [[to_dict(j) for j in jobs] for _combo, _raw, _root, jobs in combos]
+        sweep = {"id": new_sweep_id(), "overrides": [combo for combo, *_ in combos]}
+        api = _jobs_api(args)
+        if api:
+            after = [w for job in args.after for w in ("--after", job)]
+            sent = encode_jobs([{"pipelines": pipelines, "sweep": sweep}])
+            return _on_head(args, api, ["submit", "--sweep-json", sent, *after])
+    with _controller(args, start=True) as client:
+        ids = client.submit_sweep(pipelines, list(args.after), sweep)
+    print(f"sweep {sweep['id']}: {len(ids)} pipeline(s) queued (their W&B group: {sweep['id']})")
+    for job_ids, combo in zip(ids, sweep["overrides"]):
+        print(f"{' '.join(job_ids)}  {' '.join(combo)}")
+    return 0
+
+
+def cmd_retry(args) -> int:
+    """Queue a FAILED or CANCELLED job of the controller again, from its last committed checkpoint."""
+    _check_job_id(args.job)
+    api = _jobs_api(args)
+    if api:
+        return _on_head(args, api, ["retry", args.job])
+    state_dir = _state_dir(args)
+    if not resolve_address(args.address, state_dir):
+        if os.path.exists(os.path.join(state_dir, JOBS_DB)):
+            JobStore(state_dir).get(args.job)  # an unknown id: JobNotFound, which names it
+        raise ClusterError(f"no cluster to retry job {args.job} on (state folder {state_dir}): a job of `orch run` "
+                           f"continues with `orch run --resume` and the same overrides, in the same folder; one of "
+                           f"`orch up`'s cluster: start it again with `orch up`, or pass --address / set RAY_ADDRESS")
+    with _controller(args) as client:
+        rec = client.retry(args.job)
+    start = rec["checkpoint"].rstrip("/").rsplit("/", 1)[-1] if rec["checkpoint"] else "the start"
+    print(f"{args.job}: queued again (PENDING): continues from {start} (`orch status {args.job}`)")
     return 0
 
 
@@ -535,6 +654,8 @@ CONFIG_DIR = _option("--config-dir", action="append", default=[], metavar="DIR",
                      help="a folder of your own config groups (DIR/model/my_model.yaml -> model=my_model), searched "
                           "after the built-in ones; repeatable (the same as hydra.searchpath=[file://DIR])")
 DRY_RUN_HELP = "print the resolved config and resources; start or submit nothing"
+MULTIRUN_HELP = ("a sweep: one pipeline per combination of the overrides, in Hydra's syntax (trainer.lr=1e-3,3e-3 "
+                 "model=gpt_tiny,gpt_small; range(), choice(), glob()), grouped under one sweep id")
 
 
 def _add_run(sub) -> None:
@@ -543,6 +664,10 @@ def _add_run(sub) -> None:
     run.add_argument("overrides", nargs="*",
                      help="Hydra overrides, e.g. model=gpt_tiny trainer.max_steps=40 deepspeed=zero3")
     run.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    run.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP + " (side by side when they fit)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted (or failed) `orch run` of the same overrides in this state folder "
+                          "from its committed checkpoints, without asking")
     run.add_argument("--verbose", action="store_true", help="stream Ray and worker logs")
     run.set_defaults(func=cmd_run)
 
@@ -570,7 +695,9 @@ def _add_job_commands(sub) -> None:
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
                     help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
     sb.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    sb.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP)
     sb.add_argument("--jobs-json", help=argparse.SUPPRESS)  # resolved jobs, from `orch submit --address http://...`
+    sb.add_argument("--sweep-json", help=argparse.SUPPRESS)  # a sweep's resolved pipelines, likewise
     sb.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", parents=shared, help="list jobs and their states")
@@ -603,6 +730,12 @@ def _add_job_commands(sub) -> None:
     sc.add_argument("job")
     sc.add_argument("--workers", type=int, required=True)
     sc.set_defaults(func=cmd_scale)
+
+    rt = sub.add_parser("retry", parents=shared,
+                        help="queue a FAILED or CANCELLED job again from its last committed checkpoint (and the "
+                             "dependents it blocked)")
+    rt.add_argument("job")
+    rt.set_defaults(func=cmd_retry)
 
 
 def _add_model_commands(sub) -> None:

@@ -90,8 +90,14 @@ class Client:
     def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
         return self._call("submit", job_dicts, after)
 
+    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict) -> list[list[str]]:
+        return self._call("submit_sweep", pipelines, after, sweep)
+
     def status(self, job_id: str | None = None) -> list[dict]:
         return self._call("status", job_id)
+
+    def retry(self, job_id: str) -> dict:
+        return self._call("retry", job_id)
 
     def cancel(self, job_id: str, now: bool) -> dict:
         return self._call("cancel", job_id, now)

@@ -11,6 +11,7 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver o
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 JOBS_DB = "jobs.db"  # SQLite file of job records inside the state folder
+RUN_LOCKS_DIR = "orch-run"  # <state folder>/orch-run/<pipeline id>.lock: held by the `orch run` driving it
 
 # Layout of a run in the object store: <storage.root>/runs/<job id>/...
 RUNS_PREFIX = "runs"

@@ -26,6 +26,7 @@ from orchestrator.jobs.policy import (
     scale_refusal,
 )
 from orchestrator.jobs.record import JobRecord, wandb_group
+from orchestrator.jobs.retry import ORPHANED, blocked_dependents, retry_refusal
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
 
@@ -42,6 +43,10 @@ def new_pipeline_id() -> str:
     return f"p{secrets.token_hex(3)}"
 
 
+def new_sweep_id() -> str:
+    return f"s{secrets.token_hex(3)}"
+
+
 class Controller:
     def __init__(self, store: JobStore, launcher: Launcher, capacity: Callable[[], dict[str, float]],
                  say: Callable[[str], None] = print, validate: Callable[[dict], object] | None = None):
@@ -56,24 +61,35 @@ class Controller:
     def submit(self, jobs: list[JobConfig], pipeline_id: str | None = None, after: list[str] = ()) -> list[JobRecord]:
         """Record a pipeline's jobs as PENDING. Dependencies are named by job name inside the
         pipeline; `after` (job ids already submitted) is added to every job that has none there."""
-        pipeline_id = pipeline_id or new_pipeline_id()
+        return self.submit_sweep([jobs], after, pipeline_ids=[pipeline_id or new_pipeline_id()])[0]
+
+    def submit_sweep(self, pipelines: list[list[JobConfig]], after: list[str] = (), sweep: dict | None = None,
+                     pipeline_ids: list[str] | None = None) -> list[list[JobRecord]]:
+        """Record several pipelines at once (all or none). `sweep` ({"id", "overrides": one list per
+        pipeline}): they are one sweep's combinations, sharing the sweep id as their W&B group."""
         parents = [self.store.get(dep) for dep in after]  # raises JobNotFound with the fix
-        group = wandb_group(parents[0]) if parents else pipeline_id  # `--after`: the parent's W&B group
-        ids = {j.name: f"{pipeline_id}-{j.name}" for j in jobs}
+        pipeline_ids = pipeline_ids or [new_pipeline_id() for _ in pipelines]
         now = time.time()
-        records = [
-            JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
-                      priority=j.priority, depends_on=[ids.get(d, d) for d in j.depends_on] or list(after),
-                      config=to_dict(j), created_at=now, wandb={"group": group})
-            for j in jobs
-        ]
+        out = []
+        for i, (jobs, pipeline_id) in enumerate(zip(pipelines, pipeline_ids)):
+            # the sweep's id, else (`--after`) the parent's W&B group, else the pipeline's
+            group = sweep["id"] if sweep else wandb_group(parents[0]) if parents else pipeline_id
+            tag = {"id": sweep["id"], "index": i + 1, "count": len(pipelines),
+                   "overrides": list(sweep["overrides"][i])} if sweep else {}
+            ids = {j.name: f"{pipeline_id}-{j.name}" for j in jobs}
+            out.append([
+                JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
+                          priority=j.priority, depends_on=[ids.get(d, d) for d in j.depends_on] or list(after),
+                          config=to_dict(j), created_at=now, wandb={"group": group}, sweep=tag)
+                for j in jobs
+            ])
         capacity = self.capacity()
-        for r in records:
+        for r in (r for records in out for r in records):
             why = None if r.config["cluster"].get("autoscaling") else never_fits(r, capacity)
             if why:
                 raise ClusterError(why)
-        self.store.add(records)
-        return records
+        self.store.add([r for records in out for r in records])
+        return out
 
     # ------------------------------------------------------------------------------------ step
     def step(self, job_ids: list[str]) -> bool:
@@ -84,7 +100,8 @@ class Controller:
         for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
             record = self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: STARTING")
-            self._launch(record, AttemptReason.FIRST)
+            # launched before (then retried): it continues from its last committed checkpoint
+            self._launch(record, AttemptReason.RESUME if record.launches else AttemptReason.FIRST)
         for job_id, handle in list(self.handles.items()):
             record = self.store.get(job_id)
             self._observe(record, self.launcher.poll(handle, record.last_event_seq))
@@ -195,6 +212,35 @@ class Controller:
         self.launcher.request_stop(self.handles[job_id], request)
         self.say(f"{job_id}: scaling from {old} to {workers} workers: checkpoint, then restart from it")
         return self.store.get(job_id)
+
+    def retry(self, job_id: str, reason: str = "retried by the user") -> JobRecord:
+        """Queue a FAILED or CANCELLED job again, and the dependents it BLOCKED: it continues from its
+        last committed checkpoint (its run's newest), with its whole failure budget again."""
+        record = self.store.get(job_id)
+        why = retry_refusal(record)
+        if why:
+            raise ClusterError(why)
+        start = record.checkpoint.rstrip("/").rsplit("/", 1)[-1] if record.checkpoint else "the start"
+        record = self.store.transition(job_id, JobState.PENDING, f"{reason}: continues from {start}",
+                                       failure_reason=None, failure_detail=None, requested=None, restarts=0,
+                                       attempt={})
+        self.say(f"{job_id}: PENDING ({reason}; continues from {start})")
+        for dep in blocked_dependents(job_id, self.store.list()):
+            self.store.transition(dep, JobState.PENDING, f"its dependency {job_id} was retried")
+            self.say(f"{dep}: PENDING (its dependency {job_id} was retried)")
+        return record
+
+    def resume(self, pipeline_id: str, reason: str) -> list[JobRecord]:
+        """Continue a pipeline whose driver is gone: every job of it that did not succeed is queued
+        again (`retry`); a job still recorded as running (its `orch run` vanished) is first recorded
+        as ended. Returns all the pipeline's jobs."""
+        for r in self.store.list(pipeline_id):
+            if not r.state.terminal:
+                self.store.transition(r.id, JobState.CANCELLED, ORPHANED, failure_reason=ORPHANED)
+        for r in self.store.list(pipeline_id):
+            if r.state in (JobState.FAILED, JobState.CANCELLED):
+                self.retry(r.id, reason)
+        return self.store.list(pipeline_id)
 
     def _init_from(self, record: JobRecord) -> str | None:
         """The job's own `init_from`, else the exported weights of the first dependency that has them

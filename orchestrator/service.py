@@ -1,7 +1,7 @@
 """The persistent controller: one named, detached Ray actor that owns the job queue.
 
 It wraps `Controller` (state machine + pure policies + launcher) with a loop thread and the calls
-the `orch` client makes: submit, status, logs, cancel, scale. Ray restarts it when it dies
+the `orch` client makes: submit, status, logs, cancel, scale, retry. Ray restarts it when it dies
 (`max_restarts=-1`); the new instance reopens the SQLite store in the state folder on the head
 node and re-attaches to the jobs' runners (named, detached actors) or restarts the jobs whose
 runner is gone from their last committed checkpoint. Calls hold one lock, so a user action and a
@@ -96,10 +96,29 @@ class ControllerService:
         jobs = [job_config_from_dict(d) for d in job_dicts]
         preflight(jobs)
         records = self.controller.submit(jobs, after=list(after))
+        self._said_submitted(records)
+        return [r.id for r in records]
+
+    @_answer
+    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict) -> list[list[str]]:
+        """A sweep's pipelines (one per combination of its overrides), all or none."""
+        jobs = [[job_config_from_dict(d) for d in p] for p in pipelines]
+        for p in jobs:
+            preflight(p)
+        out = self.controller.submit_sweep(jobs, after=list(after), sweep=sweep)
+        for records in out:
+            self._said_submitted(records)
+        return [[r.id for r in records] for records in out]
+
+    def _said_submitted(self, records) -> None:
         for r in records:
             deps = f" after {', '.join(r.depends_on)}" if r.depends_on else ""
-            self._say(f"{r.id}: submitted ({r.kind}, {r.workers} workers, priority {r.priority}){deps}")
-        return [r.id for r in records]
+            sweep = f", sweep {r.sweep['id']}: {' '.join(r.sweep['overrides'])}" if r.sweep else ""
+            self._say(f"{r.id}: submitted ({r.kind}, {r.workers} workers, priority {r.priority}{sweep}){deps}")
+
+    @_answer
+    def retry(self, job_id: str) -> dict:
+        return self.controller.retry(job_id).to_json()
 
     @_answer(locked=False)
     def status(self, job_id: str | None = None) -> list[dict]:

@@ -186,6 +186,10 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
     if m:
         return ConfigError(f"unknown config key '{m.group(1)}'; see `orch run --dry-run` for the valid keys")
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
+    if m:
+        return ConfigError(f"{m.group(1)} has several values: a sweep needs -m (`orch submit -m ...`, `orch run -m "
+                           f"...`: one pipeline per value); one list value needs brackets, key=[a,b]")
     return ConfigError(f"cannot compose the configuration: {first}")
 
 

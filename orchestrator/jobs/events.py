@@ -32,6 +32,7 @@ class AttemptReason(str, enum.Enum):
     FAILURE = "failure"  # Ray Train restarts the group after a worker failed
     RESIZE = "resize"  # Ray Train grows or shrinks an elastic group (no failure)
     SCALE = "scale"  # the user's `orch scale`: a new group at the new size
+    RESUME = "resume"  # a job launched again after it ended (`orch retry`, `orch run --resume`)
 
 
 class Action(str, enum.Enum):

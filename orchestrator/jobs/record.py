@@ -31,6 +31,7 @@ class JobRecord:
     launches: int = 0  # runners started for this job (a new one after a lost runner)
     last_event_seq: int = 0  # the last event of the current runner the controller applied (exactly once)
     attempt: dict = field(default_factory=dict)  # the current worker group: {"number", "reason", "world_size"}
+    sweep: dict = field(default_factory=dict)  # of a sweep's pipeline: {"id", "index", "count", "overrides"}
 
     @property
     def workers(self) -> int:

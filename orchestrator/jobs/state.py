@@ -1,4 +1,9 @@
-"""The job state machine: states, which are terminal, and which transitions are legal."""
+"""The job state machine: states, which are terminal, and which transitions are legal.
+
+A terminal job leaves its state only one way: back to PENDING, when the user retries it (`orch
+retry`, `orch run --resume`); it then continues from its last committed checkpoint. A SUCCEEDED job
+is never run again.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
                                   JobState.SUCCEEDED}),
     JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
     JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED}),
+    # retried by the user (a BLOCKED job: its dependency was retried)
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.CANCELLED: frozenset({JobState.PENDING}),
+    JobState.BLOCKED: frozenset({JobState.PENDING}),
 }
 
 

@@ -32,6 +32,7 @@ def _one_line_error(result, *needles: str) -> str:
         ("storage=s3 storage.root=/tmp/x", ["root", "s3://"]),
         ("storage=gcs", ["'gcs'", "storage", "local, s3"]),
         ("pipeline.jobs.pretrain.workers=[4,2]", ["workers=[4, 2]", "MIN <= MAX"]),
+        ("trainer.lr=1e-3,3e-3", ["trainer.lr=1e-3,3e-3", "-m", "key=[a,b]"]),
     ],
 )
 def test_bad_overrides_fail_in_one_line(orch, tmp_path, override, needles):
@@ -56,6 +57,26 @@ def test_dry_run_prints_config_and_resources_and_starts_nothing(orch, tmp_path):
     assert "pretrain: pretrain, 2 workers x {CPU: 1} = {CPU: 2}" in out
     assert "ZeRO-3" in out and "after pretrain" in out
     assert not (tmp_path / "state").exists()
+
+
+def test_sweep_dry_run_lists_each_combination_and_submits_nothing(orch, tmp_path):
+    state = tmp_path / "state"
+    result = orch("submit", "-m", "trainer.lr=1e-3,3e-3", "model=gpt_tiny,gpt_small", "trainer.max_steps=5",
+                  "--dry-run", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "# sweep: 4 pipeline(s), one per combination; nothing submitted" in out
+    for i, combo in enumerate(["trainer.lr=0.001 model=gpt_tiny", "trainer.lr=0.001 model=gpt_small",
+                               "trainer.lr=0.003 model=gpt_tiny", "trainer.lr=0.003 model=gpt_small"], 1):
+        assert f"# {i}/4: {combo} trainer.max_steps=5\n# resources" in out
+    assert out.count("pretrain: pretrain, 2 workers") == 4 and out.count("5 steps") == 4
+    assert not state.exists()
+
+    _one_line_error(orch("submit", "-m", "trainer.lr=range(1,1)", "--dry-run", "--state-dir", str(state)),
+                    "trainer.lr=range(1,1)", "no values")
+    # `orch retry` without a cluster says how an `orch run` job continues
+    _one_line_error(orch("retry", "p000000-pretrain", "--state-dir", str(state)),
+                    "no cluster to retry job p000000-pretrain", "`orch run --resume`")
 
 
 @pytest.mark.reliability(category="job id", case="status without records, then of an unknown job id", lost="nothing")

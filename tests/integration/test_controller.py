@@ -108,8 +108,11 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000",
            "trainer.micro_batch_size=3"]
     (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
-    (b,) = cli.submit(*big)
-    (c,) = cli.submit(*big, "pipeline.jobs.pretrain.priority=5")  # submitted last, more urgent
+    # `b` and `c` (submitted last, more urgent): one sweep over the priority (`orch submit -m`)
+    sweep = cli("submit", "-m", *big, "pipeline.jobs.pretrain.priority=0,5").stdout.splitlines()
+    assert sweep[0].startswith("sweep s") and "2 pipeline(s) queued" in sweep[0]
+    b, c = (line.split()[0] for line in sweep[1:])
+    assert sweep[2].endswith(" pipeline.jobs.pretrain.priority=5")
     (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
     # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
     (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1",
@@ -120,6 +123,11 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     jobs = cli.status()
     assert jobs[b]["state"] == jobs[c]["state"] == "QUEUED"  # 2 CPUs free: a 4-worker gang does not start
     assert jobs[d]["state"] == "PENDING" and jobs[d]["depends_on"] == [b]
+    # A sweep's pipelines share its id, as their W&B group too (status --json shows it).
+    sweep_id = sweep[0].split()[1].rstrip(":")
+    assert jobs[b]["sweep"]["id"] == jobs[c]["sweep"]["id"] == jobs[b]["wandb"]["group"] == sweep_id
+    assert jobs[c]["sweep"]["overrides"][-1] == "pipeline.jobs.pretrain.priority=5"
+    assert jobs[b]["pipeline_id"] != jobs[c]["pipeline_id"]
     # A job queued `--after` another joins its W&B group (not its own pipeline's).
     assert jobs[d]["wandb"]["group"] == jobs[b]["pipeline_id"] != jobs[d]["pipeline_id"]
     assert jobs[f]["wandb"]["group"] == jobs[e]["pipeline_id"]
@@ -154,6 +162,19 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     assert "[rank 0] rank 0 of 4 on cpu" in logs and "[rank 3]" not in logs
     followed, _ = follow.communicate(timeout=60)  # `orch logs -f` started while it ran: it ended with the job
     assert "[rank 3] rank 3 of 4 on cpu" in followed and f"{c}: CANCELLED" in followed and follow.returncode == 0
+
+    # `orch retry`: the cancelled job continues from its checkpoint; a blocked one points at its dependency;
+    # the failed one is queued again with the dependent it blocked.
+    assert f"{c}: queued again (PENDING): continues from step-{step}" in cli("retry", c).stdout
+    jobs = cli.wait(lambda j: j[c]["state"] == "RUNNING")
+    assert f"resumed from {ckpt}" in jobs[c]["history"][-1]["reason"]
+    cli("cancel", c, "--now")
+    out = cli("retry", f, ok=False)
+    assert out.returncode == 2 and f"job {f} is BLOCKED" in out.stderr and "Traceback" not in out.stderr
+    cli("retry", e)
+    assert cli.jobs()[f]["state"] == "PENDING"
+    jobs = cli.wait(lambda j: j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
+    assert [h["state"] for h in jobs[f]["history"]].count("BLOCKED") == 2
 
 
 def _runs(job: dict) -> list[Path]:

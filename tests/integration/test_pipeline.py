@@ -324,3 +324,78 @@ def test_sigterm_marks_unfinished_jobs_cancelled(tmp_path):
     states = {j.name: (j.state.value, j.failure_reason) for j in JobStore(state).list()}
     assert states["pretrain"][0] == "CANCELLED" and "interrupted" in states["pretrain"][1]
     assert states["finetune"][0] == "CANCELLED"
+
+
+def test_interrupted_run_resumes_from_its_last_commit(tmp_path, orch):
+    """`orch run` interrupted with SIGINT (Ctrl-C) while fine-tuning, after a checkpoint committed:
+    run again, it names `--resume` (not a terminal); `orch run --resume` continues the same pipeline:
+    pretraining is not run again, fine-tuning resumes at its last committed step (the steps before
+    it are not trained again) and finishes."""
+    import signal
+    import socket
+    import time
+
+    from orchestrator.checkpoint.layout import latest_committed
+    from orchestrator.jobs.retry import ABANDONED
+    from orchestrator.jobs.store import JobStore
+    from orchestrator.train.history import read_history
+
+    state = tmp_path / "state"
+    args = ["model=gpt_tiny", "trainer.max_steps=4", "trainer.log_interval=1", "checkpoint.interval=2",
+            "data.num_documents=300", "pipeline.jobs.finetune.trainer.max_steps=24",
+            "pipeline.jobs.finetune.data.num_documents=200", "tracking=none", "--state-dir", str(state)]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            jobs = {j.name: j for j in JobStore(state).list()} if (state / "jobs.db").exists() else {}
+            if "finetune" in jobs and jobs["finetune"].checkpoint:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"fine-tuning never committed a checkpoint: {[(j.id, j.state.value) for j in jobs.values()]}")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    jobs = {j.name: j for j in JobStore(state).list()}
+    pre, fine = jobs["pretrain"], jobs["finetune"]
+    assert pre.state.value == "SUCCEEDED" and fine.state.value == "CANCELLED" and fine.failure_reason == ABANDONED
+    store = open_store(fine.checkpoint)
+    run = fine.checkpoint.rsplit("/checkpoints/", 1)[0]
+    at = latest_committed(store, run).step
+    assert 2 <= at < 24
+
+    # Run again, not on a terminal: a hint that names --resume (the cluster it then tries is unreachable).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hint = orch("run", *args, env={"RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=120)
+    assert f"pipeline {pre.pipeline_id} in {state} was interrupted" in hint.stdout, hint.stdout + hint.stderr
+    assert "finetune continues from step-" in hint.stdout and "`orch run --resume`" in hint.stdout
+    assert len(JobStore(state).list()) == 2  # nothing new was submitted
+
+    resumed = orch("run", *args, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"pipeline {pre.pipeline_id} continues (pretrain finished, finetune continues from step-" in resumed.stdout
+    jobs = {j.name: j for j in JobStore(state).list()}
+    assert len(jobs) == 2 and all(j.state.value == "SUCCEEDED" for j in jobs.values())
+    assert [h["state"] for h in jobs["pretrain"].history] == [h["state"] for h in pre.history]  # not run again
+    states = [h["state"] for h in jobs["finetune"].history]
+    assert states[-6:] == ["CANCELLED", "PENDING", "QUEUED", "STARTING", "RUNNING", "SUCCEEDED"], states
+    running = [h for h in jobs["finetune"].history if h["state"] == "RUNNING"][-1]
+    assert f"resumed from {run}/checkpoints/step-{at}" in running["reason"]
+    # One row per step; those up to the commit are the first attempt's (not trained again).
+    history = read_history(store, run)
+    assert history["attempts"] == {"1": 0, "2": at}
+    rows = history["rows"]
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert all(r["attempt"] == (1 if r["step"] <= at else 2) for r in rows)
+    assert {"kind": "resume", "from_step": at} in [{k: e[k] for k in ("kind", "from_step") if k in e}
+                                                   for e in rows[at]["events"]]
+
+    again = orch("run", *args, "--resume", timeout=120)
+    assert again.returncode == 2 and "nothing to continue" in again.stderr and "finished" in again.stderr

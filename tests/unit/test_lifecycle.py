@@ -352,3 +352,80 @@ def test_a_late_event_cannot_make_an_illegal_transition():
     r.state = S.CANCELLED  # the user cancelled --now; the runner's last words arrive
     changes = apply_events(r, [RunnerEvent(1, K.ENGINE_READY, {})])
     assert changes[0].state is None and changes[0].seq == 1
+
+
+# ------------------------------------------------------------------- retry and resume (orch retry, orch run --resume)
+def test_retry_of_a_failed_job_continues_from_its_checkpoint_and_unblocks_its_dependents(env):
+    env.store.add([record("a", max_failures=0), record("b", depends_on=["a"]), record("c", depends_on=["b"])])
+    c = env.controller()
+    c.step(["a", "b", "c"])
+    run = env.launcher.runners["a"]
+    run.attempt(R.FIRST).ready().emit(K.CHECKPOINT_COMMITTED, uri="s3://x/runs/a/checkpoints/step-10", step=10)
+    run.emit(K.FAILED, reason="rank 0: RuntimeError: boom", retryable=True, traceback="Traceback ...")
+    for _ in range(3):
+        c.step(["a", "b", "c"])
+    assert [env.store.get(j).state for j in "abc"] == [S.FAILED, S.BLOCKED, S.BLOCKED]
+
+    a = c.retry("a")
+    assert a.state is S.PENDING and a.failure_reason is None and a.failure_detail is None and a.restarts == 0
+    assert a.checkpoint == "s3://x/runs/a/checkpoints/step-10"  # kept: the runner resumes from the newest commit
+    assert "retried by the user: continues from step-10" in a.history[-1]["reason"]
+    assert env.store.get("b").state is env.store.get("c").state is S.PENDING  # b, and c behind it
+    assert "its dependency a was retried" in env.store.get("c").history[-1]["reason"]
+
+    c.step(["a", "b", "c"])
+    c.step(["a", "b", "c"])
+    assert env.store.get("a").state is S.STARTING and env.store.get("b").state is S.PENDING  # b still waits
+    relaunched = env.launcher.runners["a"]
+    assert relaunched is not run and relaunched.reason is R.RESUME  # the history marks a resume
+    relaunched.attempt(R.RESUME).ready(resumed_from="s3://x/runs/a/checkpoints/step-10")
+    c.step(["a", "b", "c"])
+    a = env.store.get("a")
+    assert a.state is S.RUNNING and "resumed from s3://x/runs/a/checkpoints/step-10" in a.history[-1]["reason"]
+    assert env.states("a") == ["PENDING", "QUEUED", "STARTING", "RUNNING", "FAILED",
+                               "PENDING", "QUEUED", "STARTING", "RUNNING"]
+
+
+@pytest.mark.parametrize("state", ["PENDING", "QUEUED", "RUNNING", "SUCCEEDED", "BLOCKED"])
+def test_only_a_failed_or_cancelled_job_can_be_retried(env, state):
+    from orchestrator.errors import ClusterError
+
+    env.store.add([record("a")])
+    for s in {"PENDING": [], "QUEUED": [S.QUEUED], "RUNNING": [S.QUEUED, S.STARTING, S.RUNNING],
+              "SUCCEEDED": [S.QUEUED, S.STARTING, S.RUNNING, S.SUCCEEDED], "BLOCKED": [S.BLOCKED]}[state]:
+        env.store.transition("a", s)
+    with pytest.raises(ClusterError, match={"SUCCEEDED": "not run again", "BLOCKED": "retry that one"}.get(
+            state, "only a FAILED or CANCELLED job")):
+        Controller(env.store, env.launcher, capacity=lambda: {"CPU": 8}).retry("a")
+    assert env.store.get("a").state.value == state
+
+
+def test_retry_transitions_leave_terminal_states_only_to_pending():
+    from orchestrator.jobs.state import allowed
+
+    for s in (S.FAILED, S.CANCELLED, S.BLOCKED):
+        assert [t for t in S if allowed(s, t)] == [S.PENDING]
+    assert not any(allowed(S.SUCCEEDED, t) for t in S)
+
+
+def test_resume_requeues_what_orch_run_left_and_ends_orphans_first(env):
+    """`orch run --resume`: the finished job stays; an abandoned one, and one its vanished driver left
+    RUNNING, are queued again (dependents wait for their dependencies as before)."""
+    from orchestrator.jobs.retry import ABANDONED, ORPHANED
+
+    env.store.add([record("pre"), record("ft", depends_on=["pre"]), record("ev", depends_on=["ft"])])
+    for s in (S.QUEUED, S.STARTING, S.RUNNING, S.SUCCEEDED):
+        env.store.transition("pre", s, export="s3://x/runs/pre/export")
+    for s in (S.QUEUED, S.STARTING, S.RUNNING):  # its orch run vanished (SIGKILL): still RUNNING
+        env.store.transition("ft", s)
+    env.store.transition("ev", S.CANCELLED, ABANDONED, failure_reason=ABANDONED)
+    c = Controller(env.store, env.launcher, lambda: {"CPU": 8}, say=env.lines.append)  # as `orch run` makes it
+    records = {r.id: r for r in c.resume("p", "continued by `orch run --resume`")}
+    assert records["pre"].state is S.SUCCEEDED
+    assert records["ft"].state is records["ev"].state is S.PENDING
+    assert [h["reason"] for h in records["ft"].history][-2:] == [
+        ORPHANED, "continued by `orch run --resume`: continues from the start"]
+    c.step(list(records))
+    c.step(list(records))
+    assert env.store.get("ft").state is S.STARTING and env.store.get("ev").state is S.PENDING
+    assert env.launcher.runners["ft"].reason is R.FIRST  # never launched by this store: a first attempt

@@ -205,8 +205,13 @@ def test_terminal_states():
 
 
 @pytest.mark.parametrize("current", sorted(TERMINAL, key=lambda s: s.value))
-def test_nothing_leaves_a_terminal_state(current):
+def test_a_terminal_state_is_left_only_by_a_retry(current):
+    """Back to PENDING (`orch retry`, `orch run --resume`) from FAILED, CANCELLED or BLOCKED; a
+    SUCCEEDED job never runs again."""
     for new in S:
+        if current is not S.SUCCEEDED and new is S.PENDING:
+            check_transition(current, new)
+            continue
         with pytest.raises(IllegalTransition):
             check_transition(current, new)
 
@@ -251,8 +256,10 @@ def test_illegal_transitions_raise(current, new):
     assert isinstance(info.value, ValueError)
 
 
-def test_no_state_leads_back_to_pending():
+def test_only_a_retry_leads_back_to_pending():
     for s in S:
+        if s in (S.FAILED, S.CANCELLED, S.BLOCKED):
+            continue
         with pytest.raises(IllegalTransition):
             check_transition(s, S.PENDING)
 

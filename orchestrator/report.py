@@ -45,6 +45,8 @@ HOW = [
     ("GPU-/CPU-hours", "the sum over the job's wall time of workers x devices per worker (GPUs, or CPUs when "
                        "the job uses none) x time; the number of workers is the world size of the metrics row "
                        "that ends each interval."),
+    ("restarts after failures", "the job record's count of worker-group failures; a group killed before it logged a "
+                                "row that survives (all its steps were trained again) has no line on the curves."),
     ("time lost to failures", "for each restart after a failure: the wall time from the last metrics row at or "
                               "before the step it resumed from to the restarted group's first row, less the time "
                               "that group spent on the steps in between (its own step time). That is the work "
@@ -62,6 +64,7 @@ class JobReport:
 
     record: dict
     rows: list[dict] = field(default_factory=list)
+    attempts: dict = field(default_factory=dict)  # the history's {attempt: step it resumed from}
     error: str | None = None  # the store could not be read
     summary: dict = field(default_factory=dict)
     images: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
@@ -143,8 +146,10 @@ def device_hours(record: dict, rows: list[dict], now: float) -> float | None:
     return total * per / 3600
 
 
-def summarize(record: dict, rows: list[dict], now: float) -> dict:
-    """The numbers of the summary table for one job (None where unknown)."""
+def summarize(record: dict, rows: list[dict], now: float, attempts: dict | None = None) -> dict:
+    """The numbers of the summary table for one job (None where unknown). `attempts`: the
+    history's worker groups ({attempt: step it resumed from}), those whose rows were all trained
+    again included (the curves cannot show them)."""
     cfg = record.get("config") or {}
     changes = attempt_changes(rows)
     start, end = _span(record, rows, now)
@@ -171,7 +176,10 @@ def summarize(record: dict, rows: list[dict], now: float) -> dict:
         "workers": sizes or [cfg.get("workers")],
         "devices_per_worker": per, "device": unit,
         "device_hours": device_hours(record, rows, now),
-        "restarts": sum(c["kind"] == "restart" for c in changes),
+        "groups": len(attempts) if attempts else 1 + len(changes),
+        # the record counts every failure; a group that failed before its first row, or whose rows
+        # were all trained again, leaves no marker on the curves
+        "restarts": max(int(record.get("restarts") or 0), sum(c["kind"] == "restart" for c in changes)),
         "resizes": sum(c["kind"] in ("resize", "scale", "unknown") for c in changes),
         "lost_s": lost(["restart"]),
         "resize_s": lost(["resize", "scale", "unknown"]),
@@ -198,6 +206,7 @@ def pipeline_total(summaries: list[dict]) -> dict:
         return sum(vals) if vals else None
 
     return {"tokens": total("tokens"), "device_hours": total("device_hours"), "restarts": total("restarts"),
+            "groups": total("groups"),
             "resizes": total("resizes"), "lost_s": total("lost_s"), "resize_s": total("resize_s"),
             "checkpoints": total("checkpoints"), "steps": total("steps")}
 
@@ -242,6 +251,7 @@ def table_rows(summaries: list[dict], total: dict | None) -> list[tuple[str, lis
         row("workers x devices", lambda s: "" if "workers" not in s else
             f"{'-'.join(str(w) for w in s['workers'])} x {s['devices_per_worker']:g} {s['device']}"),
         row(f"{unit}-hours", lambda s: _num(s.get("device_hours"), ".4f")),
+        row("worker groups started", lambda s: _num(s.get("groups"), "d")),
         row("restarts after failures", lambda s: _num(s.get("restarts"), "d")),
         row("time lost to failures", lambda s: _duration(s.get("lost_s"))),
         row("resizes / scale changes", lambda s: _num(s.get("resizes"), "d")),
@@ -424,10 +434,14 @@ def render_html(title: str, jobs: list[JobReport], total: dict | None, generated
 
 
 # -------------------------------------------------------------------------------------- write
-def select(records: list[JobRecord], target: str) -> list[JobRecord]:
-    """The job `target` names, or every job of the pipeline it names, in submission order."""
-    chosen = [r for r in records if target in (r.id, r.pipeline_id)]
-    return sorted(chosen, key=lambda r: (r.seq, r.created_at))
+REPORTS_DIR = "reports"
+
+
+def default_dir(state_dir: str, target: str) -> str:
+    """<state folder>/reports/<job or pipeline id>: next to the job records and the W&B offline
+    runs this machine already keeps there, on a local disk a browser can open (the store may be
+    S3), and one folder per target, so a pipeline's report is rewritten in place."""
+    return os.path.join(state_dir, REPORTS_DIR, target)
 
 
 def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobRecord], dict],
@@ -438,11 +452,12 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
     jobs = []
     for r in records:
         history = read(r)
-        jobs.append(JobReport(record=redact(r.to_json()), rows=history.get("rows") or [], error=history.get("error")))
+        jobs.append(JobReport(record=redact(r.to_json()), rows=history.get("rows") or [],
+                              attempts=history.get("attempts") or {}, error=history.get("error")))
     t = now()
     for j in jobs:
         if j.rows:
-            j.summary = summarize(j.record, j.rows, t)
+            j.summary = summarize(j.record, j.rows, t, j.attempts)
             j.images = plot_job(j.record["id"], j.rows)
     if not any(j.rows for j in jobs):
         j = jobs[0]

@@ -157,6 +157,31 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     # The summary names the jobs, their states and where things are.
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout
+    # The report `orch run` wrote: the pipeline's page in the state folder, its path in the summary.
+    page = state_dir / "reports" / pre["pipeline_id"] / "index.html"
+    assert f"report      {page} (`orch report {pre['pipeline_id']}`" in result.stdout
+    _check_report(page, (pre, fine))
+
+
+def _check_report(page: Path, jobs) -> None:
+    """The page of `orch report`: the jobs' summary (their final loss, no restart) and their PNGs,
+    each embedded in the page, each a real plot (opened, sized, not blank)."""
+    import base64
+    import re
+
+    from PIL import Image
+
+    html = page.read_text()
+    for job in jobs:
+        assert job["id"] in html and f"{job['metrics']['loss']:.4f}" in html and job["export"] in html
+    assert re.search(r"<th>restarts after failures</th>(<td>0</td>)+</tr>", html)
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    files = sorted(page.parent.glob("*.png"))
+    assert len(embedded) == len(files) == 2 * len(jobs)
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(f.read_bytes() for f in files)
+    for f in files:
+        px = np.asarray(Image.open(f).convert("L"))
+        assert px.shape[1] >= 1000 and (px < 200).mean() > 0.01, f
 
 
 def _status_json(state_dir: Path, job_id: str) -> dict:
@@ -177,6 +202,11 @@ def _job_config(state_dir: Path, job_id: str) -> dict:
 def test_pipeline_local_store(tmp_path, orch):
     result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"))
     _check_pipeline(tmp_path, result, {})
+    # `orch report JOB --out DIR`: one job's page, from the records in the state folder.
+    (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]
+    out = orch("report", pre["id"], "--out", str(tmp_path / "rep"), "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "rep" / "index.html"), out.stderr
+    _check_report(tmp_path / "rep" / "index.html", [pre])
 
 
 SECRET_KEY = "orch-test-secret-7f3a9c"  # moto accepts any key; this one must never be written anywhere

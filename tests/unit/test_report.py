@@ -93,8 +93,8 @@ def test_summary_counts_restarts_and_the_time_they_lost(pretrain):
         ("restart", 10, 11, 2), ("resize", 30, 31, 3)]
     # Steps 11..17 (7 s) were thrown away, then 12 s to restart: 19 s lost; the resize took 4 s.
     assert changes[0]["lost_s"] == pytest.approx(19.0) and changes[1]["lost_s"] == pytest.approx(4.0)
-    s = summarize(rec.to_json(), rows, now=5000.0)
-    assert (s["steps"], s["tokens"], s["restarts"], s["resizes"]) == (40, 40000, 1, 1)
+    s = summarize(rec.to_json(), rows, now=5000.0, attempts={"1": 0, "2": 10, "3": 30})
+    assert (s["steps"], s["tokens"], s["restarts"], s["resizes"], s["groups"]) == (40, 40000, 1, 1, 3)
     assert s["lost_s"] == pytest.approx(19.0) and s["resize_s"] == pytest.approx(4.0)
     assert s["wall_s"] == 100.0 and s["device"] == "CPU" and s["workers"] == [2, 3]
     assert s["checkpoints"] == 4 and s["mfu"] == pytest.approx(0.3)

@@ -234,6 +234,10 @@ def _num(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%" if v >= 0.01 or v == 0 else f"{100 * v:.2g}%"
+
+
 def table_rows(summaries: list[dict], total: dict | None) -> list[tuple[str, list[str]]]:
     """(label, one cell per job [, the pipeline's]) for the summary table."""
     cols = summaries + ([total] if total else [])
@@ -258,9 +262,8 @@ def table_rows(summaries: list[dict], total: dict | None) -> list[tuple[str, lis
         row("time spent resizing", lambda s: _duration(s.get("resize_s"))),
         row("checkpoints committed", lambda s: _num(s.get("checkpoints"), "d")),
         row("tokens/s (median)", lambda s: _count(s.get("tokens_per_s"))),
-        row("MFU (median)", lambda s: "-" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"),
-        row("data wait (median, of step time)",
-            lambda s: "-" if s.get("data_wait") is None else f"{100 * s['data_wait']:.1f}%"),
+        row("MFU (median)", lambda s: _percent(s.get("mfu"))),
+        row("data wait (median, of step time)", lambda s: _percent(s.get("data_wait"))),
         row("first loss", lambda s: _num(s.get("first_loss"))),
         row("final loss", lambda s: _num(s.get("final_loss"))),
         row("final eval loss", lambda s: "-" if s.get("eval_loss") is None else
@@ -478,12 +481,16 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
     if title is None:
         title = (f"{jobs[0].record['id']}" if len(jobs) == 1
                  else f"pipeline {jobs[0].record['pipeline_id']}: " + " -> ".join(j.record["name"] for j in jobs))
-    os.makedirs(out_dir, exist_ok=True)
-    for j in jobs:
-        for name, png in j.images.items():
-            _write(os.path.join(out_dir, name), png)
     page = os.path.join(out_dir, "index.html")
-    _write(page, render_html(f"orch report: {title}", jobs, total, t).encode())
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for j in jobs:
+            for name, png in j.images.items():
+                _write(os.path.join(out_dir, name), png)
+        _write(page, render_html(f"orch report: {title}", jobs, total, t).encode())
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a folder "
+                          f"you can write") from None
     return page
 
 

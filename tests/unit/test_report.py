@@ -70,15 +70,18 @@ def _train(store, run, clock, *, start, stop, world, reason, step_s=1.0, tokens_
 
 @pytest.fixture
 def pretrain(tmp_path):
-    """40 steps: a failure at step 17 (resumed from 10 after a 12 s gap), an elastic resize to 3
-    workers at step 30 (resumed from 30 after 4 s)."""
+    """40 steps: a failure at step 17 (resumed from 10 after a 12 s gap), that group killed too at
+    step 13 (resumed from 10 again after 5 s: its rows are all trained again, as in
+    test_recovery), an elastic resize to 3 workers at step 30 (resumed from 30 after 4 s)."""
     root = tmp_path / "store"
     store = open_store(str(root))
-    rec = _record(root, "p0abc12-pretrain", "pretrain", t0=1000.0, t1=1100.0, restarts=1)
+    rec = _record(root, "p0abc12-pretrain", "pretrain", t0=1000.0, t1=1100.0, restarts=2)
     run = run_uri(str(root), rec.id)
     clock = Clock(1002.0)
     _train(store, run, clock, start=0, stop=17, world=2, reason="start")  # killed after 17: 11..17 are redone
     clock.t += 12.0
+    _train(store, run, clock, start=10, stop=13, world=2, reason="restart")
+    clock.t += 5.0
     _train(store, run, clock, start=10, stop=30, world=2, reason="restart")
     clock.t += 4.0
     _train(store, run, clock, start=30, stop=40, world=3, reason="resize")
@@ -91,11 +94,13 @@ def test_summary_counts_restarts_and_the_time_they_lost(pretrain):
     changes = attempt_changes(rows)
     assert [(c["kind"], c["from_step"], c["step"], c["world_size"]) for c in changes] == [
         ("restart", 10, 11, 2), ("resize", 30, 31, 3)]
-    # Steps 11..17 (7 s) were thrown away, then 12 s to restart: 19 s lost; the resize took 4 s.
-    assert changes[0]["lost_s"] == pytest.approx(19.0) and changes[1]["lost_s"] == pytest.approx(4.0)
-    s = summarize(rec.to_json(), rows, now=5000.0, attempts={"1": 0, "2": 10, "3": 30})
-    assert (s["steps"], s["tokens"], s["restarts"], s["resizes"], s["groups"]) == (40, 40000, 1, 1, 3)
-    assert s["lost_s"] == pytest.approx(19.0) and s["resize_s"] == pytest.approx(4.0)
+    # Steps 11..17 (7 s) thrown away, 12 s to restart, steps 11..13 (3 s) thrown away, 5 s to
+    # restart: 27 s lost, all on the one line the curves show; the resize took 4 s.
+    assert changes[0]["lost_s"] == pytest.approx(27.0) and changes[1]["lost_s"] == pytest.approx(4.0)
+    s = summarize(rec.to_json(), rows, now=5000.0, attempts={"1": 0, "2": 10, "3": 10, "4": 30})
+    # (the record counts both failures; the second group left no row, so no line)
+    assert (s["steps"], s["tokens"], s["restarts"], s["resizes"], s["groups"]) == (40, 40000, 2, 1, 4)
+    assert s["lost_s"] == pytest.approx(27.0) and s["resize_s"] == pytest.approx(4.0)
     assert s["wall_s"] == 100.0 and s["device"] == "CPU" and s["workers"] == [2, 3]
     assert s["checkpoints"] == 4 and s["mfu"] == pytest.approx(0.3)
     # 2 CPUs per worker: 2 workers until step 30's row (t=1000..1063+), 3 after, to t=1100.
@@ -141,7 +146,10 @@ def test_pipeline_page_embeds_every_plot_and_no_secret(pretrain, monkeypatch):
     assert "<script" not in html and "<link" not in html and not re.search(r'(src|href)="(?!data:)', html)
     assert SECRET not in html
     # The summary: both jobs and the pipeline's column; the job still waiting is named, not drawn.
-    for needle in (pre.id, fine.id, "pipeline", "time lost to failures", "19s", "CPU-hours", pre.export,
+    assert "<th>time lost to failures</th><td>27s</td><td>0s</td><td>27s</td>" in html
+    assert "<th>worker groups started</th><td>4</td><td>1</td><td>5</td>" in html
+    assert html.count("restart: resumed from step 10 at 2 workers") == 1
+    for needle in (pre.id, fine.id, "pipeline", "CPU-hours", pre.export,
                    "p0abc12-eval (PENDING): no metrics history yet", "How the numbers are computed"):
         assert needle in html, needle
     assert elapsed < 20, elapsed
@@ -154,3 +162,10 @@ def test_no_history_or_unreachable_store_is_one_clear_error(tmp_path):
     with pytest.raises(ReportError, match="store could not be read .*boom"):
         write_report([rec], str(tmp_path / "out"), lambda r: {"error": "OSError: boom"})
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_one_clear_error(pretrain):
+    tmp, _store, rec = pretrain
+    (tmp / "file").write_text("x")
+    with pytest.raises(ReportError, match=f"cannot write the report to {tmp / 'file'} .*pass --out a folder"):
+        write_report([rec], str(tmp / "file"), metrics_history)

@@ -202,11 +202,13 @@ def _job_config(state_dir: Path, job_id: str) -> dict:
 def test_pipeline_local_store(tmp_path, orch):
     result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"))
     _check_pipeline(tmp_path, result, {})
-    # `orch report JOB --out DIR`: one job's page, from the records in the state folder.
-    (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]
-    out = orch("report", pre["id"], "--out", str(tmp_path / "rep"), "--state-dir", str(tmp_path / "state"))
-    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "rep" / "index.html"), out.stderr
-    _check_report(tmp_path / "rep" / "index.html", [pre])
+    # `orch report PIPELINE`: the page again, from the records in the state folder, where `orch run` put it.
+    jobs = result.status(tmp_path / "state")
+    page = tmp_path / "state" / "reports" / jobs[0]["pipeline_id"] / "index.html"
+    page.unlink()
+    out = orch("report", jobs[0]["pipeline_id"], "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0 and out.stdout.strip() == str(page), out.stderr
+    _check_report(page, jobs)
 
 
 SECRET_KEY = "orch-test-secret-7f3a9c"  # moto accepts any key; this one must never be written anywhere

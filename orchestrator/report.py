@@ -457,11 +457,6 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
         history = read(r)
         jobs.append(JobReport(record=redact(r.to_json()), rows=history.get("rows") or [],
                               attempts=history.get("attempts") or {}, error=history.get("error")))
-    t = now()
-    for j in jobs:
-        if j.rows:
-            j.summary = summarize(j.record, j.rows, t, j.attempts)
-            j.images = plot_job(j.record["id"], j.rows)
     if not any(j.rows for j in jobs):
         j = jobs[0]
         if j.error:
@@ -471,6 +466,18 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
         states = ", ".join(f"{x.record['id']} {x.record['state']}" for x in jobs)
         raise ReportError(f"nothing to report on {which}: no metrics history yet ({states}); "
                           f"a job logs its first row after its first step")
+    page = os.path.join(out_dir, "index.html")
+    try:
+        os.makedirs(out_dir, exist_ok=True)  # (before the plots: a bad --out fails at once)
+        t = now()
+        for j in jobs:
+            if j.rows:
+                j.summary = summarize(j.record, j.rows, t, j.attempts)
+                j.images = plot_job(j.record["id"], j.rows)
+                for name, png in j.images.items():
+                    _write(os.path.join(out_dir, name), png)
+    except OSError as e:
+        raise _unwritable(out_dir, e) from None
     summaries = [j.summary for j in jobs if j.summary]
     total = pipeline_total(summaries) if len(jobs) > 1 else None
     if total is not None:
@@ -481,17 +488,15 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
     if title is None:
         title = (f"{jobs[0].record['id']}" if len(jobs) == 1
                  else f"pipeline {jobs[0].record['pipeline_id']}: " + " -> ".join(j.record["name"] for j in jobs))
-    page = os.path.join(out_dir, "index.html")
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        for j in jobs:
-            for name, png in j.images.items():
-                _write(os.path.join(out_dir, name), png)
         _write(page, render_html(f"orch report: {title}", jobs, total, t).encode())
     except OSError as e:
-        raise ReportError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a folder "
-                          f"you can write") from None
+        raise _unwritable(out_dir, e) from None
     return page
+
+
+def _unwritable(out_dir: str, e: OSError) -> ReportError:
+    return ReportError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a folder you can write")
 
 
 def _write(path: str, data: bytes) -> None:

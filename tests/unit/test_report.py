@@ -9,7 +9,6 @@ import base64
 import io
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +130,7 @@ def test_pipeline_page_embeds_every_plot_and_no_secret(pretrain, monkeypatch):
     _train(store, run_uri(str(root), fine.id), Clock(1101.0), start=0, stop=20, world=2, reason="start", mfu=False)
     waiting = _record(root, "p0abc12-eval", "eval", state="PENDING", seq=2)
     out = tmp / "report"
-    t = time.perf_counter()
     page = write_report([pre, fine, waiting], str(out), metrics_history)
-    elapsed = time.perf_counter() - t
     html = Path(page).read_text()
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == sorted(f"{j}-{k}.png" for j in (pre.id, fine.id) for k in ("loss", "training"))
@@ -152,7 +149,6 @@ def test_pipeline_page_embeds_every_plot_and_no_secret(pretrain, monkeypatch):
     for needle in (pre.id, fine.id, "pipeline", "CPU-hours", pre.export,
                    "p0abc12-eval (PENDING): no metrics history yet", "How the numbers are computed"):
         assert needle in html, needle
-    assert elapsed < 20, elapsed
 
 
 def test_no_history_or_unreachable_store_is_one_clear_error(tmp_path):

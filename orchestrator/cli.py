@@ -7,6 +7,7 @@
     orch submit [OVERRIDES...] [--after J]  queue a pipeline's jobs on the controller; prints the ids
     orch status [JOB] [--json] [--watch]    job records (from the controller, else the state folder)
     orch sync JOB|PIPELINE                  upload the jobs' offline W&B runs (`wandb sync`)
+    orch report JOB|PIPELINE [--out DIR]    an HTML page and PNG plots of the jobs' training
     orch logs JOB [-f] [--rank N]           a job's workers' output among its events (--controller: events only)
     orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
     orch scale JOB --workers N              checkpoint, restart at N workers from it
@@ -113,7 +114,8 @@ def cmd_run(args) -> int:
     with ConsoleProgress() as progress:  # bars on a terminal; the plain lines otherwise
         records = run_pipelines(plans, say=progress.say, verbose=args.verbose,
                                 sweep_id=new_sweep_id() if args.multirun else None, watch=progress.jobs)
-    _print_summary(root, records)
+    report = _run_report(root, records)
+    _print_summary(root, records, report)
     if args.debug:
         for r in records:
             if r.failure_detail:
@@ -179,7 +181,24 @@ def _fmt(v, spec=".4f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def _print_summary(root, records) -> None:
+REPORT_ENV = "ORCH_REPORT"
+
+
+def _run_report(root, records) -> str | None:
+    """`orch run`'s report of its pipeline (orchestrator.report), in the state folder; a report
+    that cannot be made is said in one line and never fails the run."""
+    if os.environ.get(REPORT_ENV, "1").lower() in ("0", "false", "off", "no"):
+        return None  # (ORCH_REPORT=0: no report; the test suite sets it, where only a few runs check one)
+    from orchestrator.report import default_dir, write_report  # (matplotlib: only when a report is made)
+
+    try:
+        return write_report(records, default_dir(root.state_dir, records[0].pipeline_id), metrics_history)
+    except Exception as e:  # noqa: BLE001 - the jobs' outcome stands without a report
+        _say(f"no report: {e}")
+        return None
+
+
+def _print_summary(root, records, report: str | None = None) -> None:
     print()
     print(f"{'JOB':<28} {'KIND':<9} {'STATE':<10} {'STEPS':>6} {'FIRST LOSS':>11} {'LAST LOSS':>10} {'EVAL LOSS':>10}")
     for r in records:
@@ -201,6 +220,8 @@ def _print_summary(root, records) -> None:
     if any(r.wandb.get("mode") == "offline" and r.wandb.get("dir") for r in records):
         print(f"            (offline: upload with `orch sync {records[0].pipeline_id}` once WANDB_API_KEY is set)")
     print(f"job records {root.state_dir} (`orch status`)")
+    if report:
+        print(f"report      {report} (`orch report {records[0].pipeline_id}` writes it again)")
 
 
 # --------------------------------------------------------------------------------------- status
@@ -342,19 +363,7 @@ def cmd_sync(args) -> int:
     (again after a partial upload: the run id and steps are the same, so it completes the run)."""
     import subprocess
 
-    _check_job_id(args.target)
-    state_dir = _state_dir(args)
-    address = resolve_address(args.address, state_dir)
-    if address:
-        with connect_controller(address, state_dir, start=False) as client:
-            records = [JobRecord.from_json(d) for d in client.status(None)]
-    elif os.path.exists(os.path.join(state_dir, JOBS_DB)):
-        records = JobStore(state_dir).list()
-    else:
-        raise ConfigError(f"no job records in {state_dir} and no cluster to ask; pass --state-dir / --address")
-    chosen = [r for r in records if args.target in (r.id, r.pipeline_id)]
-    if not chosen:
-        raise JobNotFound(f"no job or pipeline {args.target!r} in {state_dir}; `orch status` lists the jobs")
+    chosen = _target_records(args)
     failed = 0
     for r in chosen:
         folder = r.wandb.get("dir")
@@ -368,6 +377,39 @@ def cmd_sync(args) -> int:
             print(f"orch: {r.id}: `wandb sync` failed (exit {done.returncode}); run `orch sync {args.target}` again "
                   f"(set WANDB_API_KEY, check the network)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _target_records(args) -> list[JobRecord]:
+    """The job `args.target` names, or every job of the pipeline it names (submission order): from
+    the controller of the cluster (--address, RAY_ADDRESS, `orch up`'s), else the state folder."""
+    _check_job_id(args.target)
+    state_dir = _state_dir(args)
+    address = resolve_address(args.address, state_dir)
+    if address:
+        with connect_controller(address, state_dir, start=False) as client:
+            records = [JobRecord.from_json(d) for d in client.status(None)]
+    elif os.path.exists(os.path.join(state_dir, JOBS_DB)):
+        records = JobStore(state_dir).list()
+    else:
+        raise ConfigError(f"no job records in {state_dir} and no cluster to ask; pass --state-dir / --address")
+    chosen = sorted((r for r in records if args.target in (r.id, r.pipeline_id)), key=lambda r: (r.seq, r.created_at))
+    if not chosen:
+        raise JobNotFound(f"no job or pipeline {args.target!r} in {state_dir}; `orch status` lists the jobs")
+    return chosen
+
+
+def cmd_report(args) -> int:
+    """`orch report JOB|PIPELINE [--out DIR]`: orchestrator.report's page and PNGs, from the jobs'
+    records and their metrics histories in the store."""
+    if _jobs_api(args):
+        raise ConfigError(f"orch report reads the job records itself: pass --address HOST:PORT (the cluster's GCS) "
+                          f"or --state-dir, not the Jobs API address {args.address or os.environ.get(RAY_ADDRESS_ENV)}")
+    from orchestrator.report import default_dir, write_report  # (matplotlib, boto3: only here)
+
+    records = _target_records(args)
+    page = write_report(records, args.out or default_dir(_state_dir(args), args.target), metrics_history)
+    print(page)
+    return 0
 
 
 # ------------------------------------------------------------------- the persistent controller
@@ -710,6 +752,14 @@ def _add_job_commands(sub) -> None:
     sy = sub.add_parser("sync", parents=shared, help="upload the offline W&B runs of a job or a pipeline")
     sy.add_argument("target", metavar="JOB|PIPELINE", help="a job id, or a pipeline id (all its jobs)")
     sy.set_defaults(func=cmd_sync)
+
+    rp = sub.add_parser("report", parents=shared,
+                        help="an HTML page and PNG plots of a job's or a pipeline's training (loss, lr, throughput, "
+                             "MFU, restarts, GPU-hours)")
+    rp.add_argument("target", metavar="JOB|PIPELINE", help="a job id, or a pipeline id (all its jobs)")
+    rp.add_argument("--out", metavar="DIR", help="where to write index.html and the PNGs "
+                                                 "(default: <state folder>/reports/JOB|PIPELINE)")
+    rp.set_defaults(func=cmd_report)
 
     lg = sub.add_parser("logs", parents=shared,
                         help="a job's workers' output (rank 0; every failed rank's traceback) among its events")

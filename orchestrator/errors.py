@@ -64,3 +64,10 @@ class ClusterError(OrchError):
     """The Ray cluster cannot be reached or cannot fit what was asked for."""
 
     exit_code = 2
+
+
+class ReportError(OrchError):
+    """A report cannot be made: no job has a metrics history yet, or its store cannot be read."""
+
+    exit_code = 2
+    retryable = False

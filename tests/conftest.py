@@ -32,6 +32,7 @@ def _quiet_environment(tmp_path_factory):
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("ORCH_LOCAL_DIR", str(scratch))
+        mp.setenv("ORCH_REPORT", "0")  # `orch run`'s report (~2 s of CPU each): on only where a test checks it
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("ORCH_STATE_DIR", raising=False)

@@ -110,7 +110,7 @@ def _empty_records(state) -> None:
                          lost="nothing: nothing read or written outside the state folder")
 @pytest.mark.parametrize("command, job", [
     ("status", "../../x"), ("logs", "/etc"), ("cancel", "a/b"), ("scale --workers 2", ".."),
-    ("status", "../jobs.db"), ("submit --after", "../x"), ("sync", "../x"),
+    ("status", "../jobs.db"), ("submit --after", "../x"), ("sync", "../x"), ("report", "../x"),
 ])
 def test_job_id_with_path_traversal_is_refused(orch, tmp_path, command, job):
     state = tmp_path / "state"
@@ -126,7 +126,7 @@ def test_job_id_with_path_traversal_is_refused(orch, tmp_path, command, job):
 
 @pytest.mark.reliability(category="job id", case="`orch {command}` of an unknown job id (no cluster up)",
                          lost="nothing")
-@pytest.mark.parametrize("command", ["logs", "cancel", "scale --workers 2", "sync"])
+@pytest.mark.parametrize("command", ["logs", "cancel", "scale --workers 2", "sync", "report"])
 def test_unknown_job_id_without_a_cluster(orch, tmp_path, command):
     _empty_records(tmp_path)
     name, *flags = command.split()

@@ -158,6 +158,31 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     # The summary names the jobs, their states and where things are.
     for needle in ("SUCCEEDED", pre["id"], fine["id"], "checkpoint", "W&B run"):
         assert needle in result.stdout
+    # The report `orch run` wrote: the pipeline's page in the state folder, its path in the summary.
+    page = state_dir / "reports" / pre["pipeline_id"] / "index.html"
+    assert f"report      {page} (`orch report {pre['pipeline_id']}`" in result.stdout
+    _check_report(page, (pre, fine))
+
+
+def _check_report(page: Path, jobs) -> None:
+    """The page of `orch report`: the jobs' summary (their final loss, no restart) and their PNGs,
+    each embedded in the page, each a real plot (opened, sized, not blank)."""
+    import base64
+    import re
+
+    from PIL import Image
+
+    html = page.read_text()
+    for job in jobs:
+        assert job["id"] in html and f"{job['metrics']['loss']:.4f}" in html and job["export"] in html
+    assert re.search(r"<th>restarts after failures</th>(<td>0</td>)+</tr>", html)
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    files = sorted(page.parent.glob("*.png"))
+    assert len(embedded) == len(files) == 2 * len(jobs)
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(f.read_bytes() for f in files)
+    for f in files:
+        px = np.asarray(Image.open(f).convert("L"))
+        assert px.shape[1] >= 1000 and (px < 200).mean() > 0.01, f
 
     # `orch status` (no controller: the state folder): the pipeline as a tree of its jobs, with
     # step/total, throughput and elapsed time; --json has the same values.
@@ -219,10 +244,17 @@ def _check_logs(state_dir: Path, job: dict, env: dict | None = None) -> str:
 
 
 def test_pipeline_local_store(tmp_path, orch):
-    result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"))
+    result = orch("run", *TINY, "--state-dir", str(tmp_path / "state"), env={"ORCH_REPORT": "1"})
     _check_pipeline(tmp_path, result, {})
     (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]
     _check_logs(tmp_path / "state", pre)
+    # `orch report PIPELINE`: the page again, from the records in the state folder, where `orch run` put it.
+    jobs = result.status(tmp_path / "state")
+    page = tmp_path / "state" / "reports" / jobs[0]["pipeline_id"] / "index.html"
+    page.unlink()
+    out = orch("report", jobs[0]["pipeline_id"], "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0 and out.stdout.strip() == str(page), out.stderr
+    _check_report(page, jobs)
 
 
 SECRET_KEY = "orch-test-secret-7f3a9c"  # moto accepts any key; this one must never be written anywhere
@@ -241,7 +273,7 @@ def test_pipeline_s3_store(tmp_path, orch, s3_server):
     bucket = s3_server.make_bucket("orch")
     result = orch("run", *TINY, "storage=s3", f"storage.root=s3://{bucket}/orch",
                   f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"),
-                  env={"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WANDB_API_KEY": WANDB_KEY})
+                  env={"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WANDB_API_KEY": WANDB_KEY, "ORCH_REPORT": "1"})
     _check_pipeline(tmp_path, result, {"endpoint_url": s3_server.endpoint_url})
     # The workers' output is in the bucket (checked for secrets below with every other object).
     (pre,) = [j for j in result.status(tmp_path / "state") if j["name"] == "pretrain"]

@@ -7,6 +7,7 @@ metrics history and in the job's one W&B run, one row per step."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
 
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *RUN, "--state-dir", str(state)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ORCH_REPORT": "1"})  # (the report is checked below)
     try:
         corrupt_step, second_kill = _kill_twice(proc, state)
         out, _ = proc.communicate(timeout=600)
@@ -148,6 +150,15 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     assert {r["attempt"] for r in rows if r["step"] <= start} == {1}
     assert {r["attempt"] for r in rows if r["step"] > start} == {3} and second_kill > start
     assert rows[start]["events"][0] == {"kind": "restart", "from_step": start, "world_size": 2}
+    # The report `orch run` wrote counts both restarts, and time lost to them (the killed groups'
+    # work after the checkpoint, and the restarts themselves).
+    page = (state / "reports" / job.pipeline_id / "index.html").read_text()
+    assert "<th>restarts after failures</th><td>2</td>" in page
+    lost = re.search(r"<th>time lost to failures</th><td>(?:(\d+)m )?(\d+)s</td>", page)
+    assert lost and int(lost.group(1) or 0) * 60 + int(lost.group(2)) > 0, page[:3000]
+    assert "<th>worker groups started</th><td>3</td>" in page
+    # (the second group's rows were all trained again by the third: one line on the curves)
+    assert page.count(f"restart: resumed from step {start} at 2 workers") == 1
     # One W&B run folder for the job, with the same losses against the step axis.
     expected = history.losses(theirs)
     got = _wandb_losses(state, job)

@@ -163,6 +163,20 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     assert f"report      {page} (`orch report {pre['pipeline_id']}`" in result.stdout
     _check_report(page, (pre, fine))
 
+    # `orch status` (no controller: the state folder): the pipeline as a tree of its jobs, with
+    # step/total, throughput and elapsed time; --json has the same values.
+    for job in (pre, fine):
+        assert job["max_steps"] == job["metrics"]["step"] and job["eta_s"] is None
+        assert 0 < job["elapsed_s"] == pytest.approx(job["finished_at"] - job["started_at"])
+        assert job["tokens_per_s"] == job["metrics"]["tokens_per_s"] > 0 and job["metrics"]["step_time_s"] > 0
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--state-dir", str(state_dir)],
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and lines[0].split()[:3] == ["JOB", "STATE", "STEP"], out.stdout + out.stderr
+    assert lines[2] == pre["pipeline_id"]
+    assert lines[3].split()[:4] == ["├─", pre["id"], "SUCCEEDED", "30/30"]
+    assert lines[4].split()[:4] == ["└─", fine["id"], "SUCCEEDED", "10/10"]
+
 
 def _check_report(page: Path, jobs) -> None:
     """The page of `orch report`: the jobs' summary (their final loss, no restart) and their PNGs,
@@ -184,19 +198,6 @@ def _check_report(page: Path, jobs) -> None:
         px = np.asarray(Image.open(f).convert("L"))
         assert px.shape[1] >= 1000 and (px < 200).mean() > 0.01, f
 
-    # `orch status` (no controller: the state folder): the pipeline as a tree of its jobs, with
-    # step/total, throughput and elapsed time; --json has the same values.
-    for job in (pre, fine):
-        assert job["max_steps"] == job["metrics"]["step"] and job["eta_s"] is None
-        assert 0 < job["elapsed_s"] == pytest.approx(job["finished_at"] - job["started_at"])
-        assert job["tokens_per_s"] == job["metrics"]["tokens_per_s"] > 0 and job["metrics"]["step_time_s"] > 0
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--state-dir", str(state_dir)],
-                         capture_output=True, text=True, timeout=60)
-    lines = out.stdout.splitlines()
-    assert out.returncode == 0 and lines[0].split()[:3] == ["JOB", "STATE", "STEP"], out.stdout + out.stderr
-    assert lines[2] == pre["pipeline_id"]
-    assert lines[3].split()[:4] == ["├─", pre["id"], "SUCCEEDED", "30/30"]
-    assert lines[4].split()[:4] == ["└─", fine["id"], "SUCCEEDED", "10/10"]
 
 
 def _status_json(state_dir: Path, job_id: str) -> dict:

@@ -89,9 +89,8 @@ def run_bare(steps: int, extra: list[str]) -> dict:
 
 def startup_of(rows: list[dict], attempt: int | None = None) -> dict:
     for r in rows:
-        for e in r.get("events", []):
-            if e.get("kind") == "startup" and (attempt is None or r["attempt"] == attempt):
-                return e
+        if "startup" in r and (attempt is None or r["attempt"] == attempt):
+            return r["startup"]
     raise SystemExit("no start-up record in the job's history")
 
 
@@ -209,7 +208,7 @@ def recover(tmp: Path, rounds: int) -> None:
                             os.kill(workers[-1].pid, signal.SIGKILL)
                 else:
                     job, rows = job_history(state)
-                    if any(e.get("kind") == "startup" for r in rows if r["attempt"] > 1 for e in r["events"]):
+                    if any("startup" in r for r in rows if r["attempt"] > 1):
                         break
         finally:
             proc.send_signal(signal.SIGINT)

@@ -12,8 +12,10 @@ per step, the one the model's surviving line of training produced. A row killed 
 written is one a later attempt writes again, since no checkpoint after it was committed without it.
 
 A row: {"step", "attempt", "world_size", "time", "metrics": {name: value}, "events": [...]}; events
-mark what happened at that step: start/restart/resize/scale (the first row of an attempt) and
-checkpoint (a commit).
+mark what happened at that step: start/restart/resize/scale/resume (the first row of an attempt) and
+checkpoint (a commit). The row of an attempt's first step also has "startup": when each of its
+start-up stages ended (worker process start, train function, data, engine + restore, first batch,
+first step; unix times), which bench/overhead.py reads.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def resolve(starts: dict[int, int], rows: list[dict]) -> list[dict]:
         else:
             have["metrics"].update(row.get("metrics") or {})
             have["events"] += row.get("events") or []
+            for key, value in row.items():  # (e.g. "startup": when the attempt's start-up stages ended)
+                have.setdefault(key, value)
     return [merged[s] for s in sorted(merged)]
 
 
@@ -174,13 +178,15 @@ class HistoryWriter:
             self._thread.join(timeout=60)
         self.flush()
 
-    def append(self, step: int, metrics: dict | None = None, events: list[dict] | None = None) -> None:
-        """A row (or more values, or events, for a step already logged), written at once."""
+    def append(self, step: int, metrics: dict | None = None, events: list[dict] | None = None,
+               **fields) -> None:
+        """A row (or more values, events or other `fields` for a step already logged), written at once
+        (by the flusher thread in the background)."""
         with self._lock:
             evs = list(events or [])
             if self._events and metrics:  # the attempt's marker goes on its first row of metrics
                 evs, self._events = self._events + evs, []
-            self._pending.append({"step": step, "attempt": self.attempt, "world_size": self.world_size,
+            self._pending.append({**fields, "step": step, "attempt": self.attempt, "world_size": self.world_size,
                                   "time": self.clock(), "metrics": dict(metrics or {}), "events": evs})
             self.last_step = max(self.last_step, step)
         if self._thread is not None:
@@ -247,7 +253,7 @@ class NullHistory:
     def finish(self, exit_code: int = 0) -> None:
         pass
 
-    def append(self, step: int, metrics: dict | None = None, events: list[dict] | None = None) -> None:
+    def append(self, step: int, metrics: dict | None = None, events: list[dict] | None = None, **fields) -> None:
         pass
 
     def compact(self, through: int) -> None:

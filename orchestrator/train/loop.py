@@ -302,7 +302,7 @@ class _Trainer:
         """Rank 0, after this attempt's first step: when each start-up stage ended, as a history
         event (bench/overhead.py reads it: process start, imports, data, engine + restore, batch)."""
         self.startup["first_step"] = time.time()
-        self.history.append(step, events=[{"kind": "startup", **self.startup}])
+        self.history.append(step, startup=dict(self.startup))
 
     def _report(self, **fields) -> None:
         if self.rank == 0 and self.spec.reporter is not None:

@@ -128,8 +128,8 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     assert jobs[b]["sweep"]["id"] == jobs[c]["sweep"]["id"] == jobs[b]["wandb"]["group"] == sweep_id
     assert jobs[c]["sweep"]["overrides"][-1] == "pipeline.jobs.pretrain.priority=5"
     assert jobs[b]["pipeline_id"] != jobs[c]["pipeline_id"]
-    # A job queued `--after` another joins its W&B group (not its own pipeline's).
-    assert jobs[d]["wandb"]["group"] == jobs[b]["pipeline_id"] != jobs[d]["pipeline_id"]
+    # A job queued `--after` another joins its W&B group (here the sweep's; not its own pipeline's).
+    assert jobs[d]["wandb"]["group"] == jobs[b]["wandb"]["group"] == sweep_id != jobs[d]["pipeline_id"]
     assert jobs[f]["wandb"]["group"] == jobs[e]["pipeline_id"]
     assert "notes.txt" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
     assert f"dependency {e} is FAILED" in jobs[f]["history"][-1]["reason"]

@@ -4,6 +4,10 @@
 food that stay the same across stories), in a few sentence templates: enough regularity for a
 small GPT to learn in minutes on a CPU. `qa`: question/answer pairs about the same facts, for
 fine-tuning; a model pretrained on the stories has seen the facts and learns the answer format.
+
+The stories mention every character; the fine-tuning pairs ask only about half of them (`taught`),
+and `heldout_qa` asks about the other half: a fine-tuned model answers those only if it learned the
+facts in pretraining (a model fine-tuned from random weights can only guess).
 """
 
 from __future__ import annotations
@@ -73,17 +77,32 @@ QUESTIONS = [
 ]
 
 
+def taught(seed: int = 0) -> list[Character]:
+    """The characters the fine-tuning pairs ask about (every other one of the cast)."""
+    return cast(seed)[0::2]
+
+
+def held_out(seed: int = 0) -> list[Character]:
+    """The characters only the stories mention: `heldout_qa` asks about them."""
+    return cast(seed)[1::2]
+
+
+def _pair(ch: Character, question: tuple[str, str]) -> dict:
+    q, a = question
+    fill = dict(n=ch.name, p=ch.pet, c=ch.colour, t=ch.town, f=ch.food)
+    return {"prompt": f"Question: {q.format(**fill)}\nAnswer:", "response": " " + a.format(**fill)}
+
+
 def qa(start: int, stop: int, seed: int = 0) -> list[dict]:
-    """Prompt/response pairs `start` to `stop - 1` about the stories' cast."""
-    people = cast(seed)
-    out = []
-    for i in range(start, stop):
-        rng = random.Random(f"qa-{seed}-{i}")
-        ch = rng.choice(people)
-        q, a = rng.choice(QUESTIONS)
-        fill = dict(n=ch.name, p=ch.pet, c=ch.colour, t=ch.town, f=ch.food)
-        out.append({"prompt": f"Question: {q.format(**fill)}\nAnswer:", "response": " " + a.format(**fill)})
-    return out
+    """Prompt/response pairs `start` to `stop - 1` about the taught characters."""
+    people = taught(seed)
+    return [_pair(rng.choice(people), rng.choice(QUESTIONS))
+            for rng in (random.Random(f"qa-{seed}-{i}") for i in range(start, stop))]
+
+
+def heldout_qa(seed: int = 0) -> list[dict]:
+    """Every question about every held-out character: none of them is in `qa`'s pairs."""
+    return [_pair(ch, q) for ch in held_out(seed) for q in QUESTIONS]
 
 
 def generate_qa(num_examples: int, seed: int = 0) -> list[dict]:

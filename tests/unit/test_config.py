@@ -163,8 +163,8 @@ def test_new_per_job_trainer_key_needs_plus_and_is_validated():
 def test_resolve_jobs_order_and_dependencies():
     root, _ = compose()
     jobs = resolve_jobs(root)
-    assert [j.name for j in jobs] == ["pretrain", "finetune"]
-    pretrain, finetune = jobs
+    assert [j.name for j in jobs] == ["pretrain", "finetune", "finetune_scratch"]
+    pretrain, finetune, _ = jobs
     assert pretrain.depends_on == () and pretrain.kind == "pretrain" and pretrain.data.kind == "text"
     assert finetune.depends_on == ("pretrain",)
     assert finetune.kind == "finetune" and finetune.data.kind == "sft"

@@ -166,7 +166,7 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     steps = 120
     common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=1000"]
     (ref,) = cli.submit(*common, "pipeline=pretrain")
-    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8")
+    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8", "~pipeline.jobs.finetune_scratch")
 
     cli.wait(lambda j: j[pre]["state"] == "RUNNING" and j[pre]["metrics"].get("step", 0) >= 15, poll=0.5)
     assert "scaling to 3 workers" in cli("scale", pre, "--workers", "3").stdout

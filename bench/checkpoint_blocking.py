@@ -46,14 +46,18 @@ def _moto(link_mbit: int):
 
 
 def _rows(state: Path):
+    """The job and its metrics history rows (from the store: one row per step, each with its attempt)."""
+    from orchestrator.checkpoint.layout import run_uri
     from orchestrator.jobs.store import JobStore
-    from tests import wandb_files
+    from orchestrator.storage import open_store
+    from orchestrator.train.history import read_history
 
     (job,) = JobStore(state).list()
-    attempts = []
-    for run_dir in sorted((state / "wandb").glob(f"offline-run-*-{job.wandb['run_id']}")):
-        attempts.append(wandb_files.history(wandb_files.run_file(run_dir)))
-    return job, attempts
+    storage = job.config["storage"]
+    store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"))
+    history = read_history(store, run_uri(storage["root"], job.id))
+    job.attempts = {int(a): s for a, s in history["attempts"].items()}
+    return job, history["rows"]
 
 
 def _cmd(state: Path, endpoint: str, steps: int, extra: list[str]) -> list[str]:
@@ -84,9 +88,9 @@ def main() -> None:
                                      capture_output=True, text=True, cwd=ROOT)
                 if out.returncode:
                     sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
-                _, (rows,) = _rows(state)
-                saves = [r["ckpt/blocking_s"] for r in rows if "ckpt/blocking_s" in r]
-                steps = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r][1:]
+                _, rows = _rows(state)
+                saves = [r["metrics"]["ckpt/blocking_s"] for r in rows if "ckpt/blocking_s" in r["metrics"]]
+                steps = [r["metrics"]["perf/step_time_s"] for r in rows if "perf/step_time_s" in r["metrics"]][1:]
                 blocking[mode] = sum(saves) / len(saves)
                 print(f"async_upload={mode:<5}: {len(saves)} saves, blocking {blocking[mode]:.3f} s per save "
                       f"(median step {sorted(steps)[len(steps) // 2]:.3f} s)")
@@ -115,11 +119,12 @@ def main() -> None:
                         step_at_kill, killed_at = step, time.time()
                         os.kill(workers[-1].pid, signal.SIGKILL)
             proc.wait()
-            job, attempts = _rows(state)
-            after = [r for r in attempts[-1] if "train/loss" in r]
-            resumed_step = after[0]["_step"] - 1
+            job, rows = _rows(state)
+            last = max(job.attempts)
+            after = [r for r in rows if r["attempt"] == last and "train/loss" in r["metrics"]]
+            resumed_step = job.attempts[last]
             print(f"kill -9 at step ~{step_at_kill}: first step after resume "
-                  f"{after[0]['_timestamp'] - killed_at:.1f} s "
+                  f"{after[0]['time'] - killed_at:.1f} s "
                   f"later, resumed from step {resumed_step}: {step_at_kill - resumed_step} steps redone "
                   f"(checkpoint.interval={args.interval}; job {job.state.value}, restarts {job.restarts})")
     finally:

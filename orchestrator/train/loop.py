@@ -299,8 +299,9 @@ class _Trainer:
         return answer == "stop"
 
     def _record_startup(self, step: int) -> None:
-        """Rank 0, after this attempt's first step: when each start-up stage ended, as a history
-        event (bench/overhead.py reads it: process start, imports, data, engine + restore, batch)."""
+        """Rank 0, after this attempt's first step: when each start-up stage ended, as the `startup`
+        field of that step's history row (bench/overhead.py reads it: process start, imports, data,
+        engine + restore, batch)."""
         self.startup["first_step"] = time.time()
         self.history.append(step, startup=dict(self.startup))
 

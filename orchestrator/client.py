@@ -26,6 +26,7 @@ from orchestrator.cluster import (
     check_reachable,
     is_loopback_address,
     keep_ray_on_loopback,
+    keeping_sigterm_handler,
 )
 from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.errors import ClusterError, ConfigError, JobNotFound, OrchError
@@ -122,8 +123,9 @@ def connect_controller(address: str, state_dir: str | None = None, start: bool =
     from orchestrator.service import CONTROLLER_NAME, NAMESPACE, start_controller  # (it imports Ray)
 
     try:
-        context = ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(),
-                           log_to_driver=False, logging_level=logging.ERROR)
+        with keeping_sigterm_handler():
+            context = ray.init(address=address, namespace=NAMESPACE, runtime_env=_code_runtime_env(),
+                               log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
                            f"check --address / {RAY_ADDRESS_ENV}") from None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +28,20 @@ def _code_runtime_env() -> dict | None:
     import orchestrator
 
     return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(model.__file__).parent)]}
+
+
+@contextmanager
+def keeping_sigterm_handler():
+    """`ray.init` replaces the process's SIGTERM handler with its own (`sys.exit(15)`, and the
+    embedded head node's `sys.exit(1)`); put back the one orch installed (unwind with exit 143, so
+    `finally` blocks record interrupted jobs) once Ray is connected."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -112,8 +128,9 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
         if address:
             check_reachable(address)  # seconds, where Ray would retry for minutes
             try:
-                ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
-                         logging_level=logging.INFO if verbose else logging.ERROR)
+                with keeping_sigterm_handler():
+                    ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
+                             logging_level=logging.INFO if verbose else logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ClusterError(
                     f"cannot reach the Ray cluster at {address!r} ({str(e).strip().splitlines()[0]}); "
@@ -122,9 +139,10 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
         else:
             num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
             # address="local" always starts a new cluster, even if a stale one's file is left behind.
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=None,
-                     log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-                     configure_logging=True)
+            with keeping_sigterm_handler():
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=None,
+                         log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                         configure_logging=True)
             started = True
         yield ray
     finally:

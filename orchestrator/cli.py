@@ -208,6 +208,12 @@ def _print_summary(root, records, report: str | None = None) -> None:
     for r in records:
         if r.failure_reason:
             print(f"{r.id}: {r.failure_reason}")
+    scored = [r for r in records if r.metrics.get("qa_questions")]
+    if scored:  # fine-tunes asked about facts only pretraining's stories state (orchestrator.train.qa_eval)
+        print("held-out QA exact match: " + " vs ".join(
+            f"{r.name}{' (from random weights)' if r.config.get('from_scratch') else ''} "
+            f"{r.metrics['qa_correct']}/{r.metrics['qa_questions']} "
+            f"({r.metrics['qa_correct'] / r.metrics['qa_questions']:.0%})" for r in scored))
     print()
     for r in records:
         if r.checkpoint:

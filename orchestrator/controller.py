@@ -244,7 +244,9 @@ class Controller:
 
     def _init_from(self, record: JobRecord) -> str | None:
         """The job's own `init_from`, else the exported weights of the first dependency that has them
-        (fine-tuning starts there)."""
+        (fine-tuning starts there); none for a job from scratch."""
+        if record.config.get("from_scratch"):
+            return None
         if record.config.get("init_from"):
             return record.config["init_from"]
         for dep in record.depends_on:

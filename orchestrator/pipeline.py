@@ -132,7 +132,7 @@ def run_pipelines(plans: list[Plan], say: Callable[[str], None] = print, verbose
                                                                   pipeline_ids=pids)):
                 tag = f" [sweep {sweep_id}: {' '.join(plan.overrides)}]" if sweep_id else ""
                 say_and_keep(f"pipeline {records[0].pipeline_id} ({plan.root.pipeline.name}): "
-                             + " -> ".join(r.id for r in records) + tag)
+                             + _stages(records) + tag)
                 for r in records:
                     events.write(f"{r.id}: submitted ({r.kind}, {r.workers} workers)"
                                  + (f" after {', '.join(r.depends_on)}" if r.depends_on else ""))
@@ -144,3 +144,12 @@ def run_pipelines(plans: list[Plan], say: Callable[[str], None] = print, verbose
             # The jobs of this command die with it: record that, so no job is left RUNNING forever.
             controller.abandon(ids, ABANDONED)
             raise
+
+
+def _stages(records) -> str:
+    """The pipeline's jobs in the order they can run: "a -> b, c" when b and c both wait for a."""
+    depth: dict[str, int] = {}
+    for r in records:  # (in submission order: a job's dependencies come before it)
+        depth[r.id] = 1 + max((depth.get(d, -1) for d in r.depends_on), default=-1)
+    levels = sorted(set(depth.values()))
+    return " -> ".join(", ".join(r.id for r in records if depth[r.id] == level) for level in levels)

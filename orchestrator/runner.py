@@ -329,7 +329,10 @@ class JobRunner:
         export = ray.get(export_remote().remote(to_dict(job), run_uri(job.storage.root, self.record.id),
                                                 state["ref_step"], self.record.id))
         metrics = {"step": state.get("step"), "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
-                   "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen")}
+                   "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen"),
+                   "qa_correct": state.get("qa_correct"), "qa_questions": state.get("qa_questions")}
+        if state.get("qa_questions"):
+            self._say(f"held-out QA exact match {state['qa_correct']}/{state['qa_questions']}")
         rid, meta = self.record.id, {"job_id": self.record.id, "step": state.get("step")}
         self._close_feed((ArtifactRef(f"model-{rid}", "model", export, meta),
                           ArtifactRef(f"checkpoint-{rid}", "checkpoint", state["uri"], meta)))

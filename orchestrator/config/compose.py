@@ -123,6 +123,9 @@ def _check_override_syntax(overrides: Sequence[str]) -> list[str]:
     out = []
     for ov in overrides:
         key, sep, value = ov.partition("=")
+        if not sep and key.startswith("~") and _parses(parser, ov):  # Hydra's delete: ~pipeline.jobs.x
+            out.append(ov)
+            continue
         if not sep:
             raise ConfigError(
                 f"malformed override {ov!r}: expected key=value (e.g. trainer.max_steps=40 or model=gpt_tiny)"
@@ -296,6 +299,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             cluster=root.cluster,
             init_from=init_from,
             resume_from=to_uri(spec.resume_from) if spec.resume_from else None,
+            from_scratch=spec.from_scratch,
         )
         try:
             jobs.append(JobConfig(**fields))

@@ -252,9 +252,13 @@ class JobSpec:
     init_from: Optional[str] = None  # weights to start from: a Hugging Face folder, or an orch export/checkpoint URI
     # continue another run's training state (a checkpoint or run URI), at any worker count
     resume_from: Optional[str] = None
+    # start from random weights even after a dependency (a baseline: what the dependency's weights add)
+    from_scratch: bool = False
 
     def __post_init__(self):
         _positive(self, "workers")
+        if self.from_scratch and self.init_from:
+            raise ValueError(f"from_scratch=true and init_from={self.init_from} contradict each other; drop one")
         if self.max_workers is not None and self.max_workers < self.workers:
             raise ValueError(f"max_workers={self.max_workers} is below workers={self.workers}; "
                              f"use workers=[MIN,MAX] with MIN <= MAX")
@@ -339,10 +343,11 @@ class JobConfig:
     init_from: Optional[str] = None  # weights to start from (else: the dependency's exported weights)
     resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
     max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
+    from_scratch: bool = False  # random initial weights, even after a dependency (a baseline to compare with)
 
     def __post_init__(self):
         safe_name(self.name, "name")  # also for jobs that reach the controller as dicts (`orch submit`)
-        if self.kind == "finetune" and not (self.depends_on or self.init_from):
+        if self.kind == "finetune" and not (self.depends_on or self.init_from or self.from_scratch):
             raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job (or `orch submit "
                              "--after JOB_ID`), or init_from=MODEL")
         if self.data.kind == "sft" and not self.data.tokenizer_uri and not self.depends_on:

@@ -44,7 +44,8 @@ from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metric
 from orchestrator.train.mfu import peak_flops
 from orchestrator.train.output import WorkerOutput
 from orchestrator.train.prefetch import BatchPrefetcher
-from orchestrator.train.vote import all_mean, step_vote
+from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
+from orchestrator.train.vote import all_mean, all_sum, step_vote
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger("orchestrator.train")
@@ -60,6 +61,8 @@ class TrainerState:
     first_loss: float | None = None
     last_loss: float | None = None
     eval_loss: float | None = None
+    qa_correct: int | None = None  # held-out questions answered exactly (orchestrator.train.qa_eval)
+    qa_questions: int | None = None  # held-out questions asked (None: the data has none)
     world_size: int = 0
     wandb_run_id: str | None = None  # (unused since the runner owns the W&B run: the job id)
     zero_stage: int | None = None
@@ -329,6 +332,22 @@ class _Trainer:
         self.history.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}, step=step)
         return eval_loss
 
+    def _heldout_qa(self, engine, step: int) -> QAScore | None:
+        """Greedy exact-match answers to the data's held-out questions (orchestrator.train.qa_eval),
+        the ranks sharing them; logged to the history at `step`. None when the data has none."""
+        questions = heldout_questions(self.job.data.source, self.job.data.seed)
+        if not questions:
+            return None
+        from model.tokenizer import tokenizer_from_json
+
+        tok = tokenizer_from_json(self.store.get(join_uri(self.job.data.uri, self.manifest.tokenizer_key)).decode())
+        mine = rank_share(len(questions), self.rank, self.world)
+        (correct,) = all_sum([ask(engine.module, tok, questions, mine, self.manifest.eot_id, self.device)], self.device)
+        score = QAScore(int(correct), len(questions))
+        self.history.log({"eval/qa_exact_match": score.accuracy, "eval/qa_correct": score.correct,
+                          "eval/qa_questions": score.questions}, step=step)
+        return score
+
     def _train_step(self, engine, micro: list) -> list[float]:
         """One optimizer step over this rank's micro-batches (DeepSpeed accumulates their gradients
         and steps the optimizer at the last); their losses."""
@@ -353,6 +372,7 @@ class _Trainer:
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
         val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
+        self.manifest = manifest
         ckpt = self._checkpointer(manifest)
         self.startup["data_opened"] = time.time()
         engine, state = self._restore(ckpt)
@@ -421,6 +441,9 @@ class _Trainer:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
         eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
+        qa = self._heldout_qa(engine, state.step)
+        if qa is not None:
+            state.qa_correct, state.qa_questions = qa.correct, qa.questions
         cadence.save_final(engine, state)
         self._report(eval_loss=eval_loss)
         dist.barrier()  # rank 0's commit is in the store before any rank leaves

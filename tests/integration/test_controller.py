@@ -87,7 +87,10 @@ class Cli:
             if what(jobs):
                 return jobs
             time.sleep(poll)
-        raise AssertionError(f"timed out; jobs: {json.dumps({k: (v['state'], v['metrics']) for k, v in jobs.items()})}")
+        log = self.state / "logs" / "controller.log"  # (what the controller did, for a failure's report)
+        tail = "\n".join(log.read_text().splitlines()[-60:]) if log.exists() else "(no controller log)"
+        raise AssertionError(f"timed out; jobs: {json.dumps({k: (v['state'], v['metrics']) for k, v in jobs.items()})}"
+                             f"\ncontroller log (last 60 lines):\n{tail}")
 
 
 def _span(job: dict) -> tuple[float, float]:
@@ -197,7 +200,7 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     steps = 120
     common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=1000"]
     (ref,) = cli.submit(*common, "pipeline=pretrain")
-    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8")
+    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8", "~pipeline.jobs.finetune_scratch")
 
     cli.wait(lambda j: j[pre]["state"] == "RUNNING" and j[pre]["metrics"].get("step", 0) >= 15, poll=0.5)
     assert "scaling to 3 workers" in cli("scale", pre, "--workers", "3").stdout

@@ -37,6 +37,7 @@ TINY = [
     "data.num_documents=400",
     "pipeline.jobs.finetune.trainer.max_steps=3",
     "pipeline.jobs.finetune.data.num_documents=200",
+    "~pipeline.jobs.finetune_scratch",  # (the demo's baseline adds nothing here)
 ]
 
 

@@ -252,7 +252,7 @@ def test_the_default_pipeline_passes_the_checks_before_its_datasets_exist(tmp_pa
 
     jobs = resolve_jobs(compose_root(["model=gpt_tiny", f"state_dir={tmp_path / 'state'}",
                                       f"storage.root=file://{tmp_path}/store"]))
-    assert [j.data.kind for j in jobs] == ["text", "sft"]
+    assert [j.data.kind for j in jobs] == ["text", "sft", "sft"]  # (the fine-tune and its from-scratch baseline)
     preflight(jobs)
 
 

@@ -141,21 +141,21 @@ def test_overrides_give_typed_values():
 def test_per_job_trainer_override_applies_to_that_job_only():
     root, jobs = compose("pipeline.jobs.finetune.trainer.max_steps=7")
     assert jobs["finetune"].trainer.max_steps == 7
-    assert jobs["pretrain"].trainer.max_steps == root.trainer.max_steps == 150
+    assert jobs["pretrain"].trainer.max_steps == root.trainer.max_steps == 400
 
 
 def test_per_job_trainer_keys_win_and_the_rest_is_inherited():
     root, jobs = compose("trainer.max_steps=40", "trainer.micro_batch_size=2", "trainer.seed=7")
     ft = jobs["finetune"].trainer
-    assert ft.max_steps == 60  # the pipeline's finetune value beats the top-level one
-    assert ft.lr == 1.0e-3 and ft.weight_decay == 0.0
+    assert ft.max_steps == 80  # the pipeline's finetune value beats the top-level one
+    assert ft.lr == 5.0e-4 and ft.weight_decay == 0.0
     assert ft.micro_batch_size == 2 and ft.seed == 7  # not set per job: inherited
     assert jobs["pretrain"].trainer.lr == root.trainer.lr == 3.0e-3
 
 
 def test_new_per_job_trainer_key_needs_plus_and_is_validated():
     _, jobs = compose("+pipeline.jobs.pretrain.trainer.max_steps=9")
-    assert jobs["pretrain"].trainer.max_steps == 9 and jobs["finetune"].trainer.max_steps == 60
+    assert jobs["pretrain"].trainer.max_steps == 9 and jobs["finetune"].trainer.max_steps == 80
     msg = config_error("+pipeline.jobs.finetune.trainer.foo=1")
     assert "pipeline.jobs.finetune.trainer.foo" in msg and "max_steps" in msg
 
@@ -163,8 +163,8 @@ def test_new_per_job_trainer_key_needs_plus_and_is_validated():
 def test_resolve_jobs_order_and_dependencies():
     root, _ = compose()
     jobs = resolve_jobs(root)
-    assert [j.name for j in jobs] == ["pretrain", "finetune"]
-    pretrain, finetune = jobs
+    assert [j.name for j in jobs] == ["pretrain", "finetune", "finetune_scratch"]
+    pretrain, finetune, _ = jobs
     assert pretrain.depends_on == () and pretrain.kind == "pretrain" and pretrain.data.kind == "text"
     assert finetune.depends_on == ("pretrain",)
     assert finetune.kind == "finetune" and finetune.data.kind == "sft"

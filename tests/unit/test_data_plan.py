@@ -32,10 +32,11 @@ def test_src_and_dst_uris_are_kept_as_given():
 
 
 def test_without_src_and_dst_every_dataset_of_the_pipeline_in_job_order():
-    root = compose_root([])  # pretrain on stories, then fine-tune on qa
+    root = compose_root([])  # pretrain on stories, then fine-tune on qa (and its baseline, on its own copy)
     datasets = datasets_to_prepare(root, [])
     assert [(d.name, d.kind, d.source) for d in datasets] == [("stories", "text", "generated:stories"),
-                                                               ("qa", "sft", "generated:qa")]
+                                                               ("qa", "sft", "generated:qa"),
+                                                               ("qa-scratch", "sft", "generated:qa")]
     assert datasets[0] == root.data
     assert [d.name for d in datasets_to_prepare(compose_root(["pipeline=pretrain"]), [])] == ["stories"]
 

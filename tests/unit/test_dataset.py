@@ -23,7 +23,7 @@ from orchestrator.errors import DatasetError, StorageError
 from orchestrator.storage import join_uri, local_path, open_store
 
 SEQ_LEN = 32
-SFT_SEQ_LEN = 64  # the generated prompts alone are ~40 tokens with a 300-token vocabulary
+SFT_SEQ_LEN = 47  # the generated pairs are 40-55 tokens with a 300-token vocabulary: some fit, some are cut
 NUM_DOCS = 200
 
 

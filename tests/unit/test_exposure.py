@@ -59,7 +59,7 @@ def test_unsafe_dataset_names_are_one_config_error(override, value):
 
 def test_safe_names_compose():
     jobs = resolve_jobs(compose_root(["data.name=stories-v2.1_a", "pipeline.jobs.finetune.data.name=QA.2"]))
-    assert [j.data.name for j in jobs] == ["stories-v2.1_a", "QA.2"]
+    assert [j.data.name for j in jobs] == ["stories-v2.1_a", "QA.2", "QA.2-scratch"]
     assert jobs[0].data.uri.endswith("/datasets/stories-v2.1_a")
 
 

@@ -139,3 +139,28 @@ def test_missing_credentials_named_without_values(orch, tmp_path, s3_server):
     result = orch("run", "storage=s3", f"storage.root=s3://{bucket}/orch",
                   f"storage.endpoint_url={s3_server.endpoint_url}", "--state-dir", str(tmp_path / "state"), env=env)
     _one_line_error(result, "AWS_ACCESS_KEY_ID")
+
+
+@pytest.mark.slow
+def test_run_sweep_trains_each_combination_in_one_cluster(orch, tmp_path):
+    """`orch run -m`: one pipeline per combination, in one embedded cluster, grouped by the sweep's
+    id (W&B group and status), each with its own overrides; side by side when they fit (two
+    1-worker jobs on 2 CPUs)."""
+    state = tmp_path / "state"
+    result = orch("run", "-m", "trainer.lr=1e-3,3e-3", "pipeline=pretrain", "model=gpt_tiny",
+                  "pipeline.jobs.pretrain.workers=1", "trainer.max_steps=4", "trainer.log_interval=1",
+                  "data.num_documents=200", "tracking=none", "--state-dir", str(state), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = result.status(state)
+    assert len(jobs) == 2 and all(j["state"] == "SUCCEEDED" and j["metrics"]["step"] == 4 for j in jobs), jobs
+    assert len({j["pipeline_id"] for j in jobs}) == 2
+    sweeps = {j["sweep"]["id"] for j in jobs}
+    assert len(sweeps) == 1 and all(j["wandb"]["group"] == next(iter(sweeps)) for j in jobs)
+    assert sorted(j["sweep"]["overrides"][0] for j in jobs) == ["trainer.lr=0.001", "trainer.lr=0.003"]
+    from orchestrator.jobs.store import JobStore
+
+    assert sorted(JobStore(state).get(j["id"]).config["trainer"]["lr"] for j in jobs) == [1e-3, 3e-3]
+    # Side by side: each started before the other ended.
+    spans = [(next(h["at"] for h in j["history"] if h["state"] == "STARTING"),
+              next(h["at"] for h in j["history"] if h["state"] == "SUCCEEDED")) for j in jobs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans

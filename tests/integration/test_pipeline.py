@@ -181,11 +181,11 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     # The report `orch run` wrote: the pipeline's page in the state folder, its path in the summary.
     page = state_dir / "reports" / pre["pipeline_id"] / "index.html"
     assert f"report      {page} (`orch report {pre['pipeline_id']}`" in result.stdout
-    _check_report(page, (pre, fine))
+    _check_report(page, (pre, fine, scratch))
 
     # `orch status` (no controller: the state folder): the pipeline as a tree of its jobs, with
     # step/total, throughput and elapsed time; --json has the same values.
-    for job in (pre, fine):
+    for job in (pre, fine, scratch):
         assert job["max_steps"] == job["metrics"]["step"] and job["eta_s"] is None
         assert 0 < job["elapsed_s"] == pytest.approx(job["finished_at"] - job["started_at"])
         assert job["tokens_per_s"] == job["metrics"]["tokens_per_s"] > 0 and job["metrics"]["step_time_s"] > 0
@@ -195,7 +195,8 @@ def _check_pipeline(tmp_path: Path, result, storage_kwargs: dict) -> None:
     assert out.returncode == 0 and lines[0].split()[:3] == ["JOB", "STATE", "STEP"], out.stdout + out.stderr
     assert lines[2] == pre["pipeline_id"]
     assert lines[3].split()[:4] == ["├─", pre["id"], "SUCCEEDED", "30/30"]
-    assert lines[4].split()[:4] == ["└─", fine["id"], "SUCCEEDED", "10/10"]
+    assert lines[4].split()[:4] == ["├─", fine["id"], "SUCCEEDED", "10/10"]
+    assert lines[5].split()[:4] == ["└─", scratch["id"], "SUCCEEDED", "10/10"]
 
 
 def _check_report(page: Path, jobs) -> None:

@@ -35,8 +35,14 @@ def all_mean(values: list[float], device) -> float:
     return total / n
 
 
-def step_vote(losses: list[float], checkpoint_due: bool, stop: bool, device) -> StepVote:
-    """This rank's micro-batch losses and votes in; everyone's agreed outcome out."""
-    loss_sum, loss_n, due_votes, stop_votes = all_sum([sum(losses), len(losses), float(checkpoint_due), float(stop)],
-                                                      device)
-    return StepVote(loss=loss_sum / loss_n, checkpoint_due=due_votes > 0, stop=stop_votes > 0)
+def step_vote(losses: list, checkpoint_due: bool, stop: bool, device) -> StepVote:
+    """This rank's micro-batch losses (tensors on `device`, or floats) and votes in; everyone's agreed
+    outcome out. The losses are summed on the device, so a step waits for its device once (here),
+    not once per micro-batch."""
+    loss_sum = torch.stack([torch.as_tensor(x, device=device).detach().to(torch.float64).reshape(())
+                            for x in losses]).sum().reshape(1)
+    flags = torch.tensor([len(losses), float(checkpoint_due), float(stop)], dtype=torch.float64, device=device)
+    t = torch.cat([loss_sum, flags])
+    dist.all_reduce(t)
+    total, n, due_votes, stop_votes = t.tolist()
+    return StepVote(loss=total / n, checkpoint_due=due_votes > 0, stop=stop_votes > 0)

@@ -147,3 +147,31 @@ def test_prefetcher_reads_one_step_ahead_and_stops_at_the_end():
     finally:
         batches.close()
     assert read_at == [8, 12, 16, 20]
+
+
+def test_step_vote_sums_the_losses_on_the_device_and_ors_the_flags():
+    """The step's one all-reduce, over a real (one-rank) gloo group: loss tensors (as the step hands
+    them over, one per micro-batch, still attached to nothing) or floats; float64 sum, mean out."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.train.vote import step_vote
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        losses = [torch.tensor(1.5, dtype=torch.float32), torch.tensor(2.25, requires_grad=True) * 1.0]
+        vote = step_vote(losses, checkpoint_due=True, stop=False, device=cpu)
+        assert vote.loss == pytest.approx(1.875) and vote.checkpoint_due and not vote.stop
+        vote = step_vote([1.0, 3.0], checkpoint_due=False, stop=True, device=cpu)
+        assert vote.loss == 2.0 and not vote.checkpoint_due and vote.stop
+        # float32 losses are summed in float64: the same as summing their Python floats
+        odd = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 0.2, 0.3)]
+        assert step_vote(odd, False, False, cpu).loss == sum(float(x) for x in odd) / 3
+    finally:
+        dist.destroy_process_group()

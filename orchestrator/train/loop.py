@@ -31,7 +31,7 @@ from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import MODEL_CONFIG, TOKENIZER
-from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.data.manifest import load_manifest
 from orchestrator.data.order import eval_batch, micro_batches, rank_slice
 from orchestrator.data.reader import SplitReader
 from orchestrator.joblogs import rank_logs_uri
@@ -188,10 +188,9 @@ class _Trainer:
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
 
-    def _checkpointer(self, manifest: Manifest) -> Checkpointer:
+    def _checkpointer(self, tokenizer: bytes) -> Checkpointer:
         """The run's Checkpointer; rank 0 adds the tokenizer and model config to every checkpoint."""
         job = self.job
-        tokenizer = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key))
         return Checkpointer(
             self.store, self.spec.run_uri, self.scratch, self.rank, self.world, job.checkpoint, job.deepspeed.stage,
             rank0_files={TOKENIZER: tokenizer, MODEL_CONFIG: json.dumps(to_dict(job.model), indent=1).encode()},
@@ -332,7 +331,7 @@ class _Trainer:
         self.history.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}, step=step)
         return eval_loss
 
-    def _heldout_qa(self, engine, step: int) -> QAScore | None:
+    def _heldout_qa(self, engine, step: int, eot: int) -> QAScore | None:
         """Greedy exact-match answers to the data's held-out questions (orchestrator.train.qa_eval),
         the ranks sharing them; logged to the history at `step`. None when the data has none."""
         questions = heldout_questions(self.job.data.source, self.job.data.seed)
@@ -340,9 +339,9 @@ class _Trainer:
             return None
         from model.tokenizer import tokenizer_from_json
 
-        tok = tokenizer_from_json(self.store.get(join_uri(self.job.data.uri, self.manifest.tokenizer_key)).decode())
+        tok = tokenizer_from_json(self.tokenizer.decode())
         mine = rank_share(len(questions), self.rank, self.world)
-        (correct,) = all_sum([ask(engine.module, tok, questions, mine, self.manifest.eot_id, self.device)], self.device)
+        (correct,) = all_sum([ask(engine.module, tok, questions, mine, eot, self.device)], self.device)
         score = QAScore(int(correct), len(questions))
         self.history.log({"eval/qa_exact_match": score.accuracy, "eval/qa_correct": score.correct,
                           "eval/qa_questions": score.questions}, step=step)
@@ -373,8 +372,8 @@ class _Trainer:
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
         val = SplitReader.from_config(self.store, job.data, manifest, "val", cache=train.cache)  # one limit for both
-        self.manifest = manifest
-        ckpt = self._checkpointer(manifest)
+        self.tokenizer = self.store.get(join_uri(job.data.uri, manifest.tokenizer_key))  # (checkpoints, QA)
+        ckpt = self._checkpointer(self.tokenizer)
         self.startup["data_opened"] = time.time()
         engine, state = self._restore(ckpt)
         self.startup["restored"] = time.time()
@@ -442,7 +441,7 @@ class _Trainer:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
         eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
-        qa = self._heldout_qa(engine, state.step)
+        qa = self._heldout_qa(engine, state.step, val.manifest.eot_id)
         if qa is not None:
             state.qa_correct, state.qa_questions = qa.correct, qa.questions
         cadence.save_final(engine, state)

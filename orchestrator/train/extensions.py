@@ -1,12 +1,19 @@
 """DeepSpeed's compiled ops, built once at setup instead of in the user's first run.
 
 On CPU, DeepSpeed compiles its `deepspeed_shm_comm` op with g++ the first time a worker starts
-(about a minute on 2 cores), into a cache shared by every environment of the user (and rebuilt
-whenever another torch or DeepSpeed used it). `scripts/setup.sh` (and the image) builds it into the
-environment's own folder, `<sys.prefix>/torch_extensions`; every worker uses that folder when it
-exists. On a GPU the op is not used and nothing is built.
+(30-60 s on 2 cores). torch's default cache (`~/.cache/torch_extensions`) is shared by every
+environment of the user, so another torch or DeepSpeed that used it last means a rebuild.
+`scripts/setup.sh` and the images build it into the environment's own folder,
+`<sys.prefix>/torch_extensions`, and every worker uses that folder (a wheel installed without the
+build step builds there once, at its first run, if the environment is writable).
 
-    python -m orchestrator.train.extensions     # build (what setup runs)
+The build is driven by `ninja`, and two ninja versions invalidate each other's build log (1.11
+writes MurmurHash command hashes, 1.12+ another hash): a worker that found the system's ninja on
+its PATH while setup used the environment's would compile the op again, and the next process back.
+So every build and every load here runs the environment's own ninja (the `ninja` wheel DeepSpeed
+depends on) when it has one. On a GPU the op is not used and nothing is built.
+
+    python -m orchestrator.train.extensions     # build (what setup and the images run)
 """
 
 from __future__ import annotations
@@ -23,17 +30,33 @@ def extensions_dir() -> Path:
     return Path(sys.prefix) / "torch_extensions"
 
 
+def _own_ninja_first() -> None:
+    """Put this environment's scripts folder (its `ninja`) first on PATH, as activating it would."""
+    scripts = Path(sys.executable).parent
+    if (scripts / "ninja").is_file():
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[:1] != [str(scripts)]:
+            os.environ["PATH"] = os.pathsep.join(p for p in (str(scripts), path) if p)
+
+
 def use_prebuilt() -> None:
-    """Point torch's extension loader at this environment's prebuilt ops (unless the user chose a folder)."""
+    """Point torch's extension loader at this environment's ops folder (unless the user chose a
+    folder), built by setup, or at the first run when the environment is writable."""
     folder = extensions_dir()
-    if folder.is_dir():
-        os.environ.setdefault(ENV, str(folder))
+    if not folder.is_dir():
+        try:
+            folder.mkdir()
+        except OSError:
+            return  # a read-only environment without a build: torch's default cache
+    os.environ.setdefault(ENV, str(folder))
+    _own_ninja_first()
 
 
 def build() -> str:
     folder = extensions_dir()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[ENV] = str(folder)
+    _own_ninja_first()
     t0 = time.perf_counter()
     from deepspeed.comm.torch import build_shm_op  # (deepspeed: only when building)
 

@@ -12,7 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.config.schema import ClusterConfig, RootConfig
-from orchestrator.constants import RAY_ADDRESS_ENV, RAY_JOB_CONFIG_ENV, RAY_SINGLE_MACHINE_ENV
+from orchestrator.constants import (
+    RAY_ADDRESS_ENV,
+    RAY_JOB_CONFIG_ENV,
+    RAY_PREEMPTION_WATCHER_ENV,
+    RAY_SINGLE_MACHINE_ENV,
+)
 from orchestrator.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,9 +70,17 @@ def keep_ray_on_loopback() -> None:
     single-machine mode keeps loopback. Ray reads the switch once, when imported, so it is also
     flipped in place if Ray already was."""
     os.environ[RAY_SINGLE_MACHINE_ENV] = "0"
+    no_preemption_watcher()
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         constants.ENABLE_RAY_CLUSTER = False
+
+
+def no_preemption_watcher() -> None:
+    """A cluster of this machine alone has no spot instance to lose: Ray Train's preemption watcher
+    (one more actor process with every worker group, polling the nodes' drain state) is not started
+    there. Clusters orch does not start itself (KubeRay, `ray up`) keep it."""
+    os.environ.setdefault(RAY_PREEMPTION_WATCHER_ENV, "0")
 
 
 def _use_token_auth_if_available() -> None:

@@ -9,6 +9,7 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver o
 # node's address and listens there only, where on Linux it swaps in the machine's own address and
 # listens on every interface. orch sets it for clusters of this machine alone (orchestrator.cluster).
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's node-drain watcher
 
 JOBS_DB = "jobs.db"  # SQLite file of job records inside the state folder
 RUN_LOCKS_DIR = "orch-run"  # <state folder>/orch-run/<pipeline id>.lock: held by the `orch run` driving it

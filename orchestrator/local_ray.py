@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from orchestrator.cluster import LOOPBACK_HOSTS, keep_ray_on_loopback
+from orchestrator.cluster import LOOPBACK_HOSTS, keep_ray_on_loopback, no_preemption_watcher
 from orchestrator.constants import RAY_SINGLE_MACHINE_ENV
 
 
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
         resolve = services.resolve_ip_for_localhost
         services.resolve_ip_for_localhost = lambda host: host if host in LOOPBACK_HOSTS else resolve(host)
         os.environ[RAY_SINGLE_MACHINE_ENV] = "0"  # the raylet, agents and workers this node starts
+        no_preemption_watcher()
     sys.argv = ["ray", *argv]
     ray_main()
 

@@ -25,6 +25,7 @@ from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.runner import worker_causes
+from orchestrator.train.warm import start_imports
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     me = ray.get_runtime_context().current_actor
     spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=wandb_group(record),
                 init_from=init_from, reporter=me)
-    trainer = _trainer_class(me)(
+    trainer = _trainer_class(me, job.cluster.accelerator)(
         train_worker,
         train_loop_config={"job": to_dict(job), "spec": spec},
         scaling_config=ScalingConfig(
@@ -83,15 +84,17 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     trainer.fit()
 
 
-def _trainer_class(runner):
-    """TorchTrainer without Ray Train's PlacementGroupCleaner, with two callbacks that tell `runner`
-    each worker group's placement group and why Ray Train starts the next group.
+def _trainer_class(runner, accelerator: str):
+    """TorchTrainer without Ray Train's PlacementGroupCleaner (and its datasets callback), with two
+    callbacks that tell `runner` each worker group's placement group and why Ray Train starts the
+    next group.
 
     The cleaner (a detached helper) asks the state API whether the Train controller is alive and
     takes "not found" for dead: on a loaded node it removed the placement group of a live run under
     our feet (seen on a 3-raylet cluster on 2 cores). Instead the runner learns each worker group's
     placement group and removes it itself when the job is stopped at once (`orch cancel --now`)."""
     try:  # (internals of one Ray release: imported where used, so another Ray fails with one line)
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
         from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision, FailurePolicy
@@ -146,9 +149,11 @@ def _trainer_class(runner):
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = [c for c in super()._create_default_callbacks()
-                         if not isinstance(c, PlacementGroupCleanerCallback)]
-            return callbacks + [ReportPlacementGroup(runner), ReportDecisions(runner)]
+            # (orch reads its own shards, never a Ray Dataset: the datasets callback would start a
+            # DatasetManager actor, one more process importing Ray Data, with every worker group)
+            dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
+            callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+            return callbacks + [_warm_imports(accelerator), ReportPlacementGroup(runner), ReportDecisions(runner)]
 
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
@@ -158,3 +163,23 @@ def _trainer_class(runner):
         raise ClusterError("this Ray's TorchTrainer has no _create_default_callbacks; install the Ray version "
                            "pyproject.toml names")
     return Trainer
+
+
+def _warm_imports(accelerator: str):
+    """A worker group callback: each new worker starts importing DeepSpeed and the loop while Ray
+    Train sets it up (orchestrator.train.warm), by a call queued before the train context's."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class WarmImports(WorkerGroupCallback):
+        def __init__(self, accelerator: str):
+            self.accelerator = accelerator
+
+        def before_init_train_context(self, workers) -> dict:
+            for worker in workers:
+                try:
+                    worker.execute_async(start_imports, self.accelerator)
+                except Exception:  # noqa: BLE001 - an optimisation only
+                    log.debug("could not start the worker's imports early", exc_info=True)
+            return {}
+
+    return WarmImports(accelerator)

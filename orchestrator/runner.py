@@ -26,6 +26,8 @@ from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
+from orchestrator.data.manifest import try_load_manifest
+from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.lifecycle import PROGRESS_METRICS
@@ -230,6 +232,9 @@ class JobRunner:
         return job
 
     def _run(self) -> None:
+        # Ray Train and torch take seconds to import: in the background, while W&B opens and the
+        # dataset is checked, instead of on the way to the first worker group.
+        threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True).start()
         try:
             job = self._job()
             self._start_feed(job)
@@ -274,10 +279,18 @@ class JobRunner:
                 self._say(f"W&B: could not close the run ({e})")
 
     def _prepare(self, job: JobConfig) -> None:
-        """The job's dataset (prepared in a task if needed), then the checks that need it."""
-        from orchestrator.ray_train import prepare_remote  # (torch: only where a job runs)
+        """The job's dataset, then the checks that need it. A prepared dataset is only read here (its
+        manifest); one still to prepare is prepared in a Ray task, on CPUs this runner does not hold."""
+        store = open_job_store(job)
+        store.check(job.storage.root)
+        if try_load_manifest(store, job.data.uri) is not None:
+            lines: list[str] = []
+            ensure_dataset(store, job.data, progress=lines.append)
+        else:
+            from orchestrator.ray_train import prepare_remote  # (torch: only where a job runs)
 
-        for line in ray.get(prepare_remote().remote(to_dict(job))):
+            lines = ray.get(prepare_remote().remote(to_dict(job)))
+        for line in lines:
             self._say(line)
         preflight.check_job_inputs(job, self.init_from)
 
@@ -337,6 +350,13 @@ class JobRunner:
         self._close_feed((ArtifactRef(f"model-{rid}", "model", export, meta),
                           ArtifactRef(f"checkpoint-{rid}", "checkpoint", state["uri"], meta)))
         self.log.emit(EventKind.SUCCEEDED, export=export, checkpoint=state["uri"], metrics=metrics)
+
+
+def _import_ray_train() -> None:
+    try:
+        import orchestrator.ray_train  # noqa: F401
+    except Exception:  # noqa: BLE001 - `fit` imports it again and reports what fails
+        pass
 
 
 def _alive_nodes() -> int | None:

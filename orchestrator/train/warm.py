@@ -1,0 +1,31 @@
+"""DeepSpeed and the training loop, imported in each new worker while Ray Train sets it up.
+
+A worker process imports torch, DeepSpeed and the loop (2-3 s of CPU) before its engine can be
+built. Ray Train spends about as long again setting the new worker up (train context, process group
+rendezvous with the other ranks, the controller's calls), much of it waiting. A callback of
+`orchestrator.ray_train` asks each new worker to start these imports in a background thread as soon
+as its process is up; the train function then finds them done (or finishes them). A failed import
+here is ignored: the train function imports the same modules and reports what fails.
+
+Nothing heavy is imported by this module itself: Ray Train's controller unpickles a reference to it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def start_imports(accelerator: str) -> None:
+    """Runs on the worker (Ray Train's `execute`), returns at once."""
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)  # DeepSpeed picks its accelerator at import
+    threading.Thread(target=_imports, name="orch-warm-imports", daemon=True).start()
+
+
+def _imports() -> None:
+    try:
+        import deepspeed  # noqa: F401
+
+        import orchestrator.train.loop  # noqa: F401
+    except Exception:  # noqa: BLE001 - imported again by the train function, which reports it
+        pass

@@ -10,6 +10,11 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver o
 # listens on every interface. orch sets it for clusters of this machine alone (orchestrator.cluster).
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's node-drain watcher
+# How often Ray Train's controller polls its workers, which is when it sees that one died (its
+# default: 2 s). 1 s halves the wait before a dead worker's group is restarted, for one small call
+# per worker and second.
+RAY_TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+RAY_TRAIN_HEALTH_CHECK_S = "1.0"
 
 JOBS_DB = "jobs.db"  # SQLite file of job records inside the state folder
 RUN_LOCKS_DIR = "orch-run"  # <state folder>/orch-run/<pipeline id>.lock: held by the `orch run` driving it

@@ -10,6 +10,7 @@ pyproject.toml and checked when a launcher starts (`orchestrator.launcher.check_
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
@@ -21,6 +22,7 @@ from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, run_ur
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
+from orchestrator.constants import RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord, wandb_group
@@ -64,6 +66,8 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not the controller)
 
     # (W&B is written by the runner from the job's metrics history: orchestrator.tracking.)
+    # Ray Train hands this variable from this process's environment to its controller; a user's wins.
+    os.environ.setdefault(RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S)
     me = ray.get_runtime_context().current_actor
     spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=wandb_group(record),
                 init_from=init_from, reporter=me)

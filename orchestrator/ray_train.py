@@ -157,7 +157,7 @@ def _trainer_class(runner, accelerator: str):
             # DatasetManager actor, one more process importing Ray Data, with every worker group)
             dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
             callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
-            return callbacks + [_warm_imports(accelerator), ReportPlacementGroup(runner), ReportDecisions(runner)]
+            return callbacks + _warm_imports(accelerator) + [ReportPlacementGroup(runner), ReportDecisions(runner)]
 
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
@@ -169,9 +169,13 @@ def _trainer_class(runner, accelerator: str):
     return Trainer
 
 
-def _warm_imports(accelerator: str):
+def _warm_imports(accelerator: str) -> list:
     """A worker group callback: each new worker starts importing DeepSpeed and the loop while Ray
-    Train sets it up (orchestrator.train.warm), by a call queued before the train context's."""
+    Train sets it up (orchestrator.train.warm), by a call queued before the train context's. CPU
+    only: on a GPU, DeepSpeed's import may initialise CUDA before Ray Train has set the worker's
+    CUDA_VISIBLE_DEVICES and device, which must come first."""
+    if accelerator != "cpu":
+        return []
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
     class WarmImports(WorkerGroupCallback):
@@ -186,4 +190,4 @@ def _warm_imports(accelerator: str):
                     log.debug("could not start the worker's imports early", exc_info=True)
             return {}
 
-    return WarmImports(accelerator)
+    return [WarmImports(accelerator)]

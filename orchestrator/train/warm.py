@@ -5,7 +5,9 @@ built. Ray Train spends about as long again setting the new worker up (train con
 rendezvous with the other ranks, the controller's calls), much of it waiting. A callback of
 `orchestrator.ray_train` asks each new worker to start these imports in a background thread as soon
 as its process is up; the train function then finds them done (or finishes them). A failed import
-here is ignored: the train function imports the same modules and reports what fails.
+here is ignored: the train function imports the same modules and reports what fails. CPU workers
+only: on a GPU, DeepSpeed's import may initialise CUDA, which must wait until Ray Train has set the
+worker's CUDA_VISIBLE_DEVICES and device.
 
 Nothing heavy is imported by this module itself: Ray Train's controller unpickles a reference to it.
 """

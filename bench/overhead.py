@@ -137,6 +137,8 @@ def orch_stages(t0: float, job, s: dict) -> dict[str, float]:
 
 
 def start(tmp: Path, rounds: int) -> None:
+    from orchestrator.jobs.store import JobStore
+
     state = tmp / "start"
     steps = 5
     orch("data", "prepare", *MODEL, "--state-dir", str(state))
@@ -158,8 +160,6 @@ def start(tmp: Path, rounds: int) -> None:
                               str(state)).stdout.split()[-1]
                 # The job's record, read from the state folder: an `orch status` per second would be
                 # a Python process and a Ray driver per second on the cores being measured.
-                from orchestrator.jobs.store import JobStore
-
                 while JobStore(state).get(job_id).state.value not in ("SUCCEEDED", "FAILED"):
                     time.sleep(0.5)
                 job, rows = job_history(state, job_id)

@@ -26,8 +26,7 @@ from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
-from orchestrator.data.manifest import try_load_manifest
-from orchestrator.data.prepare import ensure_dataset
+from orchestrator.data.prepare import prepared_dataset
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.lifecycle import PROGRESS_METRICS
@@ -283,10 +282,8 @@ class JobRunner:
         manifest); one still to prepare is prepared in a Ray task, on CPUs this runner does not hold."""
         store = open_job_store(job)
         store.check(job.storage.root)
-        if try_load_manifest(store, job.data.uri) is not None:
-            lines: list[str] = []
-            ensure_dataset(store, job.data, progress=lines.append)
-        else:
+        lines: list[str] = []
+        if prepared_dataset(store, job.data, progress=lines.append) is None:
             from orchestrator.ray_train import prepare_remote  # (torch: only where a job runs)
 
             lines = ray.get(prepare_remote().remote(to_dict(job)))

@@ -146,10 +146,8 @@ def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str]
                    runner: Runner | None = None) -> Manifest:
     """What a job does: use the dataset at `cfg.uri` if one is there (however it was prepared: the
     job checks it fits), else prepare it from `cfg.source`."""
-    say = progress or (lambda msg: log.info(msg))
-    existing = try_load_manifest(store, cfg.uri)
+    existing = prepared_dataset(store, cfg, progress)
     if existing is not None:
-        say(f"dataset {cfg.name}: using the prepared dataset at {cfg.uri} (from {existing.source})")
         return existing
     if not cfg.source:
         raise DatasetError(
@@ -157,6 +155,15 @@ def ensure_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str]
             f"run `orch data prepare SRC {cfg.uri}` first, or fix data.uri"
         )
     return prepare_dataset(store, cfg, progress, runner)
+
+
+def prepared_dataset(store: ObjectStore, cfg: DataConfig,
+                     progress: Callable[[str], None] | None = None) -> Manifest | None:
+    """The dataset already at `cfg.uri` (its manifest), or None: `ensure_dataset` without preparing."""
+    existing = try_load_manifest(store, cfg.uri)
+    if existing is not None:
+        (progress or log.info)(f"dataset {cfg.name}: using the prepared dataset at {cfg.uri} (from {existing.source})")
+    return existing
 
 
 def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str], None] | None = None,

@@ -161,12 +161,31 @@ def _trainer_class(runner, accelerator: str):
 
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
-            return super()._initialize_and_run_controller(**kwargs)
+            return _run_controller_here(kwargs)
 
     if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
         raise ClusterError("this Ray's TorchTrainer has no _create_default_callbacks; install the Ray version "
                            "pyproject.toml names")
     return Trainer
+
+
+def _run_controller_here(kwargs: dict):
+    """Ray Train's controller, run in this process (the job's runner, a thread of its own) instead
+    of in an actor of its own: that actor would be one more Python process importing Ray Train on
+    the way to every job's first step (2-3 s when cores are few) and one more process polling
+    during the run. Nothing is lost by it: the runner already owns the controller's lifetime (an
+    actor the runner creates dies with it, and its workers with it) and orch's workers never call
+    the controller (they report to the runner)."""
+    import asyncio
+
+    from ray.train.v2._internal.execution.controller import TrainController
+
+    async def run():
+        controller = TrainController(**kwargs)
+        await controller.run()
+        return controller.get_result()
+
+    return asyncio.run(run())
 
 
 def _warm_imports(accelerator: str) -> list:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ class WorkerOutput:
         self.saved: dict[int, int] = {}  # fd -> a copy of what it was
         self.pumps: list[tuple[threading.Thread, int]] = []
         self.uploader: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()  # close() wakes the pumps through it
         spool.parent.mkdir(parents=True, exist_ok=True)
         self.out = open(spool, "wb")
 
@@ -60,9 +62,18 @@ class WorkerOutput:
 
     def _pump(self, r: int, to: int) -> None:
         """Copy one pipe to the original fd and, line by line, into the spool. Never writes to fds
-        1 or 2 itself (it is what drains them)."""
+        1 or 2 itself (it is what drains them). Ends at the pipe's end, or once `close` has given
+        the fds back and the pipe is drained: another copy of the pipe's write end may never close
+        (DeepSpeed's compiler probe leaks a dup of fd 2; a child process may inherit fd 1 or 2)."""
         partial = b""
+        closing = False
         while True:
+            ready, _, _ = select.select([r] if closing else [r, self._wake_r], [], [], 0 if closing else None)
+            if r not in ready:
+                if closing or not ready:
+                    break
+                closing = True  # woken by close(): read what the pipe holds, then stop
+                continue
             try:
                 data = os.read(r, 65536)
             except OSError:
@@ -148,11 +159,17 @@ class WorkerOutput:
             except (OSError, ValueError):
                 pass
         for fd, saved in self.saved.items():
-            os.dup2(saved, fd)  # (closes the pipe's write end that fd held: the pump reads to its end)
+            os.dup2(saved, fd)  # (closes the pipe's write end that fd held; what was written is in the pipe)
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
         for pump, r in self.pumps:
-            pump.join(timeout=5)  # a child process that inherited the pipe keeps it open: leave it
+            pump.join(timeout=5)  # (only a writer that never pauses keeps it longer: leave it then)
             if not pump.is_alive():
                 os.close(r)
+        if self._wake_w >= 0 and not any(pump.is_alive() for pump, _ in self.pumps):
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         for saved in self.saved.values():
             os.close(saved)
         self.saved, self.pumps = {}, []

@@ -200,3 +200,29 @@ def test_worker_output_is_teed_at_the_fd_level_uploaded_in_parts_with_the_traceb
     tb = parse_part((tmp_path / "logs" / "rank-1" / "traceback.log").read_text(), "")
     assert tb[0].text == "rank 1 failed:" and tb[-1].text == "ValueError: the loss is nan"
     assert not (tmp_path / "spool" / "rank-1.log").exists()  # all of it was uploaded
+
+
+LEAKED = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    from orchestrator.train.output import WorkerOutput
+
+    out = WorkerOutput(Path(sys.argv[1]) / "rank-0.log").start()
+    leaked = os.dup(2)  # as DeepSpeed's compiler probe leaves one: the pipe's write end never closes
+    for i in range(2000):
+        print(f"line {i}", flush=True)
+    os.write(2, b"last words on fd 2")
+    out.close()
+    print("pumps left:", [t.name for t in threading.enumerate() if t.name.startswith("orch-output")])
+""")
+
+
+def test_output_closes_at_once_when_a_copy_of_the_pipe_stays_open_and_keeps_every_line(tmp_path):
+    done = subprocess.run([sys.executable, "-c", LEAKED, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # The pumps ended once the pipes were drained (they used to wait for an end of file that never
+    # came, until a 5 s timeout at every worker group's end, and then stayed blocked).
+    assert "pumps left: []" in done.stdout, done.stdout[-300:]
+    spooled = (tmp_path / "rank-0.log").read_text()
+    assert "line 1999" in spooled and "last words on fd 2" in spooled  # drained before it stopped
+    assert done.stdout.count("line ") == 2000

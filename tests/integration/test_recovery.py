@@ -23,7 +23,8 @@ from tests import wandb_files
 
 pytestmark = pytest.mark.slow
 
-RUN = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=300", "trainer.log_interval=1",
+STEPS = 150  # two kills after step 60, then the third group trains from step 25 to the end
+RUN = ["run", "pipeline=pretrain", "model=gpt_tiny", f"trainer.max_steps={STEPS}", "trainer.log_interval=1",
        "checkpoint.interval=25", "checkpoint.keep_last=3", "data.num_documents=600",
        "pipeline.jobs.pretrain.max_failures=3"]
 
@@ -139,11 +140,11 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     assert f"step-{corrupt_step}" in resumed[0]
     # Same final loss as the uninterrupted run.
     assert job.metrics["loss"] == pytest.approx(ref_job.metrics["loss"], rel=1e-6, abs=1e-7)
-    # The metrics history: exactly one row per step 1..300 with the uninterrupted run's losses; the
+    # The metrics history: exactly one row per step 1..STEPS with the uninterrupted run's losses; the
     # second and third attempts resumed from the same checkpoint (the second was killed before its
     # first commit), so the steps after it are the third attempt's.
     theirs, rows = _history(ref_state, ref_job.id), _history(state, job.id)
-    assert [r["step"] for r in rows] == list(range(1, 301)) == [r["step"] for r in theirs]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) == [r["step"] for r in theirs]
     for mine, ref_row in zip(rows, theirs):
         assert mine["metrics"]["train/loss"] == pytest.approx(ref_row["metrics"]["train/loss"], rel=1e-6, abs=1e-7)
     start = corrupt_step - 25
@@ -162,7 +163,7 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path):
     # One W&B run folder for the job, with the same losses against the step axis.
     expected = history.losses(theirs)
     got = _wandb_losses(state, job)
-    assert sorted(got) == list(range(1, 301))
+    assert sorted(got) == list(range(1, STEPS + 1))
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 

@@ -63,7 +63,7 @@ def export_remote():
 def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
     `max_failures`); called in the job's runner actor, to which rank 0 reports."""
-    from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not the controller)
+    from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not orch's controller)
 
     # (W&B is written by the runner from the job's metrics history: orchestrator.tracking.)
     # Ray Train hands this variable from this process's environment to its controller; a user's wins.

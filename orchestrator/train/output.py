@@ -70,8 +70,8 @@ class WorkerOutput:
         while True:
             ready, _, _ = select.select([r] if closing else [r, self._wake_r], [], [], 0 if closing else None)
             if r not in ready:
-                if closing or not ready:
-                    break
+                if closing:
+                    break  # drained
                 closing = True  # woken by close(): read what the pipe holds, then stop
                 continue
             try:

@@ -378,8 +378,9 @@ def test_interrupted_run_resumes_from_its_last_commit(tmp_path, orch):
     from orchestrator.train.history import read_history
 
     state = tmp_path / "state"
+    steps = 120  # fine-tuning long enough that SIGTERM lands before its end (24 took ~2 s: a race)
     args = ["model=gpt_tiny", "trainer.max_steps=4", "trainer.log_interval=1", "checkpoint.interval=2",
-            "data.num_documents=300", "pipeline.jobs.finetune.trainer.max_steps=24",
+            "data.num_documents=300", f"pipeline.jobs.finetune.trainer.max_steps={steps}",
             "pipeline.jobs.finetune.data.num_documents=200", "~pipeline.jobs.finetune_scratch", "tracking=none",
             "--state-dir", str(state)]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", *args], stdout=subprocess.PIPE,
@@ -405,7 +406,7 @@ def test_interrupted_run_resumes_from_its_last_commit(tmp_path, orch):
     store = open_store(fine.checkpoint)
     run = fine.checkpoint.rsplit("/checkpoints/", 1)[0]
     at = latest_committed(store, run).step
-    assert 2 <= at < 24
+    assert 2 <= at < steps
 
     # Run again, not on a terminal: a hint that names --resume (the cluster it then tries is unreachable).
     with socket.socket() as s:
@@ -430,7 +431,7 @@ def test_interrupted_run_resumes_from_its_last_commit(tmp_path, orch):
     history = read_history(store, run)
     assert history["attempts"] == {"1": 0, "2": at}
     rows = history["rows"]
-    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(r["attempt"] == (1 if r["step"] <= at else 2) for r in rows)
     assert {"kind": "resume", "from_step": at} in [{k: e[k] for k in ("kind", "from_step") if k in e}
                                                    for e in rows[at]["events"]]

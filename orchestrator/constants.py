@@ -28,6 +28,8 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"  # in every checkpoint and export: the model architecture (family + fields)
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "export.json"  # written last in an export folder
+# a job's final export runs in its runner up to this many parameters, in a Ray task beyond (ray_train.export_weights)
+EXPORT_IN_RUNNER_MAX_PARAMS = 256_000_000
 
 # Dataset layout: <dataset uri>/manifest.json (written last), tokenizer.json, <split>/shard-*.bin
 MANIFEST = "manifest.json"

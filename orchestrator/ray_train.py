@@ -22,7 +22,7 @@ from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, run_ur
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S
+from orchestrator.constants import EXPORT_IN_RUNNER_MAX_PARAMS, RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord, wandb_group
@@ -48,16 +48,30 @@ def prepare_remote():
 
 def export_remote():
     """A Ray task (1 CPU) that consolidates a committed checkpoint into the run's export."""
-    @ray.remote(num_cpus=1)
-    def export(job_dict: dict, run: str, step: int, job_id: str) -> str:
-        from model.registry import family_of
+    return ray.remote(num_cpus=1)(_export)
 
-        job = job_config_from_dict(job_dict)
-        ref = CheckpointRef(step, checkpoint_uri(run, step), True)
-        return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
-                                 local_scratch(job_id), family_of(job.model).tied_weights(job.model))
 
-    return export
+def _export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+    from model.registry import family_of
+
+    job = job_config_from_dict(job_dict)
+    ref = CheckpointRef(step, checkpoint_uri(run, step), True)
+    return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
+                             local_scratch(job_id), family_of(job.model).tied_weights(job.model))
+
+
+def export_weights(job: JobConfig, run: str, step: int, job_id: str) -> str:
+    """Export the weights of the run's checkpoint at `step`. A model of up to
+    EXPORT_IN_RUNNER_MAX_PARAMS is exported here, in the runner, which has torch loaded already: a
+    Ray task would spend seconds starting a process and importing torch and DeepSpeed for work of
+    milliseconds. A larger one goes to a 1-CPU Ray task, which Ray may place on any node with room:
+    consolidating loads the fp32 weights and optimizer moments (about 16 bytes a parameter), which
+    the runner's node (the head, on a cluster) may not hold."""
+    from model.registry import family_of
+
+    if family_of(job.model).count_parameters(job.model) <= EXPORT_IN_RUNNER_MAX_PARAMS:
+        return _export(to_dict(job), run, step, job_id)
+    return ray.get(export_remote().remote(to_dict(job), run, step, job_id))
 
 
 def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:

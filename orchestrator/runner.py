@@ -333,11 +333,10 @@ class JobRunner:
 
     def _finish(self, job: JobConfig, state: dict) -> None:
         """After the worker group ended well: export the final checkpoint's weights."""
-        from orchestrator.ray_train import export_remote  # (torch: only where a job runs)
+        from orchestrator.ray_train import export_weights  # (torch: only where a job runs)
 
         self._say(f"exporting the weights of {state['uri']}")
-        export = ray.get(export_remote().remote(to_dict(job), run_uri(job.storage.root, self.record.id),
-                                                state["ref_step"], self.record.id))
+        export = export_weights(job, run_uri(job.storage.root, self.record.id), state["ref_step"], self.record.id)
         metrics = {"step": state.get("step"), "loss": state.get("last_loss"), "first_loss": state.get("first_loss"),
                    "eval_loss": state.get("eval_loss"), "tokens": state.get("tokens_seen"),
                    "qa_correct": state.get("qa_correct"), "qa_questions": state.get("qa_questions")}

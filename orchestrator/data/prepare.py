@@ -206,8 +206,10 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
 
     bar = _Progress(say, cfg.name, len(units), parts)
     results = []
-    for result in (runner or default_runner())(tokenize_unit, [(store, cfg, cfg.source, u, tok_file.json, dtype, eot)
-                                                               for u in units]):
+    # One unit gains nothing from a Ray task but a process start and its imports (seconds): it is
+    # tokenized here. More go to Ray tasks, in parallel, when a cluster is connected.
+    run_units = runner or (local_runner if len(units) == 1 else default_runner())
+    for result in run_units(tokenize_unit, [(store, cfg, cfg.source, u, tok_file.json, dtype, eot) for u in units]):
         results.append(result)
         bar.update(result)
     results.sort(key=lambda r: r["unit"])

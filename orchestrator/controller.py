@@ -35,6 +35,7 @@ class Launcher(Protocol):
     def start(self, record: JobRecord, init_from: str | None, reason: AttemptReason): ...
     def attach(self, record: JobRecord): ...  # the live handle of a job started earlier, or None
     def poll(self, handle, after_seq: int) -> RunnerPoll: ...
+    def wait(self, polls: list, timeout: float) -> None: ...  # sleep until an event after (handle, seq), or timeout
     def request_stop(self, handle, request: dict) -> None: ...  # idempotent per request["id"]
     def kill(self, handle) -> None: ...
 
@@ -94,6 +95,16 @@ class Controller:
     # ------------------------------------------------------------------------------------ step
     def step(self, job_ids: list[str]) -> bool:
         """One pass of the loop over `job_ids`. Returns True while any of them is not terminal."""
+        self._admit(job_ids)
+        ended = False
+        for job_id, handle in list(self.handles.items()):
+            record = self.store.get(job_id)
+            ended |= self._observe(record, self.launcher.poll(handle, record.last_event_seq))
+        if ended:  # its dependents, and the jobs waiting for its workers, start now rather than a pass later
+            self._admit(job_ids)
+        return any(not j.state.terminal for j in self.store.get_many(job_ids))
+
+    def _admit(self, job_ids: list[str]) -> None:
         self._decide_dependencies(job_ids)
         jobs = self.store.get_many(job_ids)
         autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
@@ -102,10 +113,15 @@ class Controller:
             self.say(f"{d.job_id}: STARTING")
             # launched before (then retried): it continues from its last committed checkpoint
             self._launch(record, AttemptReason.RESUME if record.launches else AttemptReason.FIRST)
-        for job_id, handle in list(self.handles.items()):
-            record = self.store.get(job_id)
-            self._observe(record, self.launcher.poll(handle, record.last_event_seq))
-        return any(not j.state.terminal for j in self.store.get_many(job_ids))
+
+    def polls(self) -> list[tuple[object, int]]:
+        """(runner handle, last event applied) of each job this controller drives."""
+        return [(handle, self.store.get(job_id).last_event_seq) for job_id, handle in list(self.handles.items())]
+
+    def wait(self, timeout: float, polls: list[tuple[object, int]] | None = None) -> None:
+        """Between passes: sleep up to `timeout` s, waking as soon as a job's state changes in its
+        runner (a job ends: its dependents start at once, not a pass later)."""
+        self.launcher.wait(self.polls() if polls is None else polls, timeout)
 
     def _decide_dependencies(self, job_ids: list[str]) -> None:
         jobs = self.store.get_many(job_ids)
@@ -259,16 +275,18 @@ class Controller:
         return None
 
     # ------------------------------------------------------------------------------ observe
-    def _observe(self, record: JobRecord, poll: RunnerPoll) -> None:
+    def _observe(self, record: JobRecord, poll: RunnerPoll) -> bool:
+        """Apply what the job's runner said; True when the job ended or gave its workers back."""
         if poll.status is RunnerStatus.LOST:
             self._drop(record.id)  # frees what its worker group still holds
             self._relaunch(record, poll.reason or "the job's runner died")
-            return
+            return True
         for change in apply_events(record, poll.events):
             self._apply(record.id, change)
             if change.ends:
                 self._drop(record.id)
-                return
+                return True
+        return False
 
     def _apply(self, job_id: str, change: Change) -> JobRecord:
         """Persist one change together with its event's sequence number, then say it."""
@@ -298,4 +316,4 @@ class Controller:
                 watch(self.store.get_many(job_ids))
             if not going:
                 return [self.store.get(i) for i in job_ids]
-            time.sleep(poll_s)
+            self.wait(poll_s)

@@ -6,7 +6,9 @@ its Ray Train run (`orchestrator.ray_train`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -99,6 +101,17 @@ class RayLauncher:
                                     if e.kind is EventKind.WORKER_GROUP_PLACED and e.data["placement_group"]
                                     not in handle.placement_groups]
         return RunnerPoll(RunnerStatus.ALIVE, tuple(events))
+
+    def wait(self, polls: list[tuple[RunHandle, int]], timeout: float) -> None:
+        """Sleep up to `timeout` s; return as soon as one runner has an event after its sequence
+        number in `polls` that changes its job's state (or has died)."""
+        # Futures, not ray.wait: a signal handler's SystemExit(143) raised inside ray.wait comes out
+        # as SystemExit(1) (seen with Ray 2.60); a futures wait is plain Python and keeps it.
+        futures = [handle.actor.wait_events.remote(seq, timeout).future() for handle, seq in polls]
+        if futures:
+            concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            time.sleep(timeout)
 
     def request_stop(self, handle: RunHandle, request: dict) -> None:
         ray.get(handle.actor.request_stop.remote(request), timeout=30)

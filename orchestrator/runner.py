@@ -65,20 +65,31 @@ def worker_error_message(exc: BaseException) -> str:
     return "; ".join(f"rank {', '.join(map(str, ranks))}: {msg}" for msg, ranks in by_msg.items())
 
 
+_STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.ENGINE_READY, EventKind.STOPPED,
+                           EventKind.SUCCEEDED, EventKind.FAILED})
+
+
 class _EventLog:
     """The runner's append-only event list (thread-safe); sequence numbers start at 1."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.events: list[RunnerEvent] = []
 
     def emit(self, kind: EventKind, **data) -> None:
         with self.lock:
             self.events.append(RunnerEvent(len(self.events) + 1, kind, data, time.time()))
+            self.lock.notify_all()
 
     def after(self, seq: int) -> list[RunnerEvent]:
         with self.lock:
             return self.events[seq:]
+
+    def wait(self, seq: int, timeout: float) -> bool:
+        """Block until an event after `seq` changes the job's state (not a log line, progress or a
+        checkpoint: rank 0 reports every step), or `timeout` seconds; whether one did."""
+        with self.lock:
+            return self.lock.wait_for(lambda: any(e.kind in _STATE_EVENTS for e in self.events[seq:]), timeout)
 
 
 class _Feed:
@@ -196,6 +207,12 @@ class JobRunner:
     # --------------------------------------------------------------- called by the controller
     def events(self, after_seq: int) -> list[RunnerEvent]:
         return self.log.after(after_seq)
+
+    def wait_events(self, after_seq: int, timeout: float) -> bool:
+        """Answers once an event after `after_seq` changes the job's state (or after `timeout` s):
+        the controller sleeps on this between its passes, so it sees a job end at once, not a pass
+        later."""
+        return self.log.wait(after_seq, timeout)
 
     def request_stop(self, request: dict) -> None:
         """Cancel or scale; a request seen before (the controller re-sends after a restart) is ignored."""

@@ -78,14 +78,19 @@ class ControllerService:
 
     def _loop(self) -> None:
         while True:
+            polls: list = []
             try:
                 with self.lock:
                     ids = [r.id for r in self.store.list() if not r.state.terminal]
                     if ids:
                         self.controller.step(ids)
+                    polls = self.controller.polls()
             except Exception:  # noqa: BLE001 - the loop must outlive one bad step; the log says why
                 self._say("controller step failed:\n" + traceback.format_exc())
-            time.sleep(self.poll_s)
+            try:
+                self.controller.wait(self.poll_s, polls)  # (unlocked: commands go on meanwhile)
+            except Exception:  # noqa: BLE001 - a runner gone between two passes: the next pass says so
+                time.sleep(self.poll_s)
 
     # ---------------------------------------------------------------------------------- calls
     def ping(self) -> dict:

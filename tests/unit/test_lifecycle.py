@@ -62,6 +62,9 @@ class FakeLauncher:
             return RunnerPoll(RunnerStatus.LOST, reason="the job's runner died (node lost)")
         return RunnerPoll(RunnerStatus.ALIVE, tuple(runner.events[after_seq:]))
 
+    def wait(self, polls, timeout):
+        pass  # (the fake runners' events are all there already)
+
     def request_stop(self, runner, request):
         runner.requests.append(request)
 
@@ -130,7 +133,7 @@ def test_failure_then_restart_then_success_releases_the_dependent(env):
     assert a.metrics["step"] == 100 and run.killed
     assert env.states("a") == ["PENDING", "QUEUED", "STARTING", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
     assert "a: RUNNING again, resumed from s3://x/step-10" in env.lines
-    c.step(["a", "b"])  # b is released and starts from a's export
+    # b is released and starts from a's export in the pass that saw a succeed, not a pass later
     assert env.store.get("b").state is S.STARTING
     assert env.launcher.runners["b"].init_from == "s3://x/export"
 
@@ -429,3 +432,22 @@ def test_resume_requeues_what_orch_run_left_and_ends_orphans_first(env):
     c.step(list(records))
     assert env.store.get("ft").state is S.STARTING and env.store.get("ev").state is S.PENDING
     assert env.launcher.runners["ft"].reason is R.FIRST  # never launched by this store: a first attempt
+
+
+def test_the_runners_event_wait_wakes_on_state_changes_only():
+    """The controller sleeps on `wait_events` between passes: a log line or a step's progress (rank 0
+    reports every step) must not wake it; a job's end wakes it at once."""
+    import threading
+    import time
+
+    from orchestrator.runner import _EventLog
+
+    log = _EventLog()
+    log.emit(K.LOG, line="dataset ready")
+    log.emit(K.PROGRESS, metrics={"step": 1})
+    t0 = time.monotonic()
+    assert log.wait(0, 0.3) is False and time.monotonic() - t0 >= 0.3
+    threading.Timer(0.2, lambda: log.emit(K.SUCCEEDED, export="x", checkpoint="y", metrics={})).start()
+    t0 = time.monotonic()
+    assert log.wait(2, 30) is True and time.monotonic() - t0 < 10
+    assert log.wait(3, 0) is False  # nothing after the end

@@ -15,6 +15,7 @@ import pytest
 from tests.fixtures_s3 import S3Server, s3_server  # noqa: F401  (fixture)
 from tests.reliability import (  # noqa: F401  (the reliability recorder's hooks and fixture)
     pytest_configure,
+    pytest_runtest_logreport,
     pytest_runtest_makereport,
     pytest_sessionfinish,
     pytest_terminal_summary,

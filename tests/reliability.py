@@ -34,6 +34,8 @@ HAPPENED_BAD_INPUT = "refused in one line naming the value and the fix; exit 2; 
 
 _RESULTS = pytest.StashKey[dict]()  # nodeid -> this run's outcome of a marked test
 _TRIES = pytest.StashKey[int]()  # on an item: how many times its test tried the fault
+_PROPERTY = "reliability"  # the name of a marked test's case in its reports' user_properties
+_CONFIG: list[pytest.Config] = []  # this process's pytest config (logreport hooks get no config)
 
 
 def json_path() -> Path:
@@ -64,31 +66,46 @@ def reliability_tries(request):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = {}
+    _CONFIG[:] = [config]
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Runs where reports are tallied: the pytest process, or pytest-xdist's controller."""
+    if _CONFIG:
+        tally(_CONFIG[0].stash[_RESULTS], report)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
+    """A marked test's case rides on each of its reports (`user_properties`), which pytest-xdist
+    carries from its workers to the controller that tallies and writes them."""
     outcome = yield
     marker = item.get_closest_marker("reliability")
     if marker is None:
         return
-    report = outcome.get_result()
-    results = item.config.stash[_RESULTS]
     kw = marker.kwargs
-    entry = results.setdefault(item.nodeid, {
-        "category": kw.get("category", "uncategorised"),
-        "case": _case_name(item, kw.get("case", item.name)),
-        "lost": kw.get("lost", "nothing"),
-        "happened": kw.get("happened", HAPPENED_BAD_INPUT),
-        "outcome": "passed", "duration_s": 0.0,
-    })
+    case = {"category": kw.get("category", "uncategorised"), "case": _case_name(item, kw.get("case", item.name)),
+            "lost": kw.get("lost", "nothing"), "happened": kw.get("happened", HAPPENED_BAD_INPUT)}
+    report = outcome.get_result()
+    if report.when == "teardown":
+        case["tries"] = item.stash.get(_TRIES, 1)
+    report.user_properties.append((_PROPERTY, case))
+
+
+def tally(results: dict, report) -> None:
+    """Add one report of a marked test (setup, call or teardown) to `results` (nodeid -> outcome)."""
+    case = next((value for name, value in report.user_properties if name == _PROPERTY), None)
+    if case is None:
+        return
+    entry = results.setdefault(report.nodeid, {**{k: case[k] for k in ("category", "case", "lost", "happened")},
+                                               "outcome": "passed", "duration_s": 0.0})
     entry["duration_s"] = round(entry["duration_s"] + report.duration, 3)
     if report.failed:
         entry["outcome"] = "failed"
     elif report.skipped and entry["outcome"] != "failed":
         entry["outcome"] = "skipped"
     if report.when == "teardown":
-        entry["tries"] = item.stash.get(_TRIES, 1)
+        entry["tries"] = case.get("tries", 1)
 
 
 def merge(old: dict, session: dict, now: float | None = None) -> dict:

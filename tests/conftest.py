@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from tests.reliability import (  # noqa: F401  (the reliability recorder's hooks
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests first (a stable sort: each file's tests stay together and in
+    order). With `--dist loadfile --no-loadscope-reorder` (pyproject.toml) the long scenario files
+    start at once on both test processes and the many short files fill in at the end, instead of
+    pytest-xdist's default order (files with the most tests first), which left a long file for last."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -126,6 +126,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                            f"`orch up` (or `ray start --head`), or fix --address / {RAY_ADDRESS_ENV}") from None
 
 
+def embedded(cluster: ClusterConfig) -> bool:
+    """Whether `connect` starts a cluster of its own (no address given) rather than joining one."""
+    return not (cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
 @contextmanager
 def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = False):
     """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
@@ -153,7 +158,7 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
             num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999))
             # address="local" always starts a new cluster, even if a stale one's file is left behind.
             with keeping_sigterm_handler():
-                ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=None,
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=None, include_dashboard=cluster.dashboard,
                          log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
                          configure_logging=True)
             started = True

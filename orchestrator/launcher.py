@@ -53,12 +53,16 @@ class RayLauncher:
 
     `detached=True` (the persistent controller) makes runners named and detached, so they survive
     the controller; `orch run` keeps them owned by its own process, so they end with it.
+    `coordinator=False` (`orch run` on its embedded cluster with no elastic job): only elastic jobs
+    and jobs on an autoscaling cluster register with Ray's AutoscalingCoordinator
+    (`JobConfig.needs_coordinator`); where elastic jobs may share the cluster, every job must.
     """
 
     def __init__(self, ray_storage: str | None = None, detached: bool = False, namespace: str | None = None,
-                 node_id: str | None = None):
+                 node_id: str | None = None, coordinator: bool = True):
         check_ray_version()
         self.ray_storage = ray_storage
+        self.coordinator = coordinator
         self.detached = detached
         self.namespace = namespace
         self.node_id = node_id  # pin runners to this node (the controller's), where state_dir lives
@@ -77,7 +81,7 @@ class RayLauncher:
             if existing is not None:  # never two runners for one job
                 return existing
         actor = ray.remote(JobRunner).options(**self._options(record)).remote(
-            record.to_json(), init_from, reason.value, self.ray_storage)
+            record.to_json(), init_from, reason.value, self.ray_storage, self.coordinator)
         return RunHandle(record.id, actor)
 
     def attach(self, record: JobRecord) -> RunHandle | None:
@@ -134,16 +138,20 @@ class RayLauncher:
 
 
 def new_controller(store, capacity: Callable[[], dict[str, float]], say: Callable[[str], None], **launcher_options):
-    """A `Controller` on the connected Ray cluster (used by `orch run` and the controller actor)."""
-    threading.Thread(target=warm_ray_train, name="warm-ray-train", daemon=True).start()
-    return Controller(store, RayLauncher(**launcher_options), capacity=capacity, say=say, validate=job_config_from_dict)
+    """A `Controller` on the connected Ray cluster (used by `orch run` and the controller actor). Where
+    every job registers with Ray's AutoscalingCoordinator (RayLauncher's `coordinator`), the actor is
+    created now, in the background."""
+    launcher = RayLauncher(**launcher_options)
+    if launcher.coordinator:
+        threading.Thread(target=warm_coordinator, name="warm-coordinator", daemon=True).start()
+    return Controller(store, launcher, capacity=capacity, say=say, validate=job_config_from_dict)
 
 
-def warm_ray_train() -> None:
-    """Ray Train's controller registers each run's resources with a cluster-wide coordinator actor
-    (Ray Data's AutoscalingCoordinator) before the first worker group starts, and creates it if the
-    cluster has none: one more process start and Ray Data's imports (3 s seen on 2 cores) on the way
-    to a cluster's first step. It is created here, in the background, when the controller starts."""
+def warm_coordinator() -> None:
+    """Ray Train's controller creates the AutoscalingCoordinator actor when a cluster has none, on
+    the way to the run's first worker group: one more process start and Ray Data's imports (3 s
+    seen on 2 cores). Created ahead, in the background, by the controller (where every job needs
+    it) or by the runner of a job that needs it; it is detached, so later jobs find it."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.cluster import capacity, check_storage_reachable, connect
+from orchestrator.cluster import capacity, check_storage_reachable, connect, embedded
 from orchestrator.config.schema import JobConfig, RootConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import JOBS_DB, RUN_LOCKS_DIR
@@ -113,7 +113,9 @@ def run_pipelines(plans: list[Plan], say: Callable[[str], None] = print, verbose
         check_storage_reachable(root)
         where = root.cluster.address or "an embedded local Ray cluster"
         say(f"connected to {where} ({', '.join(f'{k} {v:g}' for k, v in capacity().items())})")
-        controller = new_controller(JobStore(root.state_dir), capacity, say_and_keep,
+        # (on its own embedded cluster with no elastic job, no job needs Ray's AutoscalingCoordinator)
+        coordinator = not embedded(root.cluster) or any(j.needs_coordinator for plan in plans for j in plan.jobs)
+        controller = new_controller(JobStore(root.state_dir), capacity, say_and_keep, coordinator=coordinator,
                                     ray_storage=os.path.join(root.state_dir, "ray_results"))
         pipelines: list[list[JobRecord]] = []
         for plan in plans:  # continued ones first: they hold the lock before their jobs are queued again

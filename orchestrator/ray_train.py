@@ -74,9 +74,11 @@ def export_weights(job: JobConfig, run: str, step: int, job_id: str) -> str:
     return ray.get(export_remote().remote(to_dict(job), run, step, job_id))
 
 
-def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None) -> None:
+def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None,
+        coordinator: bool = True) -> None:
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
-    `max_failures`); called in the job's runner actor, to which rank 0 reports."""
+    `max_failures`); called in the job's runner actor, to which rank 0 reports. `coordinator=False`:
+    no elastic job shares the cluster, so only this job's own needs count (JobConfig.needs_coordinator)."""
     from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not orch's controller)
 
     # (W&B is written by the runner from the job's metrics history: orchestrator.tracking.)
@@ -85,7 +87,7 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     me = ray.get_runtime_context().current_actor
     spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=wandb_group(record),
                 init_from=init_from, reporter=me)
-    trainer = _trainer_class(me, job.cluster.accelerator)(
+    trainer = _trainer_class(me, job.cluster.accelerator, coordinator=coordinator or job.needs_coordinator)(
         train_worker,
         train_loop_config={"job": to_dict(job), "spec": spec},
         scaling_config=ScalingConfig(
@@ -102,7 +104,7 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     trainer.fit()
 
 
-def _trainer_class(runner, accelerator: str):
+def _trainer_class(runner, accelerator: str, coordinator: bool = True):
     """TorchTrainer without Ray Train's PlacementGroupCleaner (and its datasets callback), with two
     callbacks that tell `runner` each worker group's placement group and why Ray Train starts the
     next group.
@@ -175,7 +177,7 @@ def _trainer_class(runner, accelerator: str):
 
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
-            return _run_controller_here(kwargs)
+            return _run_controller_here(kwargs, coordinator)
 
     if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
         raise ClusterError("this Ray's TorchTrainer has no _create_default_callbacks; install the Ray version "
@@ -183,7 +185,28 @@ def _trainer_class(runner, accelerator: str):
     return Trainer
 
 
-def _run_controller_here(kwargs: dict):
+def _without_coordinator(policy):
+    """Ray Train's fixed-size policy without its AutoscalingCoordinator requests (JobConfig.needs_coordinator);
+    any other policy as it is."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class FixedWithoutCoordinator(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
+    return FixedWithoutCoordinator(policy.scaling_config) if type(policy) is FixedScalingPolicy else policy
+
+
+def _run_controller_here(kwargs: dict, coordinator: bool = True):
     """Ray Train's controller, run in this process (the job's runner, a thread of its own) instead
     of in an actor of its own: that actor would be one more Python process importing Ray Train on
     the way to every job's first step (2-3 s when cores are few) and one more process polling
@@ -193,6 +216,9 @@ def _run_controller_here(kwargs: dict):
     import asyncio
 
     from ray.train.v2._internal.execution.controller import TrainController
+
+    if not coordinator:
+        kwargs["scaling_policy"] = _without_coordinator(kwargs["scaling_policy"])
 
     async def run():
         controller = TrainController(**kwargs)

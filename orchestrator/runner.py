@@ -138,10 +138,12 @@ class JobRunner:
     """The controller polls `events()`; rank 0 reports through `update()` and polls `control()`
     every step; Ray Train's controller tells `decision()` why it starts the next worker group."""
 
-    def __init__(self, record: dict, init_from: str | None, reason: str, ray_storage: str | None):
+    def __init__(self, record: dict, init_from: str | None, reason: str, ray_storage: str | None,
+                 coordinator: bool = True):
         self.record = JobRecord.from_json(record)
         self.init_from = init_from
         self.ray_storage = ray_storage
+        self.coordinator = coordinator  # (RayLauncher)
         self.log = _EventLog()
         self.lock = threading.Lock()
         self.next_reason: AttemptReason | None = AttemptReason(reason)  # of the next worker group
@@ -253,6 +255,8 @@ class JobRunner:
         threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True).start()
         try:
             job = self._job()
+            if job.needs_coordinator and not self.coordinator:  # (else the controller made it: new_controller)
+                threading.Thread(target=_warm_coordinator, name="warm-coordinator", daemon=True).start()
             self._start_feed(job)
             self._prepare(job)
             self._fit_until_done(job)
@@ -329,7 +333,7 @@ class JobRunner:
                 with self.lock:
                     self.next_reason = AttemptReason.SCALE
                 self._say(f"restarting at {job.workers} workers from the last checkpoint")
-            fit(self.record, job, self.init_from, self.ray_storage)
+            fit(self.record, job, self.init_from, self.ray_storage, self.coordinator)
             state = self._final_state(job)
             if state.get("step") == job.trainer.max_steps:
                 self._finish(job, state)
@@ -370,6 +374,12 @@ def _import_ray_train() -> None:
         import orchestrator.ray_train  # noqa: F401
     except Exception:  # noqa: BLE001 - `fit` imports it again and reports what fails
         pass
+
+
+def _warm_coordinator() -> None:
+    from orchestrator.launcher import warm_coordinator  # (the launcher imports this module)
+
+    warm_coordinator()
 
 
 def _alive_nodes() -> int | None:

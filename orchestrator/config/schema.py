@@ -215,6 +215,9 @@ class ClusterConfig:
     name: str  # cluster preset name
     address: Optional[str] = None  # Ray address (ray://, auto, host:port); null: start an embedded local cluster
     num_cpus: Optional[int] = None  # embedded cluster only: logical CPUs (null: enough for the largest job)
+    # embedded cluster only: start Ray's dashboard too (ten processes waking ~300 times a second, which
+    # cost a 2-core machine ~1% of its training; `orch up` clusters always have one)
+    dashboard: bool = False
     backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend
     accelerator: Literal["cpu", "cuda"] = "cpu"  # what DeepSpeed runs on
     cpus_per_worker: float = 1.0
@@ -344,6 +347,18 @@ class JobConfig:
     resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
     max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
     from_scratch: bool = False  # random initial weights, even after a dependency (a baseline to compare with)
+
+    @property
+    def needs_coordinator(self) -> bool:
+        """Whether the job's Ray Train run needs Ray's cluster-wide AutoscalingCoordinator actor for
+        itself: an elastic job asks it how many workers the cluster has room for, and on an
+        autoscaling cluster it is how the run's resource request reaches the autoscaler. The
+        coordinator counts a node's total resources less what runs registered, so where an elastic
+        job may share the cluster every job must register (RayLauncher's `coordinator`). A fixed-size
+        job on a cluster of fixed size with no elastic job beside it has no use for it: the actor is
+        then neither started nor called (an idle Ray actor is one more process waking 100 times a
+        second)."""
+        return bool(self.max_workers) or self.cluster.autoscaling
 
     def __post_init__(self):
         safe_name(self.name, "name")  # also for jobs that reach the controller as dicts (`orch submit`)

@@ -188,15 +188,17 @@ def test_bucket_deleted_mid_run(tmp_path, s3_server, reliability_tries):
               f"storage.endpoint_url={s3_server.endpoint_url}")
     run.wait_for_commit()
     s3 = s3_server.client()
-    for _ in range(3):  # the workers may still add objects while the bucket is emptied
+    deadline = time.time() + 60
+    while True:  # the workers may still add objects (logs every 5 s, checkpoints) while the bucket is emptied
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for obj in page.get("Contents", []):
                 s3.delete_object(Bucket=bucket, Key=obj["Key"])
         try:
             s3.delete_bucket(Bucket=bucket)
             break
-        except s3.exceptions.ClientError:
-            continue
+        except s3.exceptions.ClientError:  # (BucketNotEmpty: three tries were once not enough)
+            if time.time() > deadline:
+                raise
     code, out, seconds = run.finish()
     _failed_at_once(run, code, out, f"S3 bucket '{bucket}' does not exist")
     reliability_tries(1)

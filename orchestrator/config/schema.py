@@ -215,8 +215,8 @@ class ClusterConfig:
     name: str  # cluster preset name
     address: Optional[str] = None  # Ray address (ray://, auto, host:port); null: start an embedded local cluster
     num_cpus: Optional[int] = None  # embedded cluster only: logical CPUs (null: enough for the largest job)
-    # embedded cluster only: start Ray's dashboard too (ten processes waking ~300 times a second, which
-    # cost a 2-core machine ~1% of its training; `orch up` clusters always have one)
+    # embedded cluster only: start Ray's dashboard too (ten processes waking ~300 times a second, ~1% of
+    # a 2-core machine's CPU taken from the training; `orch up` clusters always have one)
     dashboard: bool = False
     backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend
     accelerator: Literal["cpu", "cuda"] = "cpu"  # what DeepSpeed runs on

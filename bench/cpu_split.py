@@ -67,7 +67,8 @@ def main() -> None:
     for (pid, cmd), used in procs.most_common(top):
         print(f"  {used:6.2f}  {wakeups[(pid, cmd)]:8.0f}  {pid} {cmd}")
     print("threads:  CPU-s  wake-ups/s  preempted/s")
-    for (pid, _tid), (used, vol, invol, name, cmd) in sorted(threads.items(), key=lambda kv: -kv[1][0])[:16]:
+    busy = [kv for kv in threads.items() if kv[1][0] > 0 or kv[1][1] > 0]
+    for (pid, _tid), (used, vol, invol, name, cmd) in sorted(busy, key=lambda kv: -kv[1][0])[:16]:
         print(f"  {used:6.2f}  {vol:8.0f}  {invol:8.0f}  {pid} {name:20s} {cmd}")
 
 

@@ -140,15 +140,20 @@ def bench_streaming(endpoint: str, bucket: str, store, uri: str, manifest: Manif
 
 
 def wait_for_port(host: str, port: int, tries: int = 100) -> None:
-    """Until something listens at host:port (a server just started), at most tries x ~0.1 s."""
+    """Until the moto S3 server just started listens at host:port, at most tries x ~0.1 s; one line
+    and exit code 2 if it never does (moto is in the test extras, not in a plain setup)."""
+    import importlib.util
     import socket
 
-    for _ in range(tries):
+    for _ in range(tries if importlib.util.find_spec("moto") and importlib.util.find_spec("flask") else 0):
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.1)
+    print(f"{Path(sys.argv[0]).name}: no S3 server came up at {host}:{port}: the bench starts moto's, which comes "
+          f"with the test extras; install them with `bash scripts/setup.sh --test`", file=sys.stderr)
+    sys.exit(2)
 
 
 def shaped_link(mbit: int) -> str:

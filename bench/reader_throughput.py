@@ -145,7 +145,8 @@ def wait_for_port(host: str, port: int, tries: int = 100) -> None:
     import importlib.util
     import socket
 
-    for _ in range(tries if importlib.util.find_spec("moto") and importlib.util.find_spec("flask") else 0):
+    installed = importlib.util.find_spec("moto") and importlib.util.find_spec("flask")  # (moto's server needs flask)
+    for _ in range(tries if installed else 0):
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             return

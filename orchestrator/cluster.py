@@ -126,15 +126,20 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                            f"`orch up` (or `ray start --head`), or fix --address / {RAY_ADDRESS_ENV}") from None
 
 
+def _address(cluster: ClusterConfig) -> str | None:
+    """The cluster `connect` joins: cluster.address, else RAY_ADDRESS; none: it starts its own."""
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def embedded(cluster: ClusterConfig) -> bool:
     """Whether `connect` starts a cluster of its own (no address given) rather than joining one."""
-    return not (cluster.address or os.environ.get("RAY_ADDRESS"))
+    return _address(cluster) is None
 
 
 @contextmanager
 def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = False):
     """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
-    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
+    address = _address(cluster)
     if address:
         _use_token_auth_if_available()  # before ray reads its config
     if not address or is_loopback_address(address):

@@ -150,8 +150,8 @@ def new_controller(store, capacity: Callable[[], dict[str, float]], say: Callabl
 def warm_coordinator() -> None:
     """Ray Train's controller creates the AutoscalingCoordinator actor when a cluster has none, on
     the way to the run's first worker group: one more process start and Ray Data's imports (3 s
-    seen on 2 cores). Created ahead, in the background, by the controller (where every job needs
-    it) or by the runner of a job that needs it; it is detached, so later jobs find it."""
+    seen on 2 cores). The controller creates it ahead, in the background, whenever a job may need
+    it (`orch run` decides from its jobs); it is detached, so later jobs find it."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,

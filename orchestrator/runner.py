@@ -255,8 +255,6 @@ class JobRunner:
         threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True).start()
         try:
             job = self._job()
-            if job.needs_coordinator and not self.coordinator:  # (else the controller made it: new_controller)
-                threading.Thread(target=_warm_coordinator, name="warm-coordinator", daemon=True).start()
             self._start_feed(job)
             self._prepare(job)
             self._fit_until_done(job)
@@ -374,12 +372,6 @@ def _import_ray_train() -> None:
         import orchestrator.ray_train  # noqa: F401
     except Exception:  # noqa: BLE001 - `fit` imports it again and reports what fails
         pass
-
-
-def _warm_coordinator() -> None:
-    from orchestrator.launcher import warm_coordinator  # (the launcher imports this module)
-
-    warm_coordinator()
 
 
 def _alive_nodes() -> int | None:

@@ -87,7 +87,7 @@ def _command(model: str, stage: int, steps: int, state: Path, store: Path, smoke
 
 
 def _rows(state: Path) -> list[dict]:
-    from orchestrator.cli import metrics_history
+    from orchestrator.execution.job_history import metrics_history
     from orchestrator.jobs.store import JobStore
 
     (record,) = JobStore(state).list()

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.checkpoint.interval import young_daly_s  # noqa: E402
+from orchestrator.config.interval import young_daly_s  # noqa: E402
 from orchestrator.config.schema import CheckpointConfig  # noqa: E402
 from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent, RunnerPoll, RunnerStatus  # noqa: E402
 from orchestrator.jobs.lifecycle import apply_events, preview  # noqa: E402
@@ -391,7 +391,7 @@ class _IdleLauncher:
 def controller_step_s(n: int) -> tuple[float, float]:
     """One quiet `Controller.step` (nothing to decide) over `n` waiting jobs in the real SQLite
     JobStore, and one `JobStore.list()` of the same jobs: where a step's time goes beside the policies."""
-    from orchestrator.controller import Controller
+    from orchestrator.jobs.controller import Controller
     from orchestrator.jobs.store import JobStore
 
     jobs = make_jobs(n, 0)

@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=".venv/bin/ray"
 # Ray's command, with every node on 127.0.0.1 only (GCS, raylets, dashboard, client server):
-# see orchestrator/local_ray.py.
-LOCAL_RAY=(.venv/bin/python -m orchestrator.local_ray)
+# see orchestrator/raycluster/local.py.
+LOCAL_RAY=(.venv/bin/python -m orchestrator.raycluster.local)
 PORT="${ORCH_LOCAL_RAY_PORT:-6399}"
 CPUS_PER_NODE="${ORCH_CPUS_PER_NODE:-1}"
 # Token authentication (Ray's default for new clusters): every raylet and client of this machine

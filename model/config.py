@@ -64,9 +64,11 @@ class ModelConfig:
     @classmethod
     def select_class(cls, data: dict) -> type[ModelConfig]:
         """The family's config class for a config dict (`family` absent: gpt, as before families)."""
-        from model.registry import get_family  # (the registry imports this module)
-
-        return get_family(data.get("family", "gpt") if isinstance(data, dict) else "gpt").config
+        name = data.get("family", "gpt") if isinstance(data, dict) else "gpt"
+        if not isinstance(name, str) or name not in CONFIG_CLASSES:
+            raise ValueError(f"model.family={name!r} is not a model family: use one of "
+                             f"{', '.join(sorted(CONFIG_CLASSES))}")
+        return CONFIG_CLASSES[name]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,3 +133,8 @@ class LlamaConfig(ModelConfig):
             for name in self._LLAMA3:
                 del arch[name]
         return arch
+
+
+# Each family's config class by its `family` (model.registry's FAMILIES holds the same names, with
+# the family's code; a unit test checks they agree): here, so this module needs nothing of the registry.
+CONFIG_CLASSES: dict[str, type[ModelConfig]] = {c.family: c for c in (GPTConfig, LlamaConfig)}

@@ -19,9 +19,8 @@ from model.registry import FAMILIES, family_for_hf, family_of  # (torch-free: a 
 from orchestrator.checkpoint.export import consolidate_fp32, load_exported_weights
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_tag, download_checkpoint, latest_committed, step_of
 from orchestrator.config.typed import build
-from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, JOBS_DB, MODEL_CONFIG, TOKENIZER
-from orchestrator.errors import CheckpointError, ConfigError, JobNotFound, StorageError
-from orchestrator.jobs.store import JobStore
+from orchestrator.constants import COMMIT_MARKER, EXPORT_MANIFEST, EXPORT_MARKER, MODEL_CONFIG, TOKENIZER
+from orchestrator.errors import CheckpointError, ConfigError, StorageError
 from orchestrator.storage import LocalStore, ObjectNotFound, ObjectStore, join_uri, open_store, to_uri
 from orchestrator.storage.claim import claim_destination
 
@@ -52,24 +51,26 @@ def _not_a_model(ref: str) -> CheckpointError:
     )
 
 
-def resolve(ref: str, state_dir: str | None = None, endpoint_url: str | None = None) -> ModelSource:
-    """What `ref` names: a job id (from the state folder), or a URI/path of a checkpoint, a run, an
-    export, or a Hugging Face folder."""
-    if state_dir and "/" not in ref and (Path(state_dir) / JOBS_DB).exists():
-        try:
-            record = JobStore(state_dir).get(ref)
-        except JobNotFound:
-            record = None
-        if record is not None:
-            storage = record.config["storage"]
-            store = open_store(storage["root"], endpoint_url=storage.get("endpoint_url"), region=storage.get("region"))
-            if record.checkpoint:
-                return ModelSource("checkpoint", record.checkpoint, store)
-            raise CheckpointError(f"job {ref} has no committed checkpoint yet (state {record.state.value}); "
-                                  f"wait for one or pick another job")
+def job_source(job_id: str, checkpoint: str | None, store: ObjectStore, state: str) -> ModelSource:
+    """A job's latest committed checkpoint (from its record) as a model source; one line when it has
+    none yet, or when its folder is gone from the store."""
+    if not checkpoint:
+        raise CheckpointError(f"job {job_id} has no committed checkpoint yet (state {state}); "
+                              f"wait for one or pick another job")
+    if not store.exists(join_uri(checkpoint, COMMIT_MARKER)):
+        raise CheckpointError(f"job {job_id}'s checkpoint {checkpoint} is gone from the store (no commit marker "
+                              f"there): it was deleted or moved; pass the URI of a checkpoint or export that exists")
+    return ModelSource("checkpoint", checkpoint, store)
+
+
+def resolve(ref: str, endpoint_url: str | None = None, state_dir: str | None = None) -> ModelSource:
+    """What `ref` names: a URI/path of a checkpoint, a run, an export, or a Hugging Face folder (a job
+    id is looked up by the caller, which holds the job records: `job_source`). `state_dir` only
+    names where job ids were looked for, in the error."""
     if "://" not in ref and not os.path.isabs(ref):
         if not os.path.exists(ref):
-            raise CheckpointError(f"{ref} is neither a job id in {state_dir} nor an existing path; "
+            where = f"a job id in {state_dir} nor " if state_dir else ""
+            raise CheckpointError(f"{ref} is neither {where}an existing path; "
                                   f"pass a job id, a URI or a folder")
         ref = os.path.abspath(ref)
     uri = to_uri(ref).rstrip("/")

@@ -1,13 +1,13 @@
 """Environment variable names and defaults, in one place."""
 
-CONF_DIR_ENV = "ORCH_CONF_DIR"  # a config folder instead of the built-in one (orchestrator/conf)
+CONF_DIR_ENV = "ORCH_CONF_DIR"  # a config folder instead of the built-in one (conf/, linked as orchestrator/conf)
 STATE_DIR_ENV = "ORCH_STATE_DIR"  # the state folder (default: ./.orch)
 DEFAULT_STATE_DIR = ".orch"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a job the Jobs API runs
 # Ray's single-machine mode ("0": the default on macOS and Windows): Ray keeps 127.0.0.1 as the
 # node's address and listens there only, where on Linux it swaps in the machine's own address and
-# listens on every interface. orch sets it for clusters of this machine alone (orchestrator.cluster).
+# listens on every interface. orch sets it for clusters of this machine alone (orchestrator.raycluster.connect).
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's node-drain watcher
 # How often Ray Train's controller polls its workers, which is when it sees that one died (its

@@ -10,7 +10,7 @@ class OrchError(Exception):
 
     exit_code = 1
     # Can a restart of the worker group fix it? Ray Train retries a failed group only for these
-    # (orchestrator.ray_train.FailFast): a bad config, a corrupt shard or revoked credentials fail
+    # (orchestrator.execution.ray_train.FailFast): a bad config, a corrupt shard or revoked credentials fail
     # the job at once instead of using up its restarts.
     retryable = True
 

@@ -57,6 +57,11 @@ def step_of(uri: str) -> int:
     return int(m.group(1))
 
 
+def checkpoint_name(uri: str) -> str:
+    """The name of a checkpoint URI `.../step-N` (step-N)."""
+    return checkpoint_tag(step_of(uri))
+
+
 def export_uri(run: str) -> str:
     return join_uri(run, EXPORT_DIR)
 

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestrator.conf import FOLDER as BUILTIN_CONF
 from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV
@@ -33,9 +34,9 @@ SEARCHPATH_KEY = "hydra.searchpath"
 
 
 def conf_dir() -> Path:
-    """The built-in config folder: $ORCH_CONF_DIR, else the package's own (orchestrator/conf)."""
+    """The built-in config folder: $ORCH_CONF_DIR, else the package's own (conf/, linked as orchestrator/conf)."""
     env = os.environ.get(CONF_DIR_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    path = Path(env) if env else BUILTIN_CONF
     if not (path / f"{CONFIG_NAME}.yaml").is_file():
         where = f"{CONF_DIR_ENV}={env}" if env else "the installed package"
         raise ConfigError(f"config folder {path} ({where}) has no {CONFIG_NAME}.yaml; "
@@ -44,7 +45,7 @@ def conf_dir() -> Path:
 
 
 @contextmanager
-def _hydra():
+def hydra_context():
     """Hydra initialised on the built-in groups: the package (pkg://orchestrator.conf), or
     $ORCH_CONF_DIR. User folders come in through `hydra.searchpath` (see `with_config_dirs`)."""
     GlobalHydra.instance().clear()
@@ -104,7 +105,7 @@ def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
     """The options of a config group: the built-in ones and those of the user's folders
     (`hydra.searchpath` among `overrides`)."""
     searchpath = [ov for ov in overrides if ov.partition("=")[0].strip() == SEARCHPATH_KEY]
-    with _hydra() as gh:
+    with hydra_context() as gh:
         return sorted(set(gh.config_loader().get_group_options(group, config_name=CONFIG_NAME,
                                                                 overrides=searchpath)))
 
@@ -114,7 +115,7 @@ def quote_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _check_override_syntax(overrides: Sequence[str]) -> list[str]:
+def check_override_syntax(overrides: Sequence[str]) -> list[str]:
     """The overrides, each parsed once here so a bad one fails in one line that says how to write it.
     A plain value with non-ASCII characters (a path like /data/ü), which Hydra's grammar refuses
     unquoted, is quoted for the user."""
@@ -221,9 +222,9 @@ def _valid_keys(path: str) -> list[str]:
 def compose_dict(overrides: Sequence[str] = ()) -> dict:
     """Compose conf/ + overrides into a resolved plain dict (state_dir made absolute first)."""
 
-    overrides = _check_override_syntax(overrides)
+    overrides = check_override_syntax(overrides)
     try:
-        with _hydra(), warnings.catch_warnings(record=True) as caught:
+        with hydra_context(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
         _check_searchpath_warnings(caught)

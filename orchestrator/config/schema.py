@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from model.config import ModelConfig  # the family's config class (model.registry; torch-free)
-from orchestrator.checkpoint.interval import parse_interval
+from orchestrator.config.interval import parse_interval
 from orchestrator.errors import OrchError
 
 JobKind = Literal["pretrain", "finetune"]

@@ -16,8 +16,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from orchestrator.config.compose import (
     CONFIG_NAME,
     SEARCHPATH_KEY,
-    _check_override_syntax,
-    _hydra,
+    check_override_syntax,
+    hydra_context,
     with_config_dirs,
 )
 from orchestrator.errors import ConfigError
@@ -45,9 +45,9 @@ def expand_sweep(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> l
     its folders and of `config_dirs` (`--config-dir`)."""
     searchpath = [ov for ov in overrides if _is_searchpath(ov)]
     swept = [ov for ov in overrides if not _is_searchpath(ov)]
-    checked = _check_override_syntax(swept)
+    checked = check_override_syntax(swept)
     search = [ov for ov in with_config_dirs(searchpath, config_dirs) if _is_searchpath(ov)]
-    with _hydra() as gh:
+    with hydra_context() as gh:
         parser = OverridesParser.create(config_loader=_Groups(gh.config_loader(), search))  # type: ignore[arg-type]
         try:
             parsed = parser.parse_overrides(checked)

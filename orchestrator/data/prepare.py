@@ -102,7 +102,7 @@ def _tokenizer_sample(store: ObjectStore, cfg: DataConfig, units: list[Unit]) ->
 
 
 # A progress bar of the parts tokenized: (key, description, parts done, parts in all, unit, detail)
-# (orchestrator.progress.ConsoleProgress.bar, on a terminal).
+# (orchestrator.cli.progress.ConsoleProgress.bar, on a terminal).
 PartsProgress = Callable[[str, str, int, int, str, str], None]
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
-from orchestrator.checkpoint.interval import CheckpointSchedule, parse_interval
+from orchestrator.config.interval import CheckpointSchedule, parse_interval
 from orchestrator.config.schema import CheckpointConfig
 
 log = logging.getLogger("orchestrator.train")

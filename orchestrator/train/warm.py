@@ -3,7 +3,7 @@
 A worker process imports torch, DeepSpeed and the loop (2-3 s of CPU) before its engine can be
 built. Ray Train spends about as long again setting the new worker up (train context, process group
 rendezvous with the other ranks, the controller's calls), much of it waiting. A callback of
-`orchestrator.ray_train` asks each new worker to start these imports in a background thread as soon
+`orchestrator.execution.ray_train` asks each new worker to start these imports in a background thread as soon
 as its process is up; the train function then finds them done (or finishes them). A failed import
 here is ignored: the train function imports the same modules and reports what fails. CPU workers
 only: on a GPU, DeepSpeed's import may initialise CUDA, which must wait until Ray Train has set the

@@ -230,7 +230,7 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
 
 _EMBEDDED = """
 import json, os, psutil, ray
-from orchestrator.cluster import connect
+from orchestrator.raycluster.connect import connect
 from orchestrator.config.schema import ClusterConfig
 
 with connect(ClusterConfig(name="local", num_cpus=1)) as r:

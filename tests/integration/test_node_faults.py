@@ -31,7 +31,7 @@ JOB = [*TINY, "pipeline=pretrain", f"trainer.max_steps={STEPS}", "checkpoint.int
 
 def _processes(cluster: dict, name: str) -> list[psutil.Process]:
     """This cluster's processes whose command line names `name` (other clusters may run beside it)."""
-    from orchestrator.local_ray import cluster_pids, process_table, session_of
+    from orchestrator.raycluster.local import cluster_pids, process_table, session_of
 
     table = process_table()
     port = int(cluster["address"].rsplit(":", 1)[1])

@@ -208,7 +208,7 @@ def test_weights_that_came_with_the_datasets_tokenizer_pass_the_checks(tmp_path)
     """The other side of the refusals in test_bad_data.py: `init_from` a Hugging Face folder whose
     tokenizer the dataset reuses passes `orch run`'s checks, before and after the dataset is prepared."""
     from orchestrator.config.compose import compose_root, resolve_jobs
-    from orchestrator.preflight import check_job_inputs, preflight
+    from orchestrator.execution.preflight import check_job_inputs, preflight
 
     hf = write_hf_model_folder(tmp_path / "hf-model", foreign_tokenizer(DOCS[:300]))
     src = write_parquet(tmp_path / "corpus" / "web.parquet", DOCS).parent
@@ -248,7 +248,7 @@ def test_the_default_pipeline_passes_the_checks_before_its_datasets_exist(tmp_pa
     """The fine-tune's data reuses the tokenizer of the pretraining dataset, which the pretrain job
     prepares: at submit there is none yet, and that is no reason to refuse (the runner checks it)."""
     from orchestrator.config.compose import compose_root, resolve_jobs
-    from orchestrator.preflight import preflight
+    from orchestrator.execution.preflight import preflight
 
     jobs = resolve_jobs(compose_root(["model=gpt_tiny", f"state_dir={tmp_path / 'state'}",
                                       f"storage.root=file://{tmp_path}/store"]))

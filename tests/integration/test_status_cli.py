@@ -80,8 +80,8 @@ def test_completion_script_sourced_by_bash(tmp_path):
     assert lines[3] == "trainer.max_steps="
     assert set(lines[4].split()) == {"p0000aa-pretrain", "p0000aa-finetune", "p0000aa"}
     assert lines[5] == "status" and lines[6] == "--watch"
-    from orchestrator.cli import build_parser
-    from orchestrator.completion import script
+    from orchestrator.cli.completion import script
+    from orchestrator.cli.main import build_parser
 
     for shell in ("zsh", "tcsh"):
         assert "orch _complete overrides" in script(build_parser(), shell)

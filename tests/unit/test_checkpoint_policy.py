@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from orchestrator.checkpoint.interval import AUTO_FIRST_S, CheckpointSchedule, Interval, parse_interval, young_daly_s
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, step_of
 from orchestrator.checkpoint.retention import to_delete
+from orchestrator.config.interval import AUTO_FIRST_S, CheckpointSchedule, Interval, parse_interval, young_daly_s
 from orchestrator.config.schema import CheckpointConfig
 from orchestrator.errors import CheckpointError
 

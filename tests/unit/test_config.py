@@ -24,7 +24,8 @@ from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
 from orchestrator.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[2] / "orchestrator" / "conf"
+REPO = Path(__file__).resolve().parents[2]
+CONF = (REPO / "conf").resolve()
 # The reliability recorder's fields (tests/reliability.py) for the bad inputs checked here
 IN_PROCESS = dict(category="config (in-process)", lost="nothing",
                   happened="one ConfigError line naming the key, the value and the fix (compose, in-process)")
@@ -76,10 +77,12 @@ def _scalars(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------ every option
 def test_conf_folder_is_the_real_one():
-    """The built-in groups are the package's own (they ship in the wheel: tests/integration/test_wheel.py)."""
+    """The built-in groups are conf/ at the repository's top, the package's own through its link
+    (they ship in the wheel: tests/integration/test_wheel.py)."""
     import orchestrator.conf
 
-    assert conf_dir() == CONF == Path(orchestrator.conf.__file__).parent
+    assert conf_dir() == CONF == Path(orchestrator.conf.__file__).resolve().parent == (REPO / "conf").resolve()
+    assert (REPO / "orchestrator" / "conf").is_symlink() and (REPO / "conf").is_dir()
     assert len(_group_options()) >= 20
     assert group_options("model") == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Unit tests of orchestrator/data/plan.py: which datasets `orch data prepare` prepares, composed
+"""Unit tests of orchestrator/service/data_prepare.py: which datasets `orch data prepare` prepares, composed
 from the REAL conf/ folder (nothing is prepared, no Ray, no object store)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config.compose import compose_root
-from orchestrator.data import plan
-from orchestrator.data.plan import datasets_to_prepare, describe
 from orchestrator.errors import ConfigError
+from orchestrator.service import data_prepare as plan
+from orchestrator.service.data_prepare import datasets_to_prepare, describe
 from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
 
 

@@ -21,12 +21,12 @@ import torch
 
 from orchestrator.checkpoint.layout import CheckpointRef, download_checkpoint, run_uri
 from orchestrator.checkpoint.safe_load import load, weights_only_loads
-from orchestrator.cluster import is_loopback_address
 from orchestrator.config.compose import compose_dict, compose_root, job_config_from_dict, resolve_jobs
 from orchestrator.config.schema import RootConfig
 from orchestrator.config.typed import build, to_dict
 from orchestrator.errors import CheckpointError, ConfigError, StorageError
-from orchestrator.local_ray import Proc, cluster_pids, session_of
+from orchestrator.raycluster.connect import is_loopback_address
+from orchestrator.raycluster.local import Proc, cluster_pids, session_of
 from orchestrator.storage import LocalStore, join_uri
 from tests.leaks import encodings, find_in_bytes, plant_secrets
 from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.schema import TrackingConfig
+from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.storage import open_store
-from orchestrator.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.train.history import (
     COMPACTED,
     HISTORY_DIR,

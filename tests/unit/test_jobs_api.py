@@ -1,4 +1,4 @@
-"""The laptop side of `orch ... --address http://HEAD:8265` (orchestrator/jobs_api.py) as pure logic:
+"""The laptop side of `orch ... --address http://HEAD:8265` (orchestrator/raycluster/jobs_api.py) as pure logic:
 the head's command line, the resolved jobs on it, following a Ray job's log and exit code (a fake
 JobSubmissionClient; the real one is driven in tests/integration/test_controller.py)."""
 
@@ -10,8 +10,8 @@ from enum import Enum
 
 import pytest
 
-from orchestrator import jobs_api
 from orchestrator.errors import ClusterError, ConfigError
+from orchestrator.raycluster import jobs_api
 
 
 def test_the_head_command_defaults_the_state_folder_there_and_quotes_every_word():

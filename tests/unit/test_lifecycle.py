@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from orchestrator.controller import Controller
+from orchestrator.jobs.controller import Controller
 from orchestrator.jobs.events import AttemptReason, EventKind, RunnerEvent, RunnerPoll, RunnerStatus
 from orchestrator.jobs.lifecycle import apply_events
 from orchestrator.jobs.record import JobRecord
@@ -440,7 +440,7 @@ def test_the_runners_event_wait_wakes_on_state_changes_only():
     import threading
     import time
 
-    from orchestrator.runner import _EventLog
+    from orchestrator.execution.runner import _EventLog
 
     log = _EventLog()
     log.emit(K.LOG, line="dataset ready")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 
+from orchestrator.cli.progress import ConsoleProgress
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
-from orchestrator.progress import ConsoleProgress
 
 
 def _job(step: int | None, state=JobState.RUNNING) -> JobRecord:

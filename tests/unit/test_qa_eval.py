@@ -104,7 +104,7 @@ def test_the_pipeline_line_shows_the_two_finetunes_side_by_side():
     """`orch run` prints the default pipeline as it runs: pretraining, then both fine-tunes."""
     from types import SimpleNamespace
 
-    from orchestrator.pipeline import _stages
+    from orchestrator.service.pipeline import _stages
 
     jobs = [SimpleNamespace(id=f"p1-{name}", depends_on=deps) for name, deps in
             (("pretrain", []), ("finetune", ["p1-pretrain"]), ("finetune_scratch", ["p1-pretrain"]))]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from orchestrator import cluster
 from orchestrator.constants import RAY_PREEMPTION_WATCHER_ENV, RAY_SINGLE_MACHINE_ENV
+from orchestrator.raycluster import connect as cluster
 
 
 def test_a_cluster_of_this_machine_runs_no_preemption_watcher(monkeypatch):
@@ -54,7 +54,7 @@ def test_a_fixed_size_run_without_the_coordinator_keeps_ray_trains_decisions():
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
     from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 
-    from orchestrator.ray_train import _without_coordinator
+    from orchestrator.execution.train_extensions import without_coordinator as _without_coordinator
 
     fixed = _without_coordinator(FixedScalingPolicy(ScalingConfig(num_workers=3)))
     assert isinstance(fixed, FixedScalingPolicy)

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from orchestrator.checkpoint.layout import run_uri
-from orchestrator.cli import metrics_history
+from orchestrator.cli.report import attempt_changes, summarize, write_report
 from orchestrator.errors import ReportError
+from orchestrator.execution.job_history import metrics_history
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
-from orchestrator.report import attempt_changes, summarize, write_report
 from orchestrator.storage import open_store
 from orchestrator.train.history import HistoryWriter, read_history
 

@@ -7,9 +7,7 @@ import io
 
 import pytest
 
-from orchestrator.jobs.record import JobRecord
-from orchestrator.jobs.state import JobState
-from orchestrator.status_view import (
+from orchestrator.cli.status_view import (
     dependency_order,
     eta_seconds,
     fmt_duration,
@@ -19,6 +17,8 @@ from orchestrator.status_view import (
     show,
     status_view,
 )
+from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
 
 
 def _job(job_id: str, state: JobState = JobState.PENDING, seq: int = 1, depends_on=(), metrics=None, history=(),
@@ -116,7 +116,7 @@ def test_terminal_table_is_coloured_and_only_the_ids_give_way():
     show(lambda width: status_view(_records(), now=160.0, width=width), out)
     text = out.getvalue()
     assert "\x1b[" in text  # drawn for a terminal
-    from orchestrator.status_view import console, status_table
+    from orchestrator.cli.status_view import console, status_table
 
     narrow = console(io.StringIO(), terminal=False)
     narrow.width = 80

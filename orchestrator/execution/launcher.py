@@ -1,5 +1,5 @@
 """Start, poll, stop and find jobs' runners on Ray: each job runs in a `JobRunner` actor that owns
-its Ray Train run (`orchestrator.ray_train`).
+its Ray Train run (`orchestrator.execution.ray_train`).
 
 `RayLauncher.start` returns at once; `poll` reads the runner's events after a sequence number.
 """
@@ -19,11 +19,11 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config.compose import job_config_from_dict
-from orchestrator.controller import Controller
 from orchestrator.errors import ClusterError
+from orchestrator.execution.runner import RUNNER_PREFIX, JobRunner
+from orchestrator.jobs.controller import Controller
 from orchestrator.jobs.events import AttemptReason, EventKind, RunnerPoll, RunnerStatus
 from orchestrator.jobs.record import JobRecord
-from orchestrator.runner import RUNNER_PREFIX, JobRunner
 
 # The Ray versions the tests ran on (pyproject.toml pins the same range): Ray Train V2 internals.
 RAY_TESTED = ((2, 60), (2, 60))

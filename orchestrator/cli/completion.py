@@ -14,10 +14,11 @@ import sqlite3
 import typing
 from pathlib import Path
 
+from orchestrator.conf import FOLDER as CONF
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
 
 SHELLS = ("bash", "zsh", "tcsh")
-CONF = Path(__file__).resolve().parent / "conf"
+
 JOBS = "orch _complete jobs"  # the commands the scripts run for the words to offer
 OVERRIDES = "orch _complete overrides"
 

@@ -20,7 +20,6 @@ import traceback
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from orchestrator import preflight
 from orchestrator.checkpoint.layout import latest_committed, run_uri
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
@@ -28,41 +27,20 @@ from orchestrator.config.typed import to_dict
 from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.data.prepare import prepared_dataset
 from orchestrator.errors import CheckpointError, OrchError
+from orchestrator.execution import preflight
+from orchestrator.execution.failures import retryable as failure_retryable
+from orchestrator.execution.failures import worker_error_message
+from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.lifecycle import PROGRESS_METRICS
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
-from orchestrator.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.train.history import read_history
 from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
 
 RUNNER_PREFIX = "orch-job-"
-
-
-def worker_causes(exc: BaseException) -> list[BaseException]:
-    """The workers' own exceptions inside a Ray Train failure (none for a controller failure)."""
-    return [getattr(err, "cause", None) or err for err in (getattr(exc, "worker_failures", None) or {}).values()]
-
-
-def worker_error_message(exc: BaseException) -> str:
-    """One line from a Ray Train failure: the workers' own errors, merged over ranks."""
-    failures = getattr(exc, "worker_failures", None)
-    if not failures:
-        text = [line for line in str(exc).strip().splitlines() if line.strip()]
-        return text[-1] if text else type(exc).__name__
-    by_msg: dict[str, list[int]] = {}
-    for rank, err in sorted(failures.items()):
-        cause = getattr(err, "cause", None) or err
-        if isinstance(cause, OrchError):
-            msg = str(cause)
-        else:
-            text = str(cause).strip().splitlines()
-            msg = f"{type(cause).__name__}: " + next((line for line in reversed(text) if line.strip()),
-                                                     type(cause).__name__)
-        by_msg.setdefault(msg, []).append(rank)
-    return "; ".join(f"rank {', '.join(map(str, ranks))}: {msg}" for msg, ranks in by_msg.items())
 
 
 _STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.ENGINE_READY, EventKind.STOPPED,
@@ -264,13 +242,13 @@ class JobRunner:
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
             log.debug("job %s failed", self.record.id, exc_info=True)
             self._close_feed(exit_code=1)
-            retryable = all(getattr(c, "retryable", True) for c in worker_causes(e))
+            retryable = failure_retryable(e)
             self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=retryable,
                           traceback=traceback.format_exc())
 
     # --------------------------------------------------------------------------------- W&B
     def _start_feed(self, job: JobConfig) -> None:
-        """The job's one W&B run (orchestrator.tracking), unless tracking is off."""
+        """The job's one W&B run (orchestrator.execution.tracking), unless tracking is off."""
         if job.tracking.backend == "none" or job.tracking.mode == "disabled":
             return
         rid = self.record.id
@@ -303,7 +281,7 @@ class JobRunner:
         store.check(job.storage.root)
         lines: list[str] = []
         if prepared_dataset(store, job.data, progress=lines.append) is None:
-            from orchestrator.ray_train import prepare_remote  # (torch: only where a job runs)
+            from orchestrator.execution.ray_train import prepare_remote  # (torch: only where a job runs)
 
             lines = ray.get(prepare_remote().remote(to_dict(job)))
         for line in lines:
@@ -318,7 +296,7 @@ class JobRunner:
     def _fit_until_done(self, job: JobConfig) -> None:
         """Run worker groups until the job reaches max_steps, a cancel, or a failure; a scale
         request ends one group (after a checkpoint) and starts the next at the new size."""
-        from orchestrator.ray_train import fit  # (torch: only where a job runs, not in the controller)
+        from orchestrator.execution.ray_train import fit  # (torch: only where a job runs, not in the controller)
 
         while True:
             stop = self._take_stop()
@@ -352,7 +330,7 @@ class JobRunner:
 
     def _finish(self, job: JobConfig, state: dict) -> None:
         """After the worker group ended well: export the final checkpoint's weights."""
-        from orchestrator.ray_train import export_weights  # (torch: only where a job runs)
+        from orchestrator.execution.ray_train import export_weights  # (torch: only where a job runs)
 
         self._say(f"exporting the weights of {state['uri']}")
         export = export_weights(job, run_uri(job.storage.root, self.record.id), state["ref_step"], self.record.id)
@@ -369,7 +347,7 @@ class JobRunner:
 
 def _import_ray_train() -> None:
     try:
-        import orchestrator.ray_train  # noqa: F401
+        import orchestrator.execution.ray_train  # noqa: F401
     except Exception:  # noqa: BLE001 - `fit` imports it again and reports what fails
         pass
 

@@ -20,9 +20,9 @@ import sys
 import time
 from urllib.parse import urlparse
 
-from orchestrator.cluster import _use_token_auth_if_available
 from orchestrator.constants import STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError
+from orchestrator.raycluster.connect import use_token_auth_if_available
 
 HEAD_STATE_DIR = "$HOME/.orch"  # on the head, where ORCH_STATE_DIR is not set
 ERROR_PREFIX = "orch: error:"  # the head's one-line errors go to stderr here too
@@ -68,7 +68,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def _client(address: str):
     _check_reachable(address)
-    _use_token_auth_if_available()  # a cluster with token auth: the client sends the token
+    use_token_auth_if_available()  # a cluster with token auth: the client sends the token
     from ray.job_submission import JobSubmissionClient  # (HTTP only; Ray loads only for a remote command)
 
     try:

@@ -13,8 +13,6 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from orchestrator.client import check_reachable
-from orchestrator.cluster import connect
 from orchestrator.config.compose import resolve_jobs
 from orchestrator.config.schema import ClusterConfig, DataConfig, RootConfig
 from orchestrator.constants import RAY_ADDRESS_ENV
@@ -22,6 +20,7 @@ from orchestrator.data.manifest import Manifest
 from orchestrator.data.prepare import PartsProgress, check_prepare_destination, prepare_dataset, ray_runner
 from orchestrator.data.sources import check_source
 from orchestrator.errors import ConfigError
+from orchestrator.raycluster.connect import check_reachable, connect
 from orchestrator.storage import open_store, routed, to_uri
 
 EXAMPLE = "orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024"

@@ -1,10 +1,10 @@
 """The Ray cluster of this machine alone that `orch up` starts and `orch down` stops: its nodes
 listen on loopback only, and stopping it stops its own processes, never another cluster's.
 
-    python -m orchestrator.local_ray start --head ...   Ray's `ray` command, kept on loopback
+    python -m orchestrator.raycluster.local start --head ...   Ray's `ray` command, kept on loopback
 
 `ray start --node-ip-address=127.0.0.1` is not enough on Linux: Ray swaps the machine's own address
-in and listens on every interface (orchestrator.cluster.keep_ray_on_loopback says why). Its
+in and listens on every interface (orchestrator.raycluster.connect.keep_ray_on_loopback says why). Its
 single-machine mode keeps loopback, but there `ray start --address` refuses to add a node; a node
 that joins is started with the mode off in the `ray start` process itself, loopback addresses kept
 as given, and the mode on for every process it starts.
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import psutil
 
-from orchestrator.cluster import LOOPBACK_HOSTS, keep_ray_on_loopback, no_preemption_watcher
 from orchestrator.constants import RAY_SINGLE_MACHINE_ENV
+from orchestrator.raycluster.connect import LOOPBACK_HOSTS, keep_ray_on_loopback, no_preemption_watcher
 
 
 def ray_command() -> list[str]:
     """The command line that runs `ray ARGS` for a loopback-only cluster."""
-    return [sys.executable, "-m", "orchestrator.local_ray"]
+    return [sys.executable, "-m", "orchestrator.raycluster.local"]
 
 
 def main(argv: list[str]) -> None:

@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.cluster import capacity, check_storage_reachable, connect, embedded
 from orchestrator.config.schema import JobConfig, RootConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import JOBS_DB, RUN_LOCKS_DIR
-from orchestrator.controller import new_pipeline_id
 from orchestrator.errors import ClusterError
+from orchestrator.execution.launcher import new_controller
+from orchestrator.execution.preflight import preflight
 from orchestrator.joblogs import EventLog
+from orchestrator.jobs.controller import new_pipeline_id
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.retry import ABANDONED, Resumable, find_resumable
 from orchestrator.jobs.store import JobStore
-from orchestrator.launcher import new_controller
-from orchestrator.preflight import preflight
+from orchestrator.raycluster.connect import capacity, check_storage_reachable, connect, embedded
 from orchestrator.storage import open_store
 
 

@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Callable, Protocol
 
+from orchestrator.checkpoint.layout import checkpoint_name
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import CheckpointError, ClusterError, OrchError
@@ -236,7 +237,7 @@ class Controller:
         why = retry_refusal(record)
         if why:
             raise ClusterError(why)
-        start = record.checkpoint.rstrip("/").rsplit("/", 1)[-1] if record.checkpoint else "the start"
+        start = checkpoint_name(record.checkpoint) if record.checkpoint else "the start"
         record = self.store.transition(job_id, JobState.PENDING, f"{reason}: continues from {start}",
                                        failure_reason=None, failure_detail=None, requested=None, restarts=0,
                                        attempt={})

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.errors import ReportError
+from orchestrator.execution.tracking import redact
 from orchestrator.jobs.record import JobRecord
-from orchestrator.tracking import redact
 
 # What starts a new worker group, as marked on the curves: (colour, line style, legend label).
 CHANGES = {

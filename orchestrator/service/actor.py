@@ -19,19 +19,23 @@ import traceback
 
 import ray
 
-from orchestrator.cluster import capacity
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.errors import OrchError
+from orchestrator.execution.launcher import new_controller
+from orchestrator.execution.preflight import preflight
 from orchestrator.joblogs import EventLog, read_events
 from orchestrator.jobs.store import JobStore
-from orchestrator.launcher import new_controller
-from orchestrator.preflight import preflight
+from orchestrator.raycluster.connect import capacity
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "orch-controller"
 NAMESPACE = "orch"
 HEAD_RESOURCE = "node:__internal_head__"
+# Where the actor's class lives, said by ping: a detached controller started by another layout of
+# orch (its class under another module path) is refused in one line by the client, not met later
+# as a pickle traceback when it restarts.
+CONTROLLER_LAYOUT = "orchestrator.service.actor.ControllerService"
 
 
 def _answer(fn=None, *, locked: bool = True):
@@ -94,7 +98,8 @@ class ControllerService:
 
     # ---------------------------------------------------------------------------------- calls
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "state_dir": self.state_dir, "started_at": self.started_at}
+        return {"pid": os.getpid(), "state_dir": self.state_dir, "started_at": self.started_at,
+                "layout": CONTROLLER_LAYOUT}
 
     @_answer
     def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:

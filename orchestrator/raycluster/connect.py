@@ -23,7 +23,7 @@ from orchestrator.errors import ClusterError, ConfigError
 log = logging.getLogger(__name__)
 
 
-def _code_runtime_env() -> dict | None:
+def code_runtime_env() -> dict | None:
     """Ship this checkout's packages to a remote cluster's workers (no secrets: env vars stay on the
     nodes). Not from a command the Jobs API runs on the cluster (`orch submit --address http://...`,
     a RayJob): the orch installed there is the cluster's code."""
@@ -83,7 +83,7 @@ def no_preemption_watcher() -> None:
     os.environ.setdefault(RAY_PREEMPTION_WATCHER_ENV, "0")
 
 
-def _use_token_auth_if_available() -> None:
+def use_token_auth_if_available() -> None:
     """Ray clusters authenticate clients with a token (~/.ray/auth_token or RAY_AUTH_TOKEN[_PATH]);
     a client must opt in explicitly, so do it when a token is present and the mode is unset."""
     if os.environ.get("RAY_AUTH_MODE"):
@@ -93,7 +93,7 @@ def _use_token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _listening(hostport: str, timeout: float = 1.0) -> bool:
+def listening(hostport: str, timeout: float = 1.0) -> bool:
     host, _, port = hostport.rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
@@ -102,7 +102,7 @@ def _listening(hostport: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _is_hostport(address: str) -> bool:
+def is_hostport(address: str) -> bool:
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     return bool(sep) and port.isdigit() and 0 < int(port) < 65536
 
@@ -117,7 +117,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not _is_hostport(address):
+    if not is_hostport(address):
         raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
@@ -141,7 +141,7 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
     """Yield a connected Ray; an embedded cluster is started (and stopped) when no address is set."""
     address = _address(cluster)
     if address:
-        _use_token_auth_if_available()  # before ray reads its config
+        use_token_auth_if_available()  # before ray reads its config
     if not address or is_loopback_address(address):
         keep_ray_on_loopback()  # an embedded cluster, or `orch up`'s: this machine only
     import ray  # (the CLI imports this module: Ray loads only when a cluster is used)
@@ -152,7 +152,7 @@ def connect(cluster: ClusterConfig, needed_cpus: float = 0, verbose: bool = Fals
             check_reachable(address)  # seconds, where Ray would retry for minutes
             try:
                 with keeping_sigterm_handler():
-                    ray.init(address=address, runtime_env=_code_runtime_env(), log_to_driver=verbose,
+                    ray.init(address=address, runtime_env=code_runtime_env(), log_to_driver=verbose,
                              logging_level=logging.INFO if verbose else logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ClusterError(

@@ -1,0 +1,167 @@
+"""orch's extensions of Ray Train V2, one module-level class per hook, each testable alone.
+
+Read from Ray 2.60's `ray/train/v2` (`api/data_parallel_trainer.py`: `_create_default_callbacks`,
+`_initialize_and_run_controller`; `_internal/execution/callback.py`; `failure_handling/failure_policy.py`;
+`scaling_policy/fixed.py`). These are internals of one Ray release: pyproject.toml pins it and
+`orchestrator.execution.launcher.check_ray_version` checks it; importing this module on another Ray
+raises ImportError, which `orchestrator.execution.ray_train` turns into one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision, FailurePolicy
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+from orchestrator.execution.failures import retryable
+from orchestrator.train.warm import start_imports
+
+log = logging.getLogger(__name__)
+
+
+class ReportPlacementGroup(WorkerGroupCallback):
+    """Tells the job's runner each worker group's placement group (it removes it itself when the
+    job is stopped at once, `orch cancel --now`: Ray Train's own cleaner is dropped, see OrchTrainer)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def after_worker_group_start(self, worker_group) -> None:
+        try:
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            self.runner.placement_group.remote(pg)
+        except Exception:  # noqa: BLE001 - best effort: only `cancel --now` uses it
+            log.warning("could not report the worker group's placement group", exc_info=True)
+
+
+class ReportDecisions(ControllerCallback):
+    """Tells the runner (and waits, so it knows before the next group's rank 0 reports) why the
+    next worker group starts: a retry after a failure, or a resize."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def _tell(self, kind: str) -> None:
+        try:
+            ray.get(self.runner.decision.remote(kind), timeout=10)
+        except Exception:  # noqa: BLE001 - the runner then judges from the group's size
+            log.warning("could not tell the job's runner about a %s decision", kind, exc_info=True)
+
+    def before_controller_execute_failure_decision(self, failure_decision) -> None:
+        if failure_decision == FailureDecision.RETRY:
+            self._tell("failure")
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        self._tell("resize")
+
+
+class FailFast(FailurePolicy):
+    """Ray Train's own policy, except that a worker error no restart can fix (an `OrchError` with
+    `retryable=False`: a corrupt shard, revoked credentials, a full disk) fails the run at once
+    instead of using up `max_failures`."""
+
+    def __init__(self, inner: FailurePolicy):
+        super().__init__(inner.failure_config)
+        self.inner = inner
+
+    def make_decision(self, training_failed_error):
+        if not retryable(training_failed_error):
+            return FailureDecision.RAISE
+        return self.inner.make_decision(training_failed_error)
+
+
+class FixedWithoutCoordinator(FixedScalingPolicy):
+    """Ray Train's fixed-size policy without its AutoscalingCoordinator requests, for a job on a
+    cluster that no elastic job shares (`JobConfig.needs_coordinator`)."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+    def _cancel_resource_request(self) -> None:
+        pass
+
+
+def without_coordinator(policy):
+    """The fixed-size policy as FixedWithoutCoordinator; any other policy as it is."""
+    return FixedWithoutCoordinator(policy.scaling_config) if type(policy) is FixedScalingPolicy else policy
+
+
+class WarmImports(WorkerGroupCallback):
+    """Each new worker starts importing DeepSpeed and the loop while Ray Train sets it up
+    (orchestrator.train.warm), by a call queued before the train context's. CPU only (`for_accelerator`):
+    on a GPU, DeepSpeed's import may initialise CUDA before Ray Train has set the worker's
+    CUDA_VISIBLE_DEVICES and device, which must come first."""
+
+    def __init__(self, accelerator: str):
+        self.accelerator = accelerator
+
+    @staticmethod
+    def for_accelerator(accelerator: str) -> list:
+        return [WarmImports(accelerator)] if accelerator == "cpu" else []
+
+    def before_init_train_context(self, workers) -> dict:
+        for worker in workers:
+            try:
+                worker.execute_async(start_imports, self.accelerator)
+            except Exception:  # noqa: BLE001 - an optimisation only
+                log.debug("could not start the worker's imports early", exc_info=True)
+        return {}
+
+
+class OrchTrainer(TorchTrainer):
+    """TorchTrainer without Ray Train's PlacementGroupCleaner (and its datasets callback), with
+    the callbacks above, FailFast around the failure policy, and Ray Train's controller run in this
+    process (the job's runner).
+
+    The cleaner (a detached helper) asks the state API whether the Train controller is alive and
+    takes "not found" for dead: on a loaded node it removed the placement group of a live run under
+    our feet (seen on a 3-raylet cluster on 2 cores). The runner learns each worker group's
+    placement group instead and removes it itself when the job is stopped at once."""
+
+    def __init__(self, *args, runner, accelerator: str, coordinator: bool = True, **kwargs):
+        self.runner, self.accelerator, self.coordinator = runner, accelerator, coordinator
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self):
+        # (orch reads its own shards, never a Ray Dataset: the datasets callback would start a
+        # DatasetManager actor, one more process importing Ray Data, with every worker group)
+        dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
+        callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+        return [*callbacks, *WarmImports.for_accelerator(self.accelerator), ReportPlacementGroup(self.runner),
+                ReportDecisions(self.runner)]
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
+        if not self.coordinator:
+            kwargs["scaling_policy"] = without_coordinator(kwargs["scaling_policy"])
+        return run_controller_here(kwargs)
+
+
+def run_controller_here(kwargs: dict):
+    """Ray Train's controller, run in this process (the job's runner, a thread of its own) instead
+    of in an actor of its own: that actor would be one more Python process importing Ray Train on
+    the way to every job's first step (2-3 s when cores are few) and one more process polling
+    during the run. Nothing is lost by it: the runner already owns the controller's lifetime (an
+    actor the runner creates dies with it, and its workers with it) and orch's workers never call
+    the controller (they report to the runner)."""
+    from ray.train.v2._internal.execution.controller import TrainController
+
+    async def run():
+        controller = TrainController(**kwargs)
+        await controller.run()
+        return controller.get_result()
+
+    return asyncio.run(run())

@@ -1,0 +1,2 @@
+"""Jobs: their records, states, events and durable store, the pure lifecycle and policies, and the
+controller that drives them."""

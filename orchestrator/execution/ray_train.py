@@ -19,22 +19,20 @@ from ray.train.torch import TorchConfig
 
 from orchestrator.checkpoint.export import export_checkpoint
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, run_uri
-from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
-from orchestrator.config.typed import to_dict
 from orchestrator.constants import EXPORT_IN_RUNNER_MAX_PARAMS, RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S
 from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
-from orchestrator.jobs.record import JobRecord, wandb_group
+from orchestrator.jobs.record import JobRecord
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger(__name__)
 
+
 def prepare_remote():
     """A Ray task that prepares a job's dataset if needed; returns its progress lines."""
     @ray.remote(num_cpus=0)
-    def prepare(job_dict: dict) -> list[str]:
-        job = job_config_from_dict(job_dict)
+    def prepare(job: JobConfig) -> list[str]:
         store = open_job_store(job)
         store.check(job.storage.root)
         lines: list[str] = []
@@ -49,10 +47,9 @@ def export_remote():
     return ray.remote(num_cpus=1)(_export)
 
 
-def _export(job_dict: dict, run: str, step: int, job_id: str) -> str:
+def _export(job: JobConfig, run: str, step: int, job_id: str) -> str:
     from model.registry import family_of
 
-    job = job_config_from_dict(job_dict)
     ref = CheckpointRef(step, checkpoint_uri(run, step), True)
     return export_checkpoint(open_job_store(job), run, ref, {"job_id": job_id, "kind": job.kind},
                              local_scratch(job_id), family_of(job.model).tied_weights(job.model))
@@ -68,8 +65,8 @@ def export_weights(job: JobConfig, run: str, step: int, job_id: str) -> str:
     from model.registry import family_of
 
     if family_of(job.model).count_parameters(job.model) <= EXPORT_IN_RUNNER_MAX_PARAMS:
-        return _export(to_dict(job), run, step, job_id)
-    return ray.get(export_remote().remote(to_dict(job), run, step, job_id))
+        return _export(job, run, step, job_id)
+    return ray.get(export_remote().remote(job, run, step, job_id))
 
 
 def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None,
@@ -77,18 +74,17 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
     `max_failures`); called in the job's runner actor, to which rank 0 reports. `coordinator=False`:
     no elastic job shares the cluster, so only this job's own needs count (JobConfig.needs_coordinator)."""
-    from orchestrator.train.loop import train_worker  # (torch, deepspeed: only in the runner, not orch's controller)
+    from orchestrator.train.loop import RunSpec, train_worker  # (torch, deepspeed: not in orch's controller)
 
     # (W&B is written by the runner from the job's metrics history: orchestrator.execution.tracking.)
     # Ray Train hands this variable from this process's environment to its controller; a user's wins.
     os.environ.setdefault(RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S)
     me = ray.get_runtime_context().current_actor
-    spec = dict(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), group=wandb_group(record),
-                init_from=init_from, reporter=me)
+    spec = RunSpec(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), init_from=init_from, reporter=me)
     trainer = _trainer_class()(
         train_worker,
         runner=me, accelerator=job.cluster.accelerator, coordinator=coordinator or job.needs_coordinator,
-        train_loop_config={"job": to_dict(job), "spec": spec},
+        train_loop_config={"job": job, "spec": spec},  # (pickled by Ray as they are: train_worker reads them)
         scaling_config=ScalingConfig(
             num_workers=(job.workers, job.max_workers) if job.max_workers else job.workers,
             elastic_resize_monitor_interval_s=job.cluster.elastic_resize_interval_s,

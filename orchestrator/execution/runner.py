@@ -32,10 +32,10 @@ from orchestrator.execution.failures import retryable as failure_retryable
 from orchestrator.execution.failures import worker_error_message
 from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
-from orchestrator.jobs.lifecycle import PROGRESS_METRICS
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
 from orchestrator.train.history import read_history
+from orchestrator.train.reports import CheckpointCommitted, EngineReady, Evaluated, Progress, Report
 from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,34 @@ RUNNER_PREFIX = "orch-job-"
 
 _STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.ENGINE_READY, EventKind.STOPPED,
                            EventKind.SUCCEEDED, EventKind.FAILED})
+
+
+def _engine_ready(r: EngineReady, attempt: int) -> tuple[EventKind, dict]:
+    return EventKind.ENGINE_READY, dict(attempt=attempt, resumed_from=r.resumed_from, step=r.step,
+                                        skipped=list(r.skipped), universal=r.universal)
+
+
+def _checkpoint_committed(r: CheckpointCommitted, attempt: int) -> tuple[EventKind, dict]:
+    return EventKind.CHECKPOINT_COMMITTED, dict(uri=r.uri, step=r.step)
+
+
+def _metrics(r: Progress | Evaluated, attempt: int) -> tuple[EventKind, dict]:
+    """Every field, under its own name: the record's metric keys (jobs.lifecycle.PROGRESS_METRICS)."""
+    return EventKind.PROGRESS, dict(metrics={f.name: getattr(r, f.name) for f in dataclasses.fields(r)})
+
+
+# Rank 0's report (orchestrator.train.reports) -> the event the controller applies: one handler per class.
+REPORT_EVENTS = {EngineReady: _engine_ready, CheckpointCommitted: _checkpoint_committed, Progress: _metrics,
+                 Evaluated: _metrics}
+
+
+def report_event(report: Report, attempt: int) -> tuple[EventKind, dict]:
+    """The event kind and data for one report of rank 0, during worker group `attempt`."""
+    handler = REPORT_EVENTS.get(type(report))
+    if handler is None:
+        raise TypeError(f"rank 0 sent a {type(report).__name__}, which the job's runner has no handler for "
+                        f"(orchestrator.execution.runner.REPORT_EVENTS)")
+    return handler(report, attempt)
 
 
 class _EventLog:
@@ -113,7 +141,7 @@ class _Feed:
 
 
 class JobRunner:
-    """The controller polls `events()`; rank 0 reports through `update()` and polls `control()`
+    """The controller polls `events()`; rank 0 sends its reports to `report()` and polls `control()`
     every step; Ray Train's controller tells `decision()` why it starts the next worker group."""
 
     def __init__(self, record: dict, init_from: str | None, reason: str, ray_storage: str | None,
@@ -135,19 +163,11 @@ class JobRunner:
         self.thread.start()
 
     # --------------------------------------------------------------------- called by rank 0
-    def update(self, fields: dict) -> None:
-        """Rank 0's report: `event` ready | resumed | stopped, checkpoints, metrics (a new worker
-        group calls `begin_attempt` first)."""
-        event = fields.get("event")
-        if event in ("ready", "resumed"):
-            self.log.emit(EventKind.ENGINE_READY, attempt=self.attempts, resumed_from=fields.get("resumed_from"),
-                          step=fields.get("resumed_step"), skipped=fields.get("skipped", []),
-                          universal=fields.get("universal", False))
-        if fields.get("checkpoint"):
-            self.log.emit(EventKind.CHECKPOINT_COMMITTED, uri=fields["checkpoint"], step=fields.get("checkpoint_step"))
-        metrics = {k: fields[k] for k in PROGRESS_METRICS if k in fields}
-        if metrics:
-            self.log.emit(EventKind.PROGRESS, metrics=metrics)
+    def report(self, report: Report) -> None:
+        """One typed report of rank 0 (orchestrator.train.reports) becomes one event for the
+        controller (a new worker group calls `begin_attempt` first)."""
+        kind, data = report_event(report, self.attempts)
+        self.log.emit(kind, **data)
 
     def begin_attempt(self, world_size: int) -> str:
         """Rank 0 of a new worker group: the attempt is recorded; returns why it started."""
@@ -220,8 +240,10 @@ class JobRunner:
     def _say(self, line: str) -> None:
         self.log.emit(EventKind.LOG, line=line)
 
-    def _job(self) -> JobConfig:
-        job = job_config_from_dict(self.record.config)
+    def _job(self, config: dict) -> JobConfig:
+        """The job's config, built once from its record's (a dict: the controller's durable record
+        stores JSON); from here on it travels as this dataclass, to Ray tasks and to every worker."""
+        job = job_config_from_dict(config)
         if job.data.kind == "sft" and not job.data.tokenizer_uri and self.init_from:
             # queued behind a job (`--after`): the data is tokenized with the weights' own tokenizer
             job = dataclasses.replace(job, data=dataclasses.replace(job.data, tokenizer_uri=self.init_from))
@@ -232,7 +254,7 @@ class JobRunner:
         # dataset is checked, instead of on the way to the first worker group.
         threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True).start()
         try:
-            job = self._job()
+            job = self._job(self.record.config)
             self._start_feed(job)
             self._prepare(job)
             self._fit_until_done(job)
@@ -283,7 +305,7 @@ class JobRunner:
         if prepared_dataset(store, job.data, progress=lines.append) is None:
             from orchestrator.execution.ray_train import prepare_remote  # (torch: only where a job runs)
 
-            lines = ray.get(prepare_remote().remote(to_dict(job)))
+            lines = ray.get(prepare_remote().remote(job))
         for line in lines:
             self._say(line)
         preflight.check_job_inputs(job, self.init_from)
@@ -305,7 +327,7 @@ class JobRunner:
                 self.log.emit(EventKind.STOPPED, checkpoint=self._final_state(job).get("uri"))
                 return
             if stop and stop["action"] == Action.SCALE:
-                job = job_config_from_dict(stop["job"])
+                job = self._job(stop["job"])  # the record's new config (the controller validated it)
                 with self.lock:
                     self.next_reason = AttemptReason.SCALE
                 self._say(f"restarting at {job.workers} workers from the last checkpoint")

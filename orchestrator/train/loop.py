@@ -3,8 +3,8 @@
 Each worker builds the job's single-device model from `model/` (through its family's registry
 entry), wraps it in a DeepSpeed ZeRO engine, reads its slice of every global batch from the store,
 and checkpoints through the Checkpointer. Rank 0 also appends every logged row to the job's
-metrics history in the store (which the job's runner feeds to W&B) and reports progress to the
-controller.
+metrics history in the store (which the job's runner feeds to W&B) and sends typed reports to the
+job's runner (`orchestrator.train.reports`), which tells the controller.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from model.registry import family_of
 from orchestrator import artifacts
 from orchestrator.checkpoint.checkpointer import Checkpointer
-from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import MODEL_CONFIG, TOKENIZER
@@ -45,6 +44,7 @@ from orchestrator.train.mfu import peak_flops
 from orchestrator.train.output import WorkerOutput
 from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
+from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, Report
 from orchestrator.train.vote import all_mean, all_sum, step_vote
 from orchestrator.workspace import local_scratch, open_job_store
 
@@ -79,21 +79,21 @@ def config_hash(job: JobConfig) -> str:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What the launcher hands each worker besides the job's frozen config."""
+    """What the job's runner hands each worker besides the job's config (both in Ray Train's train_loop_config)."""
 
     job_id: str
     run_uri: str  # <storage.root>/runs/<job id>
-    group: str  # W&B group: the pipeline id (or the parent's, for `--after`)
     init_from: str | None  # export URI of the dependency whose weights this job starts from
-    reporter: object | None  # Ray actor handle receiving rank 0's progress (or None)
+    reporter: object | None  # the job's runner actor, to which rank 0 sends its reports (or None)
 
 
 def train_worker(args: dict) -> None:
-    """Entry point of each Ray Train worker (`train_loop_per_worker`). What the worker prints goes
-    to the run's folder in the store as well (`orch logs`), its traceback first if it fails."""
+    """Entry point of each Ray Train worker (`train_loop_per_worker`); `args` is Ray Train's
+    train_loop_config: {"job": JobConfig, "spec": RunSpec}, as the runner built them (Ray pickles
+    them: no conversion on the way). What the worker prints goes to the run's folder in the store as
+    well (`orch logs`), its traceback first if it fails."""
     entered = time.time()
-    job = job_config_from_dict(args["job"])
-    spec = RunSpec(**args["spec"])
+    job, spec = args["job"], args["spec"]
     rank = ray.train.get_context().get_world_rank()
     output = WorkerOutput(local_scratch(spec.job_id) / "logs" / f"rank-{rank}-{os.getpid()}.log").start()
     try:
@@ -203,7 +203,7 @@ class _Trainer:
         the history compacted up to it, and the runner told."""
         self.history.append(ref.step, events=[{"kind": "checkpoint", "uri": ref.uri}])
         self.history.compact(ref.step)
-        self._report(checkpoint=ref.uri, checkpoint_step=ref.step)
+        self._report(CheckpointCommitted(uri=ref.uri, step=ref.step))
 
     def _restore(self, ckpt: Checkpointer) -> tuple[object, TrainerState]:
         """The engine and the trainer state: restored from the checkpoint to resume from, or fresh."""
@@ -213,14 +213,14 @@ class _Trainer:
         engine = self._build_engine(load_universal=bool(restore and restore.universal),
                                     fresh_weights=restore is None)
         if restore is None:
-            self._report(event="ready")
+            self._report(EngineReady())
             return engine, TrainerState()
         state = TrainerState(**ckpt.load(engine, restore))
         self._reset_weight_decay(engine)
         if not restore.ref.uri.startswith(self.spec.run_uri + "/"):
             state.wandb_run_id = None  # another run's state: this job logs to its own W&B run
-        self._report(event="resumed", resumed_step=state.step, resumed_from=restore.ref.uri,
-                     skipped=[r.uri for r in restore.skipped], universal=restore.universal)
+        self._report(EngineReady(resumed_from=restore.ref.uri, step=state.step,
+                                 skipped=tuple(r.uri for r in restore.skipped), universal=restore.universal))
         return engine, state
 
     def _stamp(self, state: TrainerState) -> None:
@@ -307,9 +307,11 @@ class _Trainer:
         self.startup["first_step"] = time.time()
         self.history.append(step, startup=dict(self.startup))
 
-    def _report(self, **fields) -> None:
+    def _report(self, report: Report) -> None:
+        """Rank 0: one typed report to the job's runner (orchestrator.train.reports); not waited for."""
+        assert isinstance(report, REPORTS), report
         if self.rank == 0 and self.spec.reporter is not None:
-            self.spec.reporter.update.remote(fields)
+            self.spec.reporter.report.remote(report)
 
     def _evaluate(self, engine, val: SplitReader) -> float:
         tr = self.job.trainer
@@ -421,18 +423,17 @@ class _Trainer:
                 if self.rank == 0:
                     row.update(grad_norm(engine), **system_metrics(self.device))
                 self.history.log(row, step=state.step)
-                self._report(step=state.step, loss=vote.loss, first_loss=state.first_loss, tokens=state.tokens_seen,
-                             tokens_per_s=row["perf/tokens_per_s"], step_time_s=row["perf/step_time_s"],
-                             mfu=row.get("perf/mfu"))
+                self._report(Progress(step=state.step, loss=vote.loss, first_loss=state.first_loss,
+                                      tokens=state.tokens_seen, tokens_per_s=row["perf/tokens_per_s"],
+                                      step_time_s=row["perf/step_time_s"], mfu=row.get("perf/mfu")))
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
-                self._report(eval_loss=self._logged_eval(engine, val, state.step))
+                self._report(Evaluated(eval_loss=self._logged_eval(engine, val, state.step)))
             if vote.checkpoint_due:
-                self._report(ckpt_blocking_s=cadence.save(engine, state))
+                cadence.save(engine, state)  # (its blocking time goes to the history: ckpt/blocking_s)
             if vote.stop:
                 # A requested stop (cancel, or a new worker count): commit this step and leave; the
-                # runner restarts from it or ends the job.
+                # runner restarts from it or ends the job (it reads the step from that checkpoint).
                 cadence.save_at_stop(engine, state)
-                self._report(event="stopped", stopped_step=state.step)
                 dist.barrier()
                 return
         self._finish(engine, state, val, cadence)
@@ -445,5 +446,5 @@ class _Trainer:
         if qa is not None:
             state.qa_correct, state.qa_questions = qa.correct, qa.questions
         cadence.save_final(engine, state)
-        self._report(eval_loss=eval_loss)
+        self._report(Evaluated(eval_loss=eval_loss))
         dist.barrier()  # rank 0's commit is in the store before any rank leaves

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from orchestrator.errors import ReportError
 from orchestrator.execution.tracking import redact
 from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
 
 # What starts a new worker group, as marked on the curves: (colour, line style, legend label).
 CHANGES = {
@@ -42,7 +43,8 @@ TRAIN, EVAL = "#1f77b4", "#e377c2"
 
 HOW = [
     ("wall time", "from the job's admission (STARTING) to its end in the job record; for a job still running, "
-                  "to now; without those times, the span of its metrics history."),
+                  "to now; for a job retried or resumed, of its latest run (from its admission after the retry); "
+                  "without those times, the span of its metrics history."),
     ("GPU-/CPU-hours", "the sum over the job's wall time of workers x devices per worker (GPUs, or CPUs when "
                        "the job uses none) x time; the number of workers is the world size of the metrics row "
                        "that ends each interval."),
@@ -117,16 +119,15 @@ def _devices(record: dict) -> tuple[float, str]:
 
 
 def _span(record: dict, rows: list[dict], now: float) -> tuple[float | None, float | None]:
-    """(start, end) of the job: its record's STARTING and terminal times, else its rows' times."""
-    terminal = {"SUCCEEDED", "FAILED", "CANCELLED", "BLOCKED"}
-    hist = record.get("history") or []
-    start = next((h["at"] for h in hist if h["state"] == "STARTING"), None)
-    end = next((h["at"] for h in hist if h["state"] in terminal), None)
+    """(start, end) of the job's latest run (`JobRecord.started_at`/`ended_at`: a retried job's
+    since it was admitted again); a record whose history holds no admission, its rows' times."""
+    job = JobRecord.from_json(record)
+    start, end = job.started_at(), job.ended_at()
     times = [r["time"] for r in rows if "time" in r]
-    if start is None and times:
+    if start is None and times and not any(JobState(h["state"]) is JobState.STARTING for h in job.history):
         start = times[0]
     if end is None:
-        end = now if record.get("state") not in terminal else (times[-1] if times else None)
+        end = now if not job.state.terminal else (times[-1] if times else None)
     return start, end
 
 
@@ -197,6 +198,24 @@ def summarize(record: dict, rows: list[dict], now: float, attempts: dict | None 
         "wandb": (record.get("wandb") or {}).get("url") or (record.get("wandb") or {}).get("dir"),
         "failure": record.get("failure_reason"),
     }
+
+
+def dependency_shape(records: list[JobRecord]) -> str:
+    """A pipeline's jobs drawn as they depend on each other, in one line: a fan-out `pretrain ->
+    finetune, finetune_scratch`, a chain `a -> b -> c`, a diamond `a -> b, c -> d`; the jobs that
+    share their dependencies listed together, apart groups separated by "; ", a dependency outside
+    the pipeline (`orch submit --after`) by its job id."""
+    names = {r.id: r.name for r in records}
+    groups: dict[str, list[str]] = {}  # the dependencies, drawn -> the jobs that have exactly those
+    for r in records:
+        groups.setdefault(", ".join(names.get(d, d) for d in r.depends_on), []).append(r.name)
+    chains: list[list[str]] = []
+    for deps, jobs in groups.items():
+        if deps and chains and chains[-1][-1] == deps:
+            chains[-1].append(", ".join(jobs))  # the previous group is exactly what these wait for
+        else:
+            chains.append(([deps] if deps else []) + [", ".join(jobs)])
+    return "; ".join(" -> ".join(c) for c in chains)
 
 
 def pipeline_total(summaries: list[dict]) -> dict:
@@ -488,7 +507,7 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
         total["state"] = ""
     if title is None:
         title = (f"{jobs[0].record['id']}" if len(jobs) == 1
-                 else f"pipeline {jobs[0].record['pipeline_id']}: " + " -> ".join(j.record["name"] for j in jobs))
+                 else f"pipeline {jobs[0].record['pipeline_id']}: {dependency_shape(records)}")
     try:
         _write(page, render_html(f"orch report: {title}", jobs, total, t).encode())
     except OSError as e:

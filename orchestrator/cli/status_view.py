@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.state import JobState
 
 PLAIN_WIDTH = 240  # columns of the plain table (a pipe has no width; rich would wrap at 80)
 
@@ -96,8 +97,9 @@ def _num(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-_STATE_STYLE = {"RUNNING": "green", "SUCCEEDED": "bold green", "FAILED": "bold red", "CANCELLED": "yellow",
-                "BLOCKED": "red", "RESTARTING": "magenta", "STARTING": "cyan", "QUEUED": "blue", "PENDING": "dim"}
+_STATE_STYLE = {JobState.RUNNING: "green", JobState.SUCCEEDED: "bold green", JobState.FAILED: "bold red",
+                JobState.CANCELLED: "yellow", JobState.BLOCKED: "red", JobState.RESTARTING: "magenta",
+                JobState.STARTING: "cyan", JobState.QUEUED: "blue", JobState.PENDING: "dim"}
 COLUMNS = ("JOB", "STATE", "STEP", "LOSS", "TOK/S", "MFU", "WORKERS", "RESTARTS", "ELAPSED", "ETA")
 
 
@@ -121,7 +123,7 @@ def status_table(records: list[JobRecord], now: float | None = None, width: int 
             branch = "└─ " if i == len(jobs) - 1 else "├─ "
             step = f"{m['step']}/{row['max_steps'] or '?'}" if m.get("step") is not None else "-"
             mfu = f"{row['mfu'] * 100:.1f}%" if isinstance(row["mfu"], (int, float)) else "-"
-            lines.append([Text(branch + r.id), Text(r.state.value, style=_STATE_STYLE.get(r.state.value, "")),
+            lines.append([Text(branch + r.id), Text(r.state.value, style=_STATE_STYLE[r.state]),
                           step, _num(m.get("loss"), ".4f"), fmt_rate(row["tokens_per_s"]), mfu, row["workers_shown"],
                           str(r.restarts), fmt_duration(row["elapsed_s"]), fmt_duration(row["eta_s"])])
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))

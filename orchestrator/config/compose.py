@@ -269,7 +269,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
     `after`: ids of jobs already submitted that every job without a dependency here waits for."""
     jobs = []
     base_trainer = to_dict(root.trainer)
-    for name in _topological(root):
+    for name in root.pipeline.job_order():
         spec = root.pipeline.jobs[name]
         merged = dict(base_trainer)
         merged.update(spec.trainer)
@@ -307,31 +307,6 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
         except ValueError as e:
             raise ConfigError(f"job '{name}': {e}") from None
     return jobs
-
-
-def _topological(root: RootConfig) -> list[str]:
-    """Job names, each after its dependencies; an unknown name or a cycle is a config error."""
-    order: list[str] = []
-    done: set[str] = set()
-    jobs = root.pipeline.jobs
-
-    def visit(n: str, path: tuple[str, ...]) -> None:
-        if n in done:
-            return
-        if n in path:
-            cycle = " -> ".join(path[path.index(n):] + (n,))
-            raise ConfigError(f"pipeline.jobs has a dependency cycle: {cycle}; remove one of these depends_on")
-        for d in jobs[n].depends_on:
-            if d not in jobs:
-                raise ConfigError(f"pipeline.jobs.{n}.depends_on names {d!r}, which is not a job of the pipeline "
-                                  f"({', '.join(jobs)}); for a job already submitted use `orch submit --after JOB_ID`")
-            visit(d, path + (n,))
-        done.add(n)
-        order.append(n)
-
-    for n in jobs:
-        visit(n, ())
-    return order
 
 
 def job_config_from_dict(data: dict) -> JobConfig:

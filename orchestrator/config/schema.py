@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 
 from model.config import ModelConfig  # the family's config class (model.registry; torch-free)
 from orchestrator.config.interval import parse_interval
-from orchestrator.errors import OrchError
+from orchestrator.errors import ConfigError, OrchError
 
 JobKind = Literal["pretrain", "finetune"]
 
@@ -281,30 +281,37 @@ class PipelineConfig:
             raise ValueError("a pipeline needs at least one job")
         for name in self.jobs:
             safe_name(name, "job name")
-        for name, spec in self.jobs.items():
-            for dep in spec.depends_on:
-                if dep not in self.jobs:
-                    raise ValueError(f"job '{name}' depends on '{dep}', which is not a job of this pipeline "
-                                     f"({', '.join(self.jobs)})")
-        _check_acyclic({n: s.depends_on for n, s in self.jobs.items()})
+        self.job_order()  # an unknown dependency or a cycle fails here, when the config is built
+
+    def job_order(self) -> list[str]:
+        """The job names, each after the jobs it depends on."""
+        return dependency_order({n: s.depends_on for n, s in self.jobs.items()})
 
 
-def _check_acyclic(deps: dict[str, tuple[str, ...]]) -> None:
-    state: dict[str, int] = {}
+def dependency_order(deps: dict[str, tuple[str, ...]]) -> list[str]:
+    """The names of `deps` ({job: the jobs it depends on}), each after its dependencies: the one
+    walk over a pipeline's `depends_on`. An unknown name or a cycle is a ConfigError that says
+    which and what to change."""
+    order: list[str] = []
+    done: set[str] = set()
 
-    def visit(node: str, trail: list[str]) -> None:
-        if state.get(node) == 2:
+    def visit(n: str, path: tuple[str, ...]) -> None:
+        if n in done:
             return
-        if state.get(node) == 1:
-            cycle = trail[trail.index(node):] + [node]
-            raise ValueError(f"dependency cycle: {' -> '.join(cycle)}")
-        state[node] = 1
-        for dep in deps[node]:
-            visit(dep, trail + [node])
-        state[node] = 2
+        if n in path:
+            cycle = " -> ".join(path[path.index(n):] + (n,))
+            raise ConfigError(f"pipeline.jobs has a dependency cycle: {cycle}; remove one of these depends_on")
+        for d in deps[n]:
+            if d not in deps:
+                raise ConfigError(f"pipeline.jobs.{n}.depends_on names {d!r}, which is not a job of the pipeline "
+                                  f"({', '.join(deps)}); for a job already submitted use `orch submit --after JOB_ID`")
+            visit(d, path + (n,))
+        done.add(n)
+        order.append(n)
 
     for n in deps:
-        visit(n, [])
+        visit(n, ())
+    return order
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def _succeeded(record: JobRecord, e: RunnerEvent) -> Change:
               "requested": None}
     if e.data.get("checkpoint"):
         fields["checkpoint"] = e.data["checkpoint"]
-    return Change(e.seq, JobState.SUCCEEDED, "training finished", fields, say="SUCCEEDED")
+    return Change(e.seq, JobState.SUCCEEDED, "training finished", fields, say=JobState.SUCCEEDED.value)
 
 
 def _failed(record: JobRecord, e: RunnerEvent) -> Change:

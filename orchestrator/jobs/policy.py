@@ -134,11 +134,12 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
         return f"--workers must be at least 1, got {workers}"
     if workers == job.workers:
         return f"job {job.id} already runs on {workers} workers"
-    trainer = job.config["trainer"]
-    if trainer["global_batch_size"] % (trainer["micro_batch_size"] * workers):
-        return (f"the global batch of {job.id} ({trainer['global_batch_size']}) does not split over "
-                f"{workers} workers x micro batch {trainer['micro_batch_size']}; "
-                f"choose a worker count that divides it")
+    batch, micro = job.config["trainer"]["global_batch_size"], job.config["trainer"]["micro_batch_size"]
+    if batch % (micro * workers):
+        splits = [str(n) for n in range(1, batch // micro + 1) if batch % (micro * n) == 0]
+        choose = splits[0] if len(splits) == 1 else f"{', '.join(splits[:-1])} or {splits[-1]}"
+        return (f"the global batch of {job.id} ({batch}) does not split over {workers} workers x micro batch "
+                f"{micro}; choose --workers {choose}")
     if job.config["cluster"].get("autoscaling"):
         return None
     free = free_capacity(jobs, capacity, exclude=job.id)

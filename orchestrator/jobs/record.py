@@ -47,11 +47,25 @@ class JobRecord:
         """The record `to_json` gave `d` (the state back from its name to a `JobState`)."""
         return cls(**{**d, "state": JobState(d["state"])})
 
+    def latest_run(self) -> list[dict]:
+        """The history entries of the job's latest run: those after the last terminal state it left
+        (`orch retry`, `orch run --resume`, a dependency retried), or all of them. A restart
+        inside a run (RESTARTING, a scale) does not start a new run."""
+        start = 0
+        for i, h in enumerate(self.history[:-1]):
+            if JobState(h["state"]).terminal:
+                start = i + 1
+        return self.history[start:]
+
     def started_at(self) -> float | None:
-        return next((h["at"] for h in self.history if h["state"] == JobState.STARTING.value), None)
+        """When the latest run was admitted (its STARTING); None while it waits to be."""
+        return next((h["at"] for h in reversed(self.latest_run()) if JobState(h["state"]) is JobState.STARTING),
+                    None)
 
     def ended_at(self) -> float | None:
-        return next((h["at"] for h in self.history if JobState(h["state"]).terminal), None)
+        """When the latest run ended; None while it has not."""
+        run = self.latest_run()
+        return run[-1]["at"] if run and JobState(run[-1]["state"]).terminal else None
 
 
 def wandb_group(record: JobRecord) -> str:

@@ -83,11 +83,6 @@ def find_interrupted(root: RootConfig, jobs: list[JobConfig]) -> tuple[Resumable
     return find_resumable(JobStore(root.state_dir).list(), now, drivers)
 
 
-def run_pipeline(root: RootConfig, jobs: list[JobConfig], say: Callable[[str], None] = print,
-                 verbose: bool = False, watch: Callable[[list[JobRecord]], None] | None = None) -> list[JobRecord]:
-    return run_pipelines([Plan(root, jobs)], say=say, verbose=verbose, watch=watch)
-
-
 def run_pipelines(plans: list[Plan], say: Callable[[str], None] = print, verbose: bool = False,
                   sweep_id: str | None = None, watch: Callable[[list[JobRecord]], None] | None = None
                   ) -> list[JobRecord]:

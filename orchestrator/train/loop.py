@@ -16,7 +16,7 @@ import math
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import ray
 import ray.train
@@ -64,10 +64,16 @@ class TrainerState:
     qa_correct: int | None = None  # held-out questions answered exactly (orchestrator.train.qa_eval)
     qa_questions: int | None = None  # held-out questions asked (None: the data has none)
     world_size: int = 0
-    wandb_run_id: str | None = None  # (unused since the runner owns the W&B run: the job id)
     zero_stage: int | None = None
     config_hash: str | None = None  # of what decides the loss curve: model, data, trainer (see config_hash)
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainerState:
+        """The state a checkpoint saved; the keys of fields since removed (`wandb_run_id`) are
+        dropped, so a checkpoint written by an earlier version still resumes."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 def config_hash(job: JobConfig) -> str:
@@ -215,10 +221,8 @@ class _Trainer:
         if restore is None:
             self._report(EngineReady())
             return engine, TrainerState()
-        state = TrainerState(**ckpt.load(engine, restore))
+        state = TrainerState.from_saved(ckpt.load(engine, restore))
         self._reset_weight_decay(engine)
-        if not restore.ref.uri.startswith(self.spec.run_uri + "/"):
-            state.wandb_run_id = None  # another run's state: this job logs to its own W&B run
         self._report(EngineReady(resumed_from=restore.ref.uri, step=state.step,
                                  skipped=tuple(r.uri for r in restore.skipped), universal=restore.universal))
         return engine, state

@@ -332,12 +332,18 @@ def test_global_batch_not_divisible_by_workers_times_micro_batch():
 def test_dependency_cycle():
     msg = config_error("pipeline.jobs.pretrain.depends_on=[finetune]")
     assert "cycle" in msg and "pretrain" in msg and "finetune" in msg
+    # one message, from one walk over depends_on: what, the value, the fix
+    assert msg == ("pipeline.jobs has a dependency cycle: finetune -> pretrain -> finetune; "
+                   "remove one of these depends_on")
 
 
 @pytest.mark.reliability(case="depends_on a job that is not in the pipeline", **IN_PROCESS)
 def test_unknown_dependency():
     msg = config_error("pipeline.jobs.finetune.depends_on=[nope]")
     assert "'nope'" in msg and "finetune" in msg
+    assert msg == ("pipeline.jobs.finetune.depends_on names 'nope', which is not a job of the pipeline "
+                   "(finetune, finetune_scratch, pretrain); for a job already submitted use "
+                   "`orch submit --after JOB_ID`")
 
 
 @pytest.mark.reliability(case="data.seq_len longer than model.block_size", **IN_PROCESS)

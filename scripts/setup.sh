@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything `orch` needs.
 #
-#   bash scripts/setup.sh          # runtime only
+#   bash scripts/setup.sh          # orch with its training stack (the `train` extra)
 #   bash scripts/setup.sh --test   # plus the test tools (pytest, moto)
+#
+# (A laptop that only drives a cluster through its Jobs API needs neither: `pip install orch-*.whl`.)
 #
 # torch: a torch that is already importable by the chosen Python (a GPU user's CUDA build, say)
 # is kept: the venv sees it through --system-site-packages when ORCH_USE_SYSTEM_TORCH=1, and a
@@ -13,9 +15,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${ORCH_VENV:-.venv}"
-TORCH_VERSION="${ORCH_TORCH_VERSION:-2.13.0}"
-EXTRAS=""
-[[ "${1:-}" == "--test" ]] && EXTRAS="[test]"
+TORCH_VERSION="${ORCH_TORCH_VERSION:-2.13.0}"   # the images' pin too (tests/unit/test_dockerfiles.py)
+EXTRAS="[train]"
+[[ "${1:-}" == "--test" ]] && EXTRAS="[train,test]"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     if [[ "${ORCH_USE_SYSTEM_TORCH:-0}" == "1" ]]; then

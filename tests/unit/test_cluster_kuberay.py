@@ -6,6 +6,7 @@ volume, Redis, the secrets, the cluster a RayJob selects) and the RayJob's comma
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -161,3 +162,29 @@ def test_the_rayjob_runs_a_pipeline_on_the_cluster_and_its_command_composes():
     images = {c["image"] for _, d in DOCS if d["apiVersion"] == "ray.io/v1" for p in _pod_specs(d)
               for c in p["containers"]}
     assert len(images) == 1  # one image everywhere: the same orch, Python and Ray on every pod
+
+
+def _fields(node) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _fields(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _fields(v)}
+    return set()
+
+
+def test_the_readmes_ask_for_a_kuberay_operator_that_knows_every_field():
+    """gcsFaultToleranceOptions came in KubeRay v1.3.0 (an older operator rejects or drops it): the
+    operator version the READMEs name is at least the newest field's (tests/data/kuberay_field_versions.json)."""
+    table = json.loads((REPO / "tests" / "data" / "kuberay_field_versions.json").read_text())
+    needed = (1, 0, 0)
+    for path in sorted(KUBERAY.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") in ("RayCluster", "RayJob"):
+                for field in _fields(doc.get("spec", {})) & set(table[doc["kind"]]):
+                    needed = max(needed, tuple(int(x) for x in table[doc["kind"]][field].split(".")))
+    assert needed >= (1, 3, 0)  # the manifests use gcsFaultToleranceOptions
+    for readme in (KUBERAY / "README.md", REPO / "cluster" / "README.md"):
+        said = re.findall(r"KubeRay operator,? v(\d+)\.(\d+)(?:\.(\d+))? or later", readme.read_text())
+        assert said, f"{readme.relative_to(REPO)} does not say which KubeRay operator it needs"
+        for v in said:
+            assert tuple(int(x or 0) for x in v) >= needed, (readme.name, v, needed)

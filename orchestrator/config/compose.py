@@ -280,6 +280,8 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             data = dataclasses.replace(data, tokenizer_uri=init_from)  # fine-tune with the model's own tokenizer
         elif data.tokenizer_uri:  # a relative path means the submitting shell's, not the runner's, folder
             data = dataclasses.replace(data, tokenizer_uri=to_uri(data.tokenizer_uri))
+        if data.source and not data.source.startswith("generated:"):  # (likewise)
+            data = dataclasses.replace(data, source=to_uri(data.source))
         fields = dict(
             name=name,
             kind=spec.kind,

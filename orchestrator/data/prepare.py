@@ -132,6 +132,23 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------ entry
+def check_first_files(store: ObjectStore, cfg: DataConfig) -> None:
+    """Read (and drop) what `prepare_dataset` reads before it writes anything, the first units' text
+    up to TOKENIZER_SAMPLE_BYTES: a job whose corpus starts with a file that cannot be read (binary,
+    not UTF-8, a broken line) is refused when it is submitted, in the line `orch data prepare` gives,
+    instead of failing in a Ray task. Generated sources have no files."""
+    if cfg.source.startswith("generated:"):
+        return
+    store = routed(store)
+    seen = 0
+    for unit in plan_units(store, cfg.source, cfg.num_documents, int(cfg.unit_mb * (1 << 20))):
+        for batch in read_unit(store, cfg.source, unit, cfg.kind, cfg.seed, cfg.text_field,
+                               int(cfg.read_batch_mb * (1 << 20))):
+            seen += sum(len(item) if isinstance(item, str) else len(json.dumps(item)) for _, item in batch)
+            if seen >= TOKENIZER_SAMPLE_BYTES:
+                return
+
+
 def check_prepare_destination(store: ObjectStore, cfg: DataConfig, overwrite: bool = False) -> None:
     """Refuse (one line, exit 2) a destination that overlaps the source or holds the user's files."""
     if cfg.source and not cfg.source.startswith("generated:") and overlaps(cfg.source, cfg.uri):
@@ -196,10 +213,32 @@ def prepare_dataset(store: ObjectStore, cfg: DataConfig, progress: Callable[[str
     tok, eot = parse_tokenizer(tok_file)
     if reused:
         say(f"dataset {cfg.name}: tokenizing with the {tok.get_vocab_size():,}-token tokenizer of {reused.uri}")
-    claim_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
+    fresh = claim_destination(store, cfg.uri, DATASET_MARKER, "dataset", ours=(MANIFEST,), overwrite=overwrite)
+    try:
+        return _write_dataset(store, cfg, units, (tok_file, tok, eot), signature, reused, say, runner, parts)
+    except BaseException:
+        if fresh:  # the destination held nothing: leave it so (not a marker and a tokenizer), then say why
+            _clear(store, cfg.uri)
+        raise
+
+
+def _clear(store: ObjectStore, uri: str) -> None:
+    """Remove what a failed prepare wrote at `uri`; a failure to do so is logged, not raised (the
+    prepare's own error is the one to tell)."""
+    try:
+        store.delete_prefix(uri.rstrip("/") + "/")
+    except Exception as e:  # noqa: BLE001 - the store may be what failed
+        log.warning("could not remove the partial dataset at %s: %s", uri, e)
+
+
+def _write_dataset(store: ObjectStore, cfg: DataConfig, units: list[Unit], tokenizer: tuple, signature: str,
+                   reused: TokenizerFile | None, say: Callable[[str], None], runner: Runner | None,
+                   parts: PartsProgress | None) -> Manifest:
+    """Tokenize the units into the claimed `cfg.uri`: the tokenizer, the shards, the manifest last.
+    `tokenizer`: its file, and the tokenizer and end-of-text id parsed from it."""
+    tok_file, tok, eot = tokenizer
     for split in SPLITS:  # leftovers of a crashed attempt (or, with overwrite, what the user gave up)
         store.delete_prefix(join_uri(cfg.uri, split) + "/")
-
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
     store.put(join_uri(cfg.uri, TOKENIZER), tok_file.json.encode())

@@ -11,6 +11,13 @@ def worker_causes(exc: BaseException) -> list[BaseException]:
     return [getattr(err, "cause", None) or err for err in (getattr(exc, "worker_failures", None) or {}).values()]
 
 
+def own_error(exc: BaseException) -> BaseException:
+    """The error a Ray task raised itself (a `RayTaskError`'s cause) when it is an `OrchError`, whose
+    one line names the value and the fix; else `exc` (Ray's text, with the task's traceback)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, OrchError) else exc
+
+
 def retryable(exc: BaseException) -> bool:
     """False when a worker raised an error no restart can fix (an `OrchError` with `retryable=False`:
     a corrupt shard, revoked credentials, a full disk)."""

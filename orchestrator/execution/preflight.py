@@ -8,6 +8,7 @@ weights are known, just before the worker group starts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from orchestrator import artifacts
@@ -16,7 +17,7 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import COMMIT_MARKER, SECRET_ENV_VARS, TOKENIZER
 from orchestrator.data.manifest import Manifest, load_manifest, try_load_manifest
-from orchestrator.data.prepare import ensure_dataset
+from orchestrator.data.prepare import check_first_files, ensure_dataset
 from orchestrator.data.sources import check_source
 from orchestrator.data.tokenizer_files import TokenizerFile, load_tokenizer_file, parse_tokenizer, same_tokenizer
 from orchestrator.errors import CheckpointError, ConfigError, DatasetError
@@ -54,12 +55,16 @@ def preflight(jobs: list[JobConfig]) -> None:
 
 
 def _check_source(job: JobConfig, store) -> None:
-    """A missing or empty corpus fails now, not in the job; a corpus is listed through its own store
-    (a local folder beside storage=s3, say)."""
+    """A missing or empty corpus, or one whose first files cannot be read (binary, not UTF-8), fails
+    now in the line `orch data prepare` gives, not in the job's Ray task; a corpus is read through
+    its own store (a local folder beside storage=s3, say)."""
     source = job.data.source
-    if not source.startswith("generated:"):  # (a generator reads no store)
-        source = to_uri(source)
-    check_source(routed(store), source)
+    if source.startswith("generated:"):  # (a generator reads no store)
+        check_source(routed(store), source)
+        return
+    data = dataclasses.replace(job.data, source=to_uri(source))
+    check_source(routed(store), data.source)
+    check_first_files(store, data)
 
 
 def check_job_inputs(job: JobConfig, init_from: str | None) -> None:

@@ -28,8 +28,8 @@ from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.data.prepare import prepared_dataset
 from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.execution import preflight
+from orchestrator.execution.failures import own_error, worker_error_message
 from orchestrator.execution.failures import retryable as failure_retryable
-from orchestrator.execution.failures import worker_error_message
 from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord, wandb_group
@@ -305,7 +305,10 @@ class JobRunner:
         if prepared_dataset(store, job.data, progress=lines.append) is None:
             from orchestrator.execution.ray_train import prepare_remote  # (torch: only where a job runs)
 
-            lines = ray.get(prepare_remote().remote(job))
+            try:
+                lines = ray.get(prepare_remote().remote(job))
+            except ray.exceptions.RayTaskError as e:  # a corpus file that cannot be read: its one line
+                raise own_error(e) from None
         for line in lines:
             self._say(line)
         preflight.check_job_inputs(job, self.init_from)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 
 from orchestrator.config.compose import resolve_jobs
-from orchestrator.config.schema import ClusterConfig, DataConfig, RootConfig
+from orchestrator.config.schema import MAX_NAME, ClusterConfig, DataConfig, RootConfig, is_plain_name
 from orchestrator.constants import RAY_ADDRESS_ENV
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.prepare import PartsProgress, check_prepare_destination, prepare_dataset, ray_runner
@@ -44,12 +46,23 @@ def dataset_at(root: RootConfig, src: str, dst: str) -> DataConfig:
     """`root.data` prepared from `src` into `dst` (paths or URIs). An sft dataset must name the
     tokenizer to reuse: the `data` group's default (its own old location) cannot have one."""
     uri = to_uri(dst).rstrip("/")
-    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=uri.rsplit("/", 1)[-1],
+    data = dataclasses.replace(root.data, source=to_uri(src), uri=uri, name=name_of_folder(uri.rsplit("/", 1)[-1]),
                                tokenizer_uri=to_uri(root.data.tokenizer_uri) if root.data.tokenizer_uri else None)
     if data.kind == "sft" and (not data.tokenizer_uri or data.tokenizer_uri == root.data.uri):
         raise ConfigError("an sft dataset needs the tokenizer of a prepared dataset or model: "
                           "set data.tokenizer_uri=URI")
     return data
+
+
+def name_of_folder(folder: str) -> str:
+    """A dataset name (config.schema.safe_name) for a folder named `folder`: accents dropped ('é' ->
+    'e'), every run of other characters one '_', at most MAX_NAME characters; 'dataset' when no
+    letter or digit is left. The name labels the dataset (its manifest, progress lines); the folder
+    keeps the name the user gave it."""
+    ascii_text = unicodedata.normalize("NFKD", folder).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_text)
+    name = re.sub(r"\.{2,}", ".", name).lstrip("_.-")[:MAX_NAME]
+    return name if is_plain_name(name, MAX_NAME) else "dataset"
 
 
 def describe(data: DataConfig) -> str:

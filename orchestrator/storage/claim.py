@@ -46,11 +46,13 @@ def check_destination(store: ObjectStore, dest: str, marker: str, what: str, *, 
 
 
 def claim_destination(store: ObjectStore, dest: str, marker: str, what: str, *, ours: tuple[str, ...] = (),
-                      overwrite: bool = False) -> None:
+                      overwrite: bool = False) -> bool:
     """`check_destination`, then mark an unmarked `dest` as orch's (a small JSON note) before
-    anything else is written there."""
+    anything else is written there. True when `dest` held nothing before: a command that fails may
+    then remove all it holds, leaving it as it was."""
     foreign = check_destination(store, dest, marker, what, ours=ours, overwrite=overwrite)
     if foreign is None:
-        return
+        return False
     note = {"written_by": "orch", "what": what, "claimed_at": time.time(), "overwrote": foreign}
     store.put(join_uri(dest, marker), json.dumps(note).encode())
+    return foreign == 0

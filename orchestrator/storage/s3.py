@@ -46,6 +46,10 @@ DEFAULT_MAX_CONCURRENCY = 8  # parts uploaded or downloaded in parallel
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 5  # total attempts per request, first try included
+# `check` (the first request of a command) waits less: an endpoint that accepts connections and never
+# answers is named in about 2 x 8 s, not after the 5 x 60 s any other request may wait.
+CHECK_READ_TIMEOUT_S = 8.0
+CHECK_MAX_ATTEMPTS = 2
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 
 # A response body cut short (a reset, a timeout, fewer bytes than Content-Length) after the status
@@ -124,11 +128,12 @@ class S3Store(ObjectStore):
                     self._client = self._make_client()
         return self._client
 
-    def _make_client(self) -> Any:
+    def _make_client(self, read_timeout: float | None = None, max_attempts: int | None = None) -> Any:
         config = Config(
             connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            read_timeout=read_timeout or self.read_timeout,
+            # (botocore's "max_attempts" counts retries only: one more request than it says)
+            retries={"mode": "standard", "total_max_attempts": max_attempts or self.max_attempts},
             # Path-style (endpoint/bucket/key) works on every S3-compatible server; virtual-host
             # style needs DNS for bucket.endpoint, which MinIO and loopback servers lack.
             s3={"addressing_style": "path"} if self.endpoint_url else {},
@@ -251,10 +256,13 @@ class S3Store(ObjectStore):
         return len(keys)
 
     def check(self, root_uri: str) -> None:
-        """HeadBucket on the root's bucket: fails fast on a missing bucket, bad credentials or endpoint."""
+        """HeadBucket on the root's bucket: fails fast on a missing bucket, bad credentials or endpoint
+        (one that never answers included: a client of its own with short timeouts and one retry)."""
         bucket, _ = parse_s3_uri(root_uri)
-        with self._errors(root_uri, bucket_op=True):
-            self.client.head_bucket(Bucket=bucket)
+        read_timeout = min(self.read_timeout, CHECK_READ_TIMEOUT_S)
+        client = self._make_client(read_timeout, min(self.max_attempts, CHECK_MAX_ATTEMPTS))
+        with self._errors(root_uri, bucket_op=True, read_timeout=read_timeout):
+            client.head_bucket(Bucket=bucket)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -267,10 +275,11 @@ class S3Store(ObjectStore):
                     yield obj["Key"], int(obj["Size"])
 
     @contextmanager
-    def _errors(self, uri: str, *, bucket_op: bool = False) -> Iterator[None]:
+    def _errors(self, uri: str, *, bucket_op: bool = False, read_timeout: float | None = None) -> Iterator[None]:
         """Turn boto3 errors into one-line `StorageError`s that name the URI and the fix.
 
         `bucket_op`: a bare 404 means the bucket is missing (HeadBucket, listing), not an object.
+        `read_timeout`: the requests' own, when not the store's (named in a timeout's line).
         """
         try:
             yield
@@ -278,12 +287,19 @@ class S3Store(ObjectStore):
             cause = getattr(err, "last_exception", None) or err.__context__ or err
             raise self._translate(cause, uri, bucket_op) from err
         except (ClientError, BotoCoreError) as err:
-            raise self._translate(err, uri, bucket_op) from err
+            raise self._translate(err, uri, bucket_op, read_timeout) from err
 
-    def _translate(self, err: Exception, uri: str, bucket_op: bool) -> StorageError:
+    def _translate(self, err: Exception, uri: str, bucket_op: bool, read_timeout: float | None = None
+                   ) -> StorageError:
         bucket, _ = parse_s3_uri(uri)
         endpoint = self.endpoint_url or "the AWS default endpoint"
         code = _error_code(err)
+        if isinstance(err, ReadTimeoutError):
+            return StorageError(
+                f"the S3 endpoint {endpoint} accepted the connection for {uri} but did not answer within "
+                f"{read_timeout or self.read_timeout:g} s: it is not an S3 endpoint, or it hangs; "
+                "check the address and set storage.endpoint_url to the right one", retryable=True
+            )
         if code == "NoSuchBucket" or (bucket_op and code in _NOT_FOUND_CODES):
             return StorageError(
                 f"S3 bucket '{bucket}' does not exist at endpoint {endpoint}: "

@@ -72,3 +72,26 @@ def test_an_sft_dataset_needs_a_tokenizer_to_reuse():
 def test_describe_is_one_line_naming_source_destination_and_shape():
     (data,) = datasets_to_prepare(compose_root(["data.seq_len=32"]), ["s3://raw/texts/", "s3://b/datasets/web"])
     assert describe(data) == "text dataset 'web' from s3://raw/texts/ -> s3://b/datasets/web (seq_len 32, vocab 512)"
+
+
+@pytest.mark.parametrize("folder, name", [
+    ("ds é", "ds_e"), ("my data set", "my_data_set"), ("Ünïcödé-2", "Unicode-2"), ("日本語", "dataset"),
+    (".hidden", "hidden"), ("a..b", "a.b"), ("x" * 150, "x" * 100), ("web", "web"), ("v1.2_ok-3", "v1.2_ok-3"),
+])
+def test_the_name_of_a_destination_folder_is_made_safe(folder, name):
+    """The dataset is named after DST's last part, in the characters a name may hold (a folder named
+    with a space or an accent raised a traceback from the schema's name check)."""
+    (data,) = datasets_to_prepare(compose_root([]), ["corpus", f"./out dir/{folder}"])
+    assert data.name == name
+    assert data.uri.endswith(f"/out dir/{folder}")  # the destination itself is where the user said
+
+
+def test_a_relative_source_of_a_job_is_taken_from_the_current_folder(tmp_path):
+    """`orch run data.source=./texts`: the job (in another process, elsewhere) reads the submitting
+    shell's folder, as it does for data.tokenizer_uri; a generator's name is kept as it is."""
+    from orchestrator.config.compose import resolve_jobs
+
+    (job,) = resolve_jobs(compose_root(["pipeline=pretrain", "data.source=./my texts"]))
+    assert job.data.source == f"file://{tmp_path}/my texts"
+    (job,) = resolve_jobs(compose_root(["pipeline=pretrain"]))
+    assert job.data.source == "generated:stories"

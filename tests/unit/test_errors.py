@@ -43,3 +43,19 @@ def test_local_write_errors_name_the_fix():
     assert "read-only" in str(ro) and "ORCH_LOCAL_DIR" in str(ro) and not ro.retryable
     other = write_error("cannot write /x/y", OSError(errno.EIO, "Input/output error"), "storage.root")
     assert other.retryable
+
+
+def test_the_one_line_of_an_orch_error_raised_in_a_ray_task():
+    """A job's dataset is prepared in a Ray task: its runner fails the job with the task's own line
+    (`orch data prepare`'s), not Ray's text with the task's traceback."""
+    from ray.exceptions import RayTaskError
+
+    from orchestrator.execution.failures import own_error
+
+    line = "/c/junk.txt is not UTF-8 text (invalid start byte at byte 128); convert it to UTF-8"
+    err = RayTaskError("prepare", "Traceback (most recent call last):\n  File ...", DatasetError(line))
+    err = err.as_instanceof_cause()  # as ray.get raises it: also a DatasetError, whose text is Ray's
+    assert isinstance(err, DatasetError) and str(err) != line
+    assert str(own_error(err)) == line
+    other = RayTaskError("prepare", "Traceback ...", ValueError("boom"))
+    assert own_error(other) is other

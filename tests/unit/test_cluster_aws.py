@@ -9,11 +9,11 @@ call the autoscaler makes must be allowed by the head's IAM policy. The nodes' s
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,9 @@ DLAMI_SSM = re.compile(r"^resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
                        r"oss-nvidia-driver-gpu-pytorch-[\d.]+-ubuntu-[\d.]+/latest/ami-id$")
 REGION, ZONE = "us-west-2", "us-west-2a"
 
-sys.path.insert(0, str(AWS_DIR))
-import prepare  # noqa: E402  (cluster/aws/prepare.py)
+_spec = importlib.util.spec_from_file_location("orch_cluster_aws_prepare", AWS_DIR / "prepare.py")
+prepare = importlib.util.module_from_spec(_spec)  # cluster/aws/prepare.py, a script beside the cluster files
+_spec.loader.exec_module(prepare)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from orchestrator.data.prepare import PartsProgress, check_prepare_destination, 
 from orchestrator.data.sources import check_source
 from orchestrator.errors import ConfigError
 from orchestrator.raycluster.connect import check_reachable, connect
-from orchestrator.storage import open_store, routed, to_uri
+from orchestrator.storage import local_path, open_store, routed, to_uri
 
 EXAMPLE = "orch data prepare s3://raw/texts/ s3://bucket/datasets/web data.seq_len=1024"
 
@@ -81,6 +81,35 @@ def prepare_datasets(root: RootConfig, datasets: Sequence[DataConfig], say: Call
     storage = root.storage
     # each dataset's store, which also reads its source and tokenizer wherever they are (local, S3)
     stores = [routed(open_store(d.uri, endpoint_url=storage.endpoint_url, region=storage.region)) for d in datasets]
+    with _new_folders_removed_on_failure([d.uri for d in datasets]):
+        return _prepare_each(root, datasets, stores, say, overwrite, parts)
+
+
+@contextlib.contextmanager
+def _new_folders_removed_on_failure(uris: Sequence[str]) -> Iterator[None]:
+    """Local destinations that do not exist yet (and their missing parents) are removed again, if
+    they are empty, when preparing fails: checking a destination creates it, and a failed prepare
+    removes what it wrote (orchestrator.data.prepare), so nothing is left behind."""
+    new = []
+    for uri in uris:
+        if uri.startswith("file:///"):
+            path = local_path(uri)
+            while not os.path.exists(os.path.dirname(path)):
+                path = os.path.dirname(path)
+            if not os.path.exists(path):
+                new.append(path)
+    try:
+        yield
+    except BaseException:
+        for top in new:
+            for folder, _dirs, _files in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # not empty: something else is there now
+                    os.rmdir(folder)
+        raise
+
+
+def _prepare_each(root: RootConfig, datasets: Sequence[DataConfig], stores: list, say: Callable[[str], None],
+                  overwrite: bool, parts: PartsProgress | None) -> list[Manifest]:
     for store, d in zip(stores, datasets):  # refuse a bad destination or source before starting a cluster
         store.check(d.uri)
         check_prepare_destination(store, d, overwrite=overwrite)

@@ -99,8 +99,10 @@ def test_run_with_binary_files_in_its_source_is_the_prepare_line(orch, tmp_path)
     src.mkdir()
     (src / "good.txt").write_text(STORY * 20)
     (src / "junk.txt").write_bytes(bytes(range(256)) * 40)
-    prepared = orch("data", "prepare", str(src), str(tmp_path / "ds-prepare"), "--state-dir", str(tmp_path / "state"))
+    dst = tmp_path / "new folder" / "ds"
+    prepared = orch("data", "prepare", str(src), str(dst), "--state-dir", str(tmp_path / "state"))
     line = _one_line_error(prepared, "junk.txt", "not UTF-8")
+    assert not (tmp_path / "new folder").exists()  # not even the folders it would have written into
     t0 = time.monotonic()
     result = orch("run", "pipeline=pretrain", "model=gpt_tiny", f"data.source={src}", f"data.uri={tmp_path / 'ds'}",
                   "tracking=none", "--state-dir", str(tmp_path / "state"), timeout=300)

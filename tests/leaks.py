@@ -9,12 +9,17 @@ import base64
 import gzip
 import io
 import json
+import os
 import random
+import shutil
 import string
+import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+REPO = Path(__file__).resolve().parents[1]
 SECRET_ALPHABET = string.ascii_letters + string.digits + "+/"  # an AWS secret key's characters
 
 
@@ -109,3 +114,47 @@ def find_in_tree(root: Path, secrets: dict[str, str]) -> tuple[list[str], int]:
         searched += 1
         hits += [f"{path}: {name}" for name in find_in_bytes(data, secrets)]
     return hits, searched
+
+
+# ------------------------------------------------------------------- a sandbox of every byte
+@contextmanager
+def sandboxed():
+    """A short folder (Ray's socket paths must stay under 107 bytes) holding everything the
+    commands write: the state folder, scratch, Ray's sessions, HOME, TMPDIR and W&B's folders."""
+    root = Path(tempfile.mkdtemp(prefix="orchsec-", dir="/tmp"))
+    dirs = {name: root / name for name in ("state", "scratch", "ray", "tmp", "home", "wandb")}
+    for d in dirs.values():
+        d.mkdir()
+    env = {
+        "HOME": str(dirs["home"]),
+        "TMPDIR": str(dirs["tmp"]),
+        "RAY_TMPDIR": str(dirs["ray"]),
+        "ORCH_LOCAL_DIR": str(dirs["scratch"]),
+        "WANDB_CONFIG_DIR": str(dirs["wandb"] / "config"),
+        "WANDB_CACHE_DIR": str(dirs["wandb"] / "cache"),
+        "WANDB_DATA_DIR": str(dirs["wandb"] / "data"),
+        "WANDB_ARTIFACT_DIR": str(dirs["wandb"] / "artifacts"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    try:
+        yield root, dirs, env
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def bucket_hits(s3_server, bucket: str, secrets: dict[str, str]) -> tuple[list[str], int]:
+    """Hits in every object of the bucket (body and metadata), and the number of objects."""
+    client = s3_server.client()
+    hits, n = [], 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            got = client.get_object(Bucket=bucket, Key=obj["Key"])
+            data = got["Body"].read() + json.dumps(got.get("Metadata", {})).encode() + obj["Key"].encode()
+            hits += [f"s3://{bucket}/{obj['Key']}: {name}" for name in find_in_bytes(data, secrets)]
+            n += 1
+    return hits, n
+
+
+def output_hits(outputs: dict[str, str], secrets: dict[str, str]) -> list[str]:
+    return [f"output of `{cmd}`: {name}" for cmd, text in outputs.items()
+            for name in find_in_bytes(text.encode(), secrets)]

@@ -1,5 +1,6 @@
-"""Secrets and exposure, end to end: planted AWS and W&B keys never appear in any byte orch (or Ray,
-W&B, DeepSpeed under it) writes, and the local clusters listen on loopback only.
+"""Secrets and exposure, end to end: planted AWS and W&B keys never appear in any byte `orch up` and
+the controller (or Ray, W&B, DeepSpeed under them) write, and the local clusters listen on loopback
+only. (`orch run`'s pipeline with planted keys: tests/integration/test_pipeline.py, the S3 pipeline.)
 
 Every child process runs with HOME, TMPDIR, RAY_TMPDIR, ORCH_LOCAL_DIR and W&B's folders inside one
 short temporary folder of the test, so "every byte written" is every file under it, plus the bucket
@@ -12,118 +13,23 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import REPO, run_orch
-from tests.leaks import find_in_bytes, find_in_tree, plant_secrets
+from tests.leaks import bucket_hits, find_in_tree, output_hits, plant_secrets, sandboxed
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model=gpt_tiny",
-    "trainer.max_steps=6",
-    "trainer.log_interval=2",
-    "checkpoint.interval=3",
-    "checkpoint.keep_last=2",
-    "data.num_documents=400",
-    "pipeline.jobs.finetune.trainer.max_steps=3",
-    "pipeline.jobs.finetune.data.num_documents=200",
-    "~pipeline.jobs.finetune_scratch",  # (the demo's baseline adds nothing here)
-]
-
-
 @pytest.fixture
 def sandbox():
-    """A short folder (Ray's socket paths must stay under 107 bytes) holding everything the
-    commands write: the state folder, scratch, Ray's sessions, HOME, TMPDIR and W&B's folders."""
-    root = Path(tempfile.mkdtemp(prefix="orchsec-", dir="/tmp"))
-    dirs = {name: root / name for name in ("state", "scratch", "ray", "tmp", "home", "wandb")}
-    for d in dirs.values():
-        d.mkdir()
-    env = {
-        "HOME": str(dirs["home"]),
-        "TMPDIR": str(dirs["tmp"]),
-        "RAY_TMPDIR": str(dirs["ray"]),
-        "ORCH_LOCAL_DIR": str(dirs["scratch"]),
-        "WANDB_CONFIG_DIR": str(dirs["wandb"] / "config"),
-        "WANDB_CACHE_DIR": str(dirs["wandb"] / "cache"),
-        "WANDB_DATA_DIR": str(dirs["wandb"] / "data"),
-        "WANDB_ARTIFACT_DIR": str(dirs["wandb"] / "artifacts"),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-    }
-    try:
-        yield root, dirs, env
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _bucket_hits(s3_server, bucket: str, secrets: dict[str, str]) -> tuple[list[str], int]:
-    """Hits in every object of the bucket (body and metadata), and the number of objects."""
-    client = s3_server.client()
-    hits, n = [], 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            got = client.get_object(Bucket=bucket, Key=obj["Key"])
-            data = got["Body"].read() + json.dumps(got.get("Metadata", {})).encode() + obj["Key"].encode()
-            hits += [f"s3://{bucket}/{obj['Key']}: {name}" for name in find_in_bytes(data, secrets)]
-            n += 1
-    return hits, n
-
-
-def _output_hits(outputs: dict[str, str], secrets: dict[str, str]) -> list[str]:
-    return [f"output of `{cmd}`: {name}" for cmd, text in outputs.items()
-            for name in find_in_bytes(text.encode(), secrets)]
-
-
-def test_planted_secrets_never_written_by_a_pipeline(sandbox, s3_server):
-    """`orch run` (pretrain -> fine-tune, S3 on loopback, W&B offline) with planted AWS and W&B
-    keys, then `orch status`: no byte under the sandbox, in the bucket or in any output holds them."""
-    root, dirs, env = sandbox
-    secrets = plant_secrets()
-    env = {**env, **secrets}
-    bucket = s3_server.make_bucket("orchsec")
-    store = ["storage=s3", f"storage.root=s3://{bucket}/orch", f"storage.endpoint_url={s3_server.endpoint_url}"]
-    state = ["--state-dir", str(dirs["state"])]
-    outputs = {}
-
-    dry = run_orch("run", *TINY, *store, *state, "--dry-run", env=env, timeout=120)
-    assert dry.returncode == 0, dry.stderr
-    outputs["orch run --dry-run"] = dry.stdout + dry.stderr
-    run = run_orch("run", *TINY, *store, *state, env=env, timeout=900)
-    outputs["orch run"] = run.stdout + run.stderr
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for args in (["status"], ["status", "--json"]):
-        out = run_orch(*args, *state, env=env, timeout=120)
-        assert out.returncode == 0, out.stderr
-        outputs["orch " + " ".join(args)] = out.stdout + out.stderr
-    jobs = json.loads(out.stdout)
-    assert [j["state"] for j in jobs] == ["SUCCEEDED", "SUCCEEDED"], jobs
-    for job in jobs:
-        out = run_orch("status", job["id"], *state, env=env, timeout=120)
-        assert out.returncode == 0, out.stderr
-        outputs[f"orch status {job['id']}"] = out.stdout + out.stderr
-
-    # The keys were there to leak: S3 was used (datasets, checkpoints, exports in the bucket), W&B
-    # wrote its offline runs, Ray its session logs.
-    hits, files = find_in_tree(root, secrets)
-    bucket_hits, objects = _bucket_hits(s3_server, bucket, secrets)
-    assert hits + bucket_hits + _output_hits(outputs, secrets) == []
-    assert objects > 10 and files > 50, (objects, files)
-    assert len(list(dirs["state"].rglob("run-*.wandb"))) == 2  # one W&B run per job, in the state folder
-    assert not list(dirs["scratch"].rglob("*.wandb"))  # never on a worker's scratch disk
-    # The metrics history went to the bucket too (and `status --json` read it back from there).
-    assert all(j["metrics_history"]["rows"] > 0 and j["metrics_history"]["uri"].startswith("s3://") for j in jobs)
-    assert list(dirs["ray"].glob("ray/session_*/logs/*"))
-    assert not (dirs["state"] / "store").exists()  # everything went to the bucket
+    with sandboxed() as box:
+        yield box
 
 
 # ------------------------------------------------------------------------------ listening sockets
@@ -224,8 +130,8 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
 
     hits, files = find_in_tree(root, secrets)
     assert files > 20 and list(dirs["ray"].glob("ray/orch-*/session_*/logs/*"))  # `orch up`'s own folder in Ray's
-    bucket_hits, _ = _bucket_hits(s3_server, bucket, secrets)
-    assert hits + bucket_hits + _output_hits(outputs, secrets) == []
+    in_bucket, _ = bucket_hits(s3_server, bucket, secrets)
+    assert hits + in_bucket + output_hits(outputs, secrets) == []
 
 
 _EMBEDDED = """

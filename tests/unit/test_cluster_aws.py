@@ -212,6 +212,8 @@ def test_the_nodes_run_on_the_pytorch_dlami_and_use_its_cuda_torch(template):
         assert not re.search(r"\btorch\b[=<>]", c.replace("torch-constraint", "")), c
     assert "'torch==' + torch.__version__" in template["setup_commands"][0]  # the constraint is the AMI's torch
     assert {"/home/ubuntu/orch-dist", "/home/ubuntu/orch-aws"} <= set(template["file_mounts"])
+    # `ray up` runs from the repository's root: the mounted folder is there (dist/ is what the build makes)
+    assert template["file_mounts"]["/home/ubuntu/orch-aws"] == "./cluster/aws" and (AWS_DIR / "node-env.sh").is_file()
     for c in template["head_start_ray_commands"] + template["worker_start_ray_commands"]:
         assert re.search(r"(^|; )" + re.escape(DLAMI_ENV) + r"ray (start|stop)", c), c
         if "ray start" in c:  # the environment is set before Ray starts, so its processes inherit it

@@ -128,6 +128,15 @@ def test_the_gpu_image_prebuilds_deepspeeds_cuda_ops_before_the_wheel_comes_in()
     assert SpecifierSet(spec).contains(version), (version, spec)
 
 
+def test_both_images_pin_one_deepspeed_and_install_it_before_the_wheel():
+    assert len({_args(p)["DEEPSPEED_VERSION"] for p in DOCKERFILES}) == 1
+    for path in DOCKERFILES:
+        final = _stages(path)[-1]
+        ds = next(i for i, (op, a) in enumerate(final) if op == "RUN" and '"deepspeed==${DEEPSPEED_VERSION}"' in a)
+        wheel_in = next(i for i, (op, a) in enumerate(final) if op == "COPY" and a.startswith("--from=wheel"))
+        assert ds < wheel_in, path.name
+
+
 def test_the_images_install_the_training_stack():
     for path in DOCKERFILES:
         runs = " ".join(a for op, a in _stages(path)[-1] if op == "RUN")

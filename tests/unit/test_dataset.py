@@ -195,8 +195,9 @@ def test_manifest_is_written_last(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "put_file", failing_put)
     with pytest.raises(StorageError, match="injected"):
         prepare_dataset(store, cfg)
-    assert store.exists(shard_puts[0])  # it did crash half-way ...
+    assert len(shard_puts) == 2  # it did crash half-way, after a shard was written ...
     assert not store.exists(manifest_uri(cfg.uri))  # ... and left no dataset behind
+    assert not store.exists(shard_puts[0])  # (the destination was empty: what it wrote was removed)
     assert try_load_manifest(store, cfg.uri) is None
     with pytest.raises(DatasetError, match="missing"):
         load_manifest(store, cfg.uri)

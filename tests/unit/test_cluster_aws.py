@@ -84,6 +84,17 @@ def test_prepare_fills_every_placeholder(account):
         assert placeholder not in account["text"], placeholder
     provider = account["config"]["provider"]
     assert provider["region"] == REGION and provider["availability_zone"] == ZONE
+    import boto3
+
+    iam = boto3.client("iam", region_name=REGION)
+    for role, policies in prepare.ROLES.items():
+        for name in policies:
+            doc = iam.get_role_policy(RoleName=role, PolicyName=Path(name).stem)["PolicyDocument"]
+            text = doc if isinstance(doc, str) else json.dumps(doc)
+            assert not re.search(r"ACCOUNT_ID|REGION|BUCKET", text), text
+            assert ("my-bucket" in text) == (name == "node-policy.json"), text
+        profile = iam.get_instance_profile(InstanceProfileName=role)["InstanceProfile"]
+        assert [r["RoleName"] for r in profile["Roles"]] == [role]
 
 
 def _bootstrap(config: dict) -> dict:

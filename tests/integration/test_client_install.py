@@ -1,7 +1,7 @@
 """The laptop's install: orch's wheel without its `train` extra, in a fresh venv that has only what
 the wheel's own dependencies pull in (their closure, taken from this environment's packages, so the
 test needs no network), drives an `orch up` head through its Jobs API end to end: submit, status,
-logs, cancel. torch, DeepSpeed, pyarrow and W&B are not importable there, `pip check` is satisfied, and
+logs, cancel. torch, DeepSpeed, Ray, pyarrow and W&B are not importable there, `pip check` is satisfied, and
 `orch run` says in one line what to install. Ray's own CLI reaches the same head with
 RAY_AUTH_MODE=token, as cluster/README.md says."""
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "conf", "orchestrator", "model")  # what the wheel is built from
-TRAINING = ("torch", "deepspeed", "pyarrow", "wandb", "tokenizers")  # (Ray's core is in: its Jobs API client)
+TRAINING = ("torch", "deepspeed", "ray", "pyarrow", "wandb", "tokenizers")
 
 
 def _run(cmd, cwd, timeout=180, env=None, ok=True) -> subprocess.CompletedProcess:

@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "run" and not args.dry_run:  # (a dry run only composes the config)
+            _require_training_stack(args.command)
         return args.func(args)
     except OrchError as e:
         if args.debug:
@@ -350,6 +352,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("orch: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # a client-only install (no `train` extra) asked to train
+        if args.debug or (e.name or "").split(".")[0] not in _training_stack():
+            raise
+        print(f"orch: error: {_needs_training_stack(args.command, [e.name])}", file=sys.stderr)
+        return 2
+
+
+def _needs_training_stack(command: str, missing: list[str]) -> str:
+    return (f"`orch {command}` needs orch's training stack, which is not installed here (missing: "
+            f"{', '.join(missing)}): pip install 'orch[train]' (from a checkout: bash scripts/setup.sh)")
+
+
+def _require_training_stack(command: str) -> None:
+    """A client-only install (`pip install orch`, no `train` extra) says so before it starts anything."""
+    import importlib.util
+
+    missing = sorted(m for m in _training_stack() if importlib.util.find_spec(m) is None)
+    if missing:
+        raise ConfigError(_needs_training_stack(command, missing))
+
+
+def _training_stack() -> set[str]:
+    """Top-level modules of orch's `train` extra, from the installed metadata (pyproject.toml is the list)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement  # (a dependency of Hydra's, so of every install)
+
+    try:
+        reqs = [Requirement(r) for r in requires("orch") or []]
+    except PackageNotFoundError:
+        return set()
+    return {r.name.lower().replace("-", "_") for r in reqs if r.marker and r.marker.evaluate({"extra": "train"})
+            and not r.marker.evaluate({"extra": ""})}
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 as a Ray job, submitted through the Ray Jobs API of the head's dashboard, and its output and exit
 code come back here.
 
-No Ray Client: this side speaks HTTP only (Ray's `JobSubmissionClient`), so the laptop's Python and
-Ray need not match the cluster's; the head runs the orch installed there (the image, the AMI's
-environment) against the controller beside it. `orch submit` composes the config here, once (your
---config-dir folders are read here), and sends the resolved jobs. On the head, the state folder
-is its ORCH_STATE_DIR, else ~/.orch there, unless --state-dir names one (a path on the head).
+No Ray Client: this side speaks HTTP only (Ray's Jobs REST API, raycluster/jobs_http.py: no Ray needed
+here), so the laptop's Python and Ray need not match the cluster's; the head runs the orch installed
+there (the image, the AMI's environment) against the controller beside it. `orch submit` composes
+the config here, once (your --config-dir folders are read here), and sends the resolved jobs. On
+the head, the state folder is its ORCH_STATE_DIR, else ~/.orch there, unless --state-dir names one
+(a path on the head).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from urllib.parse import urlparse
 
 from orchestrator.constants import STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError
-from orchestrator.raycluster.connect import use_token_auth_if_available
 
 HEAD_STATE_DIR = "$HOME/.orch"  # on the head, where ORCH_STATE_DIR is not set
 ERROR_PREFIX = "orch: error:"  # the head's one-line errors go to stderr here too
@@ -68,14 +68,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def _client(address: str):
     _check_reachable(address)
-    use_token_auth_if_available()  # a cluster with token auth: the client sends the token
-    from ray.job_submission import JobSubmissionClient  # (HTTP only; Ray loads only for a remote command)
+    from orchestrator.raycluster.jobs_http import JobsHttpClient  # plain HTTP (and the token): no Ray here
 
-    try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"the Ray Jobs API at {address} refused the connection "
-                           f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    return JobsHttpClient(address)
 
 
 def run_on_head(address: str, argv: list[str], poll_s: float = 0.5) -> int:

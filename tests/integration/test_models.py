@@ -24,7 +24,8 @@ def pretrained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("pretrained")
     result = run_orch("run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=20", "trainer.log_interval=5",
-                      "data.num_documents=400", "checkpoint.interval=10", "--state-dir", str(tmp / "state"))
+                      "data.num_documents=400", "checkpoint.interval=10", "tracking=none",
+                      "--state-dir", str(tmp / "state"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (job,) = JobStore(tmp / "state").list()
     return {"tmp": tmp, "state": tmp / "state", "job": job}
@@ -87,7 +88,7 @@ def test_finetune_starts_from_a_hugging_face_folder(pretrained, orch, tmp_path):
     state = tmp_path / "state"
     result = orch("run", "pipeline=finetune", f"pipeline.jobs.finetune.init_from={hf_dir}", "model=gpt_tiny",
                   "pipeline.jobs.finetune.trainer.max_steps=6", "pipeline.jobs.finetune.data.num_documents=200",
-                  "--state-dir", str(state))
+                  "tracking=none", "--state-dir", str(state))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (fine,) = JobStore(state).list()
     assert fine.state.value == "SUCCEEDED"

@@ -114,7 +114,7 @@ def test_train_on_a_prepared_dataset(orch, tmp_path):
     # Nothing at data.uri and no source to make it from.
     missing = orch("run", *common[:2], f"data.uri=file://{tmp_path}/nothing", "data.source=null", "--state-dir", state)
     assert missing.returncode == 2 and "orch data prepare" in missing.stderr
-    ok = orch("run", *common, "trainer.max_steps=6", "trainer.log_interval=2")
+    ok = orch("run", *common, "trainer.max_steps=6", "trainer.log_interval=2", "tracking=none")
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     assert "using the prepared dataset" in ok.stdout
 

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${ORCH_VENV:-.venv}"
-TORCH_VERSION="${ORCH_TORCH_VERSION:-2.13.0}"   # the images' pin too (tests/unit/test_dockerfiles.py)
+TORCH_VERSION="${ORCH_TORCH_VERSION:-2.13.0}"   # the images' pin too (tests/unit/cluster/test_dockerfiles.py)
 EXTRAS="[train]"
 [[ "${1:-}" == "--test" ]] && EXTRAS="[train,test]"
 

@@ -1,5 +1,5 @@
 """Vendor the part of KubeRay's v1 CRD schemas that cluster/kuberay/ is validated against
-(tests/unit/test_cluster_kuberay.py): the openAPIV3Schema of RayCluster and RayJob v1, without
+(tests/unit/cluster/test_cluster_kuberay.py): the openAPIV3Schema of RayCluster and RayJob v1, without
 descriptions and status, the pod template and the RayCluster spec written once as $defs.
 
     python scripts/vendor_kuberay_schema.py v1.7.0 ray.io_rayclusters.yaml ray.io_rayjobs.yaml

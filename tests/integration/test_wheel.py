@@ -66,7 +66,7 @@ def installed(tmp_path_factory) -> dict:
 
 def test_the_wheel_ships_conf_and_is_what_runs(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
-    conf = REPO / "orchestrator" / "conf"
+    conf = REPO / "conf"
     expected = {f"orchestrator/conf/{p.relative_to(conf)}" for p in conf.rglob("*.yaml")}
     assert expected and expected <= set(names), sorted(expected - set(names))
     code = "import orchestrator, orchestrator.conf as c; print(orchestrator.__file__); print(c.__file__)"

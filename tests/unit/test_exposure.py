@@ -29,7 +29,7 @@ from orchestrator.raycluster.connect import is_loopback_address
 from orchestrator.raycluster.local import Proc, cluster_pids, session_of
 from orchestrator.storage import LocalStore, join_uri
 from tests.leaks import encodings, find_in_bytes, plant_secrets
-from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
+from tests.unit.config.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV, STATE_DIR_ENV
 from orchestrator.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONF = (REPO / "conf").resolve()
 # The reliability recorder's fields (tests/reliability.py) for the bad inputs checked here
 IN_PROCESS = dict(category="config (in-process)", lost="nothing",

@@ -12,7 +12,7 @@ from orchestrator.config.compose import compose_root
 from orchestrator.errors import ConfigError
 from orchestrator.service import data_prepare as plan
 from orchestrator.service.data_prepare import datasets_to_prepare, describe
-from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
+from tests.unit.config.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd, no bucket)
 
 
 def test_src_and_dst_prepare_the_data_group_from_src_into_dst(tmp_path):

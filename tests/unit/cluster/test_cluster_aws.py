@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 AWS = REPO / "cluster" / "aws-gpu.yaml"
 AWS_DIR = REPO / "cluster" / "aws"
 DLAMI_ENV = "/opt/pytorch/bin/"  # the AMI's PyTorch virtual environment (DLAMI release notes: python_location)

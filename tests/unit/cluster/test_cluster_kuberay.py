@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from orchestrator.config.compose import compose_root, resolve_jobs
-from tests.unit.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd)
+from tests.unit.config.test_config import _isolated  # noqa: F401  (autouse: the real conf/, a scratch cwd)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KUBERAY = REPO / "cluster" / "kuberay"
 SCHEMA = json.loads((REPO / "tests" / "data" / "kuberay_v1_schema.json").read_text())
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "REDIS_PASSWORD"}

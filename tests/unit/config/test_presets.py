@@ -12,7 +12,7 @@ from model.registry import FAMILIES, get_family
 from orchestrator.config.schema import ModelConfig
 from orchestrator.config.typed import build
 
-PRESETS = sorted((Path(__file__).resolve().parents[2] / "orchestrator" / "conf" / "model").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).resolve().parents[3] / "conf" / "model").glob("*.yaml"))
 
 # Parameter counts (a tied head once, position embeddings included) each named preset must land in.
 BALLPARK = {

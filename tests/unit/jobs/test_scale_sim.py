@@ -13,7 +13,7 @@ import pytest
 from orchestrator.jobs.policy import Decision, admission_decisions
 from orchestrator.jobs.state import JobState
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "scale_sim.py"
+_PATH = Path(__file__).resolve().parents[3] / "bench" / "scale_sim.py"
 _spec = importlib.util.spec_from_file_location("scale_sim", _PATH)
 sim = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("scale_sim", sim)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # modules `python -m` may run without an install line: the standard library's and orch's own
 PRESENT = {"venv", "pip", "orchestrator", "json", "http"}
 PACKAGE_OF = {"build": "build"}  # module -> the distribution that brings it

@@ -117,7 +117,7 @@ def test_only_the_runner_turns_a_job_config_dict_into_its_dataclass():
     launcher's use is the controller's check of a scale's new config (a dict in the record)."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "orchestrator"
+    root = Path(__file__).resolve().parents[3] / "orchestrator"
     users = sorted(str(p.relative_to(root)) for pkg in ("train", "execution") for p in (root / pkg).rglob("*.py")
                    if "job_config_from_dict" in p.read_text())
     assert users == ["execution/launcher.py", "execution/runner.py"]

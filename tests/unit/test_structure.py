@@ -152,7 +152,8 @@ def test_every_package_has_its_init():
 def test_unit_tests_mirror_the_packages():
     """tests/unit/<package>/ for each package of orchestrator/ (and model/, and cluster/ for the cluster
     files); the few flat modules' tests and the checks of the whole tree stay at tests/unit/."""
-    packages = {p.name for p in (REPO / "orchestrator").iterdir() if (p / "__init__.py").exists() and not p.is_symlink()}
+    packages = {p.name for p in (REPO / "orchestrator").iterdir()
+                if (p / "__init__.py").exists() and not p.is_symlink()}
     folders = {p.name for p in (REPO / "tests" / "unit").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert folders - packages <= {"model", "cluster"}, sorted(folders - packages)
     assert all((REPO / "tests" / "unit" / f / "__init__.py").exists() for f in folders)

@@ -102,14 +102,38 @@ def _span(job: dict) -> tuple[float, float]:
     return start, end
 
 
+def _dataset_with_a_flipped_byte(tmp_path: Path) -> tuple[Path, str]:
+    """A small prepared dataset (made in this process, no Ray) with one byte of a shard flipped: what
+    a worker finds only when it checks the shard's sha256. (Its folder, the shard's name.)"""
+    import dataclasses
+
+    from orchestrator.config.compose import compose_root
+    from orchestrator.data.prepare import local_runner, prepare_dataset
+    from orchestrator.storage import open_store
+
+    folder = tmp_path / "broken"
+    root = compose_root([*TINY, f"state_dir={tmp_path / 'unused'}"])
+    prepare_dataset(open_store(f"file://{folder}"), dataclasses.replace(root.data, uri=f"file://{folder}",
+                                                                        name="broken"), runner=local_runner)
+    shard = next((folder / "train").glob("*.bin"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    return folder, shard.name
+
+
 def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     cli = Cli(orch, cluster)
-    # A source that is missing is refused at submit; one whose file is not text fails in the runner.
+    # A source that is missing, or whose files are not text, is refused at submit; a prepared dataset
+    # whose shard has a flipped byte fails in the runner (a worker checks the shard's sha256).
     out = cli("submit", *TINY, "pipeline=pretrain", "data.name=nowhere", "data.source=/nonexistent/corpus", ok=False)
     assert out.returncode == 2 and "/nonexistent/corpus" in out.stderr
-    broken = tmp_path / "broken-corpus"
-    broken.mkdir()
-    (broken / "notes.txt").write_bytes(b"text \xff\xfe not utf-8")
+    binary = tmp_path / "binary-corpus"
+    binary.mkdir()
+    (binary / "notes.txt").write_bytes(b"text \xff\xfe not utf-8")
+    out = cli("submit", *TINY, "pipeline=pretrain", "data.name=binary", f"data.source={binary}", ok=False)
+    assert out.returncode == 2 and "notes.txt" in out.stderr and "Traceback" not in out.stderr
+    broken, shard = _dataset_with_a_flipped_byte(tmp_path)
     big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000",
            "trainer.micro_batch_size=3"]
     (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
@@ -121,7 +145,7 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
     # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
     (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1",
-                      "pipeline.jobs.pretrain.priority=9", "data.name=broken", f"data.source={broken}")
+                      "pipeline.jobs.pretrain.priority=9", "data.source=null", f"data.uri=file://{broken}")
     (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
 
     cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")
@@ -136,7 +160,7 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     # A job queued `--after` another joins its W&B group (here the sweep's; not its own pipeline's).
     assert jobs[d]["wandb"]["group"] == jobs[b]["wandb"]["group"] == sweep_id != jobs[d]["pipeline_id"]
     assert jobs[f]["wandb"]["group"] == jobs[e]["pipeline_id"]
-    assert "notes.txt" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
+    assert shard in jobs[e]["failure_reason"] and "sha256" in jobs[e]["failure_reason"] and jobs[e]["restarts"] == 0
     assert f"dependency {e} is FAILED" in jobs[f]["history"][-1]["reason"]
 
     out = cli("cancel", a, "--now")

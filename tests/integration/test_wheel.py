@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SOURCES = ("pyproject.toml", "README.md", "orchestrator", "model")  # what the wheel is built from
+SOURCES = ("pyproject.toml", "README.md", "orchestrator", "model", "conf")  # what the wheel is built from
 
 
 def _run(cmd: list, cwd: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +42,8 @@ def installed(tmp_path_factory) -> dict:
     for name in SOURCES:  # a copy: building writes build/ and *.egg-info beside the sources
         p = REPO / name
         if p.is_dir():
-            shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(p, src / name, symlinks=True,  # (orchestrator/conf stays a link to conf/, as in git)
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(p, src / name)
     _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", base / "dist"], cwd=src)

@@ -102,6 +102,46 @@ def _span(job: dict) -> tuple[float, float]:
     return start, end
 
 
+def test_elastic_job_grows_then_survives_a_head_restart(orch, cluster):
+    """Runs first, on a fresh cluster, and ends with the whole cluster stopped and started again (`orch
+    down`, `orch up`), which the later tests use. First: a Ray Train controller stopped at once (`cancel
+    --now`, a killed runner) leaves its request with Ray's AutoscalingCoordinator until it expires (180 s,
+    Ray 2.60), and an elastic job waits for the room such a request holds (seen: 2 minutes to start at 2
+    workers after the other tests of this module)."""
+    cli = Cli(orch, cluster)
+    (b,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.micro_batch_size=3",
+                      "trainer.max_steps=5000")
+    # 2 to 4 workers: the global batch of 24 splits at every size (micro batch 2, accumulation 6, 4, 3).
+    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=[2,4]", "trainer.micro_batch_size=2",
+                      "trainer.max_steps=5000", "checkpoint.interval=10", "cluster.elastic_resize_interval_s=3")
+    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and j[e]["metrics"].get("world_size") == 2)
+    b_running = next(h["at"] for h in jobs[b]["history"] if h["state"] == "RUNNING")
+    assert b_running <= _span(jobs[e])[0]  # the elastic job waited until the gang before it held its workers
+    # (Ray Train's elastic policy finds its room through Ray's AutoscalingCoordinator, where the fixed-size
+    # `b` registered: on a cluster elastic jobs may share, every job does; RayLauncher's `coordinator`)
+    # Once `b` has stopped, Ray Train grows the elastic job into the room it left.
+    cli("cancel", b)
+    jobs = cli.wait(lambda j: j[b]["state"] == "CANCELLED" and j[e]["metrics"].get("world_size") == 4, poll=2)
+    assert jobs[e]["state"] == "RUNNING" and jobs[e]["restarts"] == 0
+    grown_at = jobs[e]["metrics"]["step"]
+    jobs = cli.wait(lambda j: int((j[e]["checkpoint"] or "step-0").rsplit("step-", 1)[1]) > grown_at, poll=0.5)
+
+    # The head goes away with everything on it; the records survive, and the job resumes.
+    state = cluster["state"]
+    assert orch("down", "--state-dir", str(state), timeout=120).returncode == 0
+    port = cluster["address"].rsplit(":", 1)[1]
+    up = orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", port, "--state-dir", str(state), timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and "resumed from" in j[e]["history"][-1]["reason"])
+    reasons = [h["reason"] for h in jobs[e]["history"]]
+    assert any("the controller restarted and the job's worker group was gone" in r for r in reasons)
+    assert jobs[e]["restarts"] == 0  # a lost head is no failure of the job
+    assert int(jobs[e]["checkpoint"].rsplit("step-", 1)[1]) > grown_at
+    cli("cancel", e, "--now")
+    log = cli("logs", e).stdout
+    assert "resized by Ray Train from 2 to 4 workers" in log
+
+
 def _dataset_with_a_flipped_byte(tmp_path: Path) -> tuple[Path, str]:
     """A small prepared dataset (made in this process, no Ray) with one byte of a shard flipped: what
     a worker finds only when it checks the shard's sha256. (Its folder, the shard's name.)"""
@@ -392,39 +432,3 @@ def test_runner_killed(orch, cluster):
     _assert_recovered(jobs[job], jobs[ref], before)
     assert any("runner died" in h["reason"] for h in jobs[job]["history"])
     cluster["ref"] = jobs[ref]
-
-
-def test_elastic_job_grows_then_survives_a_head_restart(orch, cluster):
-    """Runs last: it stops and restarts the whole cluster (`orch down`, `orch up`)."""
-    cli = Cli(orch, cluster)
-    (b,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.micro_batch_size=3",
-                      "trainer.max_steps=5000")
-    # 2 to 4 workers: the global batch of 24 splits at every size (micro batch 2, accumulation 6, 4, 3).
-    (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=[2,4]", "trainer.micro_batch_size=2",
-                      "trainer.max_steps=5000", "checkpoint.interval=10", "cluster.elastic_resize_interval_s=3")
-    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and j[e]["metrics"].get("world_size") == 2)
-    b_running = next(h["at"] for h in jobs[b]["history"] if h["state"] == "RUNNING")
-    assert b_running <= _span(jobs[e])[0]  # the elastic job waited until the gang before it held its workers
-    # (Ray Train's elastic policy finds its room through Ray's AutoscalingCoordinator, where the fixed-size
-    # `b` registered: on a cluster elastic jobs may share, every job does; RayLauncher's `coordinator`)
-    # Once `b` has stopped, Ray Train grows the elastic job into the room it left.
-    cli("cancel", b)
-    jobs = cli.wait(lambda j: j[b]["state"] == "CANCELLED" and j[e]["metrics"].get("world_size") == 4, poll=2)
-    assert jobs[e]["state"] == "RUNNING" and jobs[e]["restarts"] == 0
-    grown_at = jobs[e]["metrics"]["step"]
-    jobs = cli.wait(lambda j: int((j[e]["checkpoint"] or "step-0").rsplit("step-", 1)[1]) > grown_at, poll=0.5)
-
-    # The head goes away with everything on it; the records survive, and the job resumes.
-    state = cluster["state"]
-    assert orch("down", "--state-dir", str(state), timeout=120).returncode == 0
-    port = cluster["address"].rsplit(":", 1)[1]
-    up = orch("up", "--nodes", "3", "--cpus-per-node", "2", "--port", port, "--state-dir", str(state), timeout=180)
-    assert up.returncode == 0, up.stdout + up.stderr
-    jobs = cli.wait(lambda j: j[e]["state"] == "RUNNING" and "resumed from" in j[e]["history"][-1]["reason"])
-    reasons = [h["reason"] for h in jobs[e]["history"]]
-    assert any("the controller restarted and the job's worker group was gone" in r for r in reasons)
-    assert jobs[e]["restarts"] == 0  # a lost head is no failure of the job
-    assert int(jobs[e]["checkpoint"].rsplit("step-", 1)[1]) > grown_at
-    cli("cancel", e, "--now")
-    log = cli("logs", e).stdout
-    assert "resized by Ray Train from 2 to 4 workers" in log

@@ -86,3 +86,23 @@ def write_hf_model_folder(folder: Path, tokenizer_json: str, vocab_size: int = 5
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                               "eos_token": "</s>", "bos_token": "<s>"}))
     return folder
+
+
+def dataset_with_a_flipped_byte(uri: str, overrides: list[str], endpoint_url: str | None = None) -> str:
+    """A small prepared dataset at `uri` (made in this process, no Ray; `overrides` pick the model and
+    corpus) with one byte of its first training shard flipped: what only a worker finds, when it
+    checks the shard's sha256 (submit checks sizes, not digests). Returns the shard's name."""
+    import dataclasses
+
+    from orchestrator.config.compose import compose_root
+    from orchestrator.data.prepare import local_runner, prepare_dataset
+    from orchestrator.storage import join_uri, open_store
+
+    store = open_store(uri, endpoint_url=endpoint_url)
+    root = compose_root([*overrides, "state_dir=/nonexistent/unused"])
+    manifest = prepare_dataset(store, dataclasses.replace(root.data, uri=uri, name="broken"), runner=local_runner)
+    shard = join_uri(uri, manifest.splits["train"].shards[0].key)
+    raw = bytearray(store.get(shard))
+    raw[len(raw) // 2] ^= 0xFF
+    store.put(shard, bytes(raw))
+    return shard.rsplit("/", 1)[-1]

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests import wandb_files
+from tests.corpora import dataset_with_a_flipped_byte
 
 pytestmark = pytest.mark.slow
 
@@ -142,26 +143,6 @@ def test_elastic_job_grows_then_survives_a_head_restart(orch, cluster):
     assert "resized by Ray Train from 2 to 4 workers" in log
 
 
-def _dataset_with_a_flipped_byte(tmp_path: Path) -> tuple[Path, str]:
-    """A small prepared dataset (made in this process, no Ray) with one byte of a shard flipped: what
-    a worker finds only when it checks the shard's sha256. (Its folder, the shard's name.)"""
-    import dataclasses
-
-    from orchestrator.config.compose import compose_root
-    from orchestrator.data.prepare import local_runner, prepare_dataset
-    from orchestrator.storage import open_store
-
-    folder = tmp_path / "broken"
-    root = compose_root([*TINY, f"state_dir={tmp_path / 'unused'}"])
-    prepare_dataset(open_store(f"file://{folder}"), dataclasses.replace(root.data, uri=f"file://{folder}",
-                                                                        name="broken"), runner=local_runner)
-    shard = next((folder / "train").glob("*.bin"))
-    raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-    return folder, shard.name
-
-
 def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     cli = Cli(orch, cluster)
     # A source that is missing, or whose files are not text, is refused at submit; a prepared dataset
@@ -173,7 +154,8 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     (binary / "notes.txt").write_bytes(b"text \xff\xfe not utf-8")
     out = cli("submit", *TINY, "pipeline=pretrain", "data.name=binary", f"data.source={binary}", ok=False)
     assert out.returncode == 2 and "notes.txt" in out.stderr and "Traceback" not in out.stderr
-    broken, shard = _dataset_with_a_flipped_byte(tmp_path)
+    broken = f"file://{tmp_path / 'broken'}"
+    shard = dataset_with_a_flipped_byte(broken, TINY)
     big = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=5000",
            "trainer.micro_batch_size=3"]
     (a,) = cli.submit(*big)  # 4 of the 6 CPUs: the others cannot fit beside it
@@ -185,7 +167,7 @@ def test_gang_priority_dependencies_and_cancel(orch, cluster, tmp_path):
     (d,) = cli.submit(*TINY, "pipeline=finetune", "trainer.max_steps=10", "--after", b)
     # Urgent and small (it fits beside `a`), but it fails in its runner: a config error, never retried.
     (e,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1",
-                      "pipeline.jobs.pretrain.priority=9", "data.source=null", f"data.uri=file://{broken}")
+                      "pipeline.jobs.pretrain.priority=9", "data.source=null", f"data.uri={broken}")
     (f,) = cli.submit(*TINY, "pipeline=finetune", "--after", e)
 
     cli.wait(lambda j: j[a]["state"] == "RUNNING" and j[e]["state"] == "FAILED" and j[f]["state"] == "BLOCKED")

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, run_orch
+from tests.corpora import dataset_with_a_flipped_byte
 from tests.leaks import bucket_hits, find_in_tree, output_hits, plant_secrets, sandboxed
 
 pytestmark = pytest.mark.slow
@@ -99,12 +100,19 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
         client_server = [s for s in sockets if "10001" == str(s[3])]
         assert client_server == [], f"the Ray client server took the shared port 10001: {client_server}"
 
-        # A job through the controller that reaches the store, then fails in its runner.
+        # A submit refused for its corpus (the store read at submit), then a job through the controller
+        # that reaches the store and fails in its worker (a shard with a flipped byte).
         bucket = s3_server.make_bucket("orchsec")
         store = ["storage=s3", f"storage.root=s3://{bucket}/orch", f"storage.endpoint_url={s3_server.endpoint_url}"]
         s3_server.client().put_object(Bucket=bucket, Key="corpus/notes.txt", Body=b"text \xff\xfe not utf-8")
-        sub = run_orch("submit", "model=gpt_tiny", "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1", *store,
-                       "data.name=broken", f"data.source=s3://{bucket}/corpus/", *state, env=env, timeout=240)
+        job = ["model=gpt_tiny", "pipeline=pretrain", "pipeline.jobs.pretrain.workers=1", *store]
+        refused = run_orch("submit", *job, "data.name=binary", f"data.source=s3://{bucket}/corpus/", *state,
+                           env=env, timeout=240)
+        outputs["orch submit (refused)"] = refused.stdout + refused.stderr
+        assert refused.returncode == 2 and "notes.txt" in refused.stderr, refused.stdout + refused.stderr
+        shard = dataset_with_a_flipped_byte(f"s3://{bucket}/broken", job, endpoint_url=s3_server.endpoint_url)
+        sub = run_orch("submit", *job, "data.source=null", f"data.uri=s3://{bucket}/broken", *state, env=env,
+                       timeout=240)
         outputs["orch submit"] = sub.stdout + sub.stderr
         assert sub.returncode == 0, sub.stdout + sub.stderr
         (job,) = sub.stdout.split()
@@ -117,7 +125,7 @@ def test_up_listens_on_loopback_only_and_keeps_secrets(sandbox, s3_server):
                 break
             time.sleep(2)
         outputs["orch status --json"] = st.stdout + st.stderr
-        assert rec["state"] == "FAILED" and "notes.txt" in rec["failure_reason"], rec
+        assert rec["state"] == "FAILED" and shard in rec["failure_reason"] and "sha256" in rec["failure_reason"], rec
         logs = run_orch("logs", job, *state, env=env, timeout=120)
         assert logs.returncode == 0 and job in logs.stdout, logs.stdout + logs.stderr
         outputs["orch logs"] = logs.stdout + logs.stderr

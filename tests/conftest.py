@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_environment(tmp_path_factory):
-    """W&B offline, node-local scratch under the test's tmp, one thread per worker, no idle Ray workers."""
+    """W&B offline, node-local scratch under the test's tmp, one thread per worker."""
     scratch = tmp_path_factory.mktemp("scratch")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
@@ -45,11 +45,6 @@ def _quiet_environment(tmp_path_factory):
         mp.setenv("ORCH_LOCAL_DIR", str(scratch))
         mp.setenv("ORCH_REPORT", "0")  # `orch run`'s report (~2 s of CPU each): on only where a test checks it
         mp.setenv("OMP_NUM_THREADS", "1")
-        # No idle Ray workers kept waiting in the suite's many clusters (Ray's default keeps up to
-        # num_cpus per node, each waking every 10 ms): about 5% of an `orch run`'s CPU on 2 cores,
-        # more for the long-lived `orch up` clusters. Ray's own settings (RayConfig), tests only.
-        mp.setenv("RAY_num_workers_soft_limit", "0")
-        mp.setenv("RAY_prestart_worker_first_driver", "0")
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("ORCH_STATE_DIR", raising=False)
         yield

@@ -65,10 +65,10 @@ class ModelConfig:
     def select_class(cls, data: dict) -> type[ModelConfig]:
         """The family's config class for a config dict (`family` absent: gpt, as before families)."""
         name = data.get("family", "gpt") if isinstance(data, dict) else "gpt"
-        if not isinstance(name, str) or name not in CONFIG_CLASSES:
-            raise ValueError(f"model.family={name!r} is not a model family: use one of "
-                             f"{', '.join(sorted(CONFIG_CLASSES))}")
-        return CONFIG_CLASSES[name]
+        classes = config_classes()
+        if not isinstance(name, str) or name not in classes:
+            raise ValueError(f"model.family={name!r} is not a model family: use one of {', '.join(sorted(classes))}")
+        return classes[name]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +135,8 @@ class LlamaConfig(ModelConfig):
         return arch
 
 
-# Each family's config class by its `family` (model.registry's FAMILIES holds the same names, with
-# the family's code; a unit test checks they agree): here, so this module needs nothing of the registry.
-CONFIG_CLASSES: dict[str, type[ModelConfig]] = {c.family: c for c in (GPTConfig, LlamaConfig)}
+def config_classes() -> dict[str, type[ModelConfig]]:
+    """Each family's config class by its `family`, derived from the classes themselves (model.registry's
+    FAMILIES names the same ones, with the family's code; a test checks they agree): so this module
+    needs nothing of the registry."""
+    return {c.family: c for c in ModelConfig.__subclasses__()}

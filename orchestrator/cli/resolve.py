@@ -124,7 +124,7 @@ def where(args, *, control: str | None = None, start: bool = False, head: bool =
     if address:
         from orchestrator.service.client import connect_controller  # (Ray: only when a cluster is asked)
 
-        with connect_controller(address, folder, start=start or False) as client:
+        with connect_controller(address, folder, start=start) as client:
             header = [f"cluster {address}" + (f", dashboard {client.dashboard}" if client.dashboard else "")]
             yield Controller(address, folder, client, header)
         return

@@ -107,14 +107,17 @@ def start(state_dir: str, nodes: int, cpus_per_node: int, port: int) -> tuple[st
         _ray("start", f"--address={address}", f"--resources={{\"orch-node-{i}\": 1}}",
              f"--dashboard-agent-listen-port={_free_port()}", *common)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node}))
+    record_session(state_dir, address, nodes, cpus_per_node)
     return address, dashboard
 
 
-def record_session(state_dir: str, address: str, nodes: int, cpus_per_node: int, session: str, dashboard: str) -> None:
-    """The session names every process of this cluster: `stop` stops those, and only those."""
+def record_session(state_dir: str, address: str, nodes: int, cpus_per_node: int, session: str | None = None,
+                   dashboard: str | None = None) -> None:
+    """The cluster file: its address at once, then (once the controller answers) its session, which
+    names every process of this cluster (`stop` stops those, and only those), and its dashboard."""
+    extra = {"session": session, "dashboard": dashboard} if session else {}
     cluster_file(state_dir).write_text(json.dumps({"address": address, "nodes": nodes, "cpus_per_node": cpus_per_node,
-                                                   "session": session, "dashboard": dashboard}))
+                                                   **extra}))
 
 
 def stop_cluster(state_dir: str, say) -> None:

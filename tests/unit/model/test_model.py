@@ -406,3 +406,12 @@ def test_generate_allocates_only_the_positions_it_can_reach(family):
         model(prompt, kv_cache=cache)
         with pytest.raises(ValueError, match="capacity 7"):
             model(torch.zeros(2, 5, dtype=torch.long), kv_cache=cache)
+
+
+def test_the_config_classes_are_the_registrys_families():
+    """model.config finds a family's config class by itself (it may not import the registry): the
+    same families, with the same classes, as model.registry.FAMILIES."""
+    from model.config import config_classes
+    from model.registry import FAMILIES
+
+    assert config_classes() == {name: f.config for name, f in FAMILIES.items()}

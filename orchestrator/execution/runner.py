@@ -303,10 +303,10 @@ class JobRunner:
         store.check(job.storage.root)
         lines: list[str] = []
         if prepared_dataset(store, job.data, progress=lines.append) is None:
-            from orchestrator.execution.ray_train import prepare_remote  # (torch: only where a job runs)
+            from orchestrator.execution.ray_train import prepare_dataset_once  # (torch: only where a job runs)
 
             try:
-                lines = ray.get(prepare_remote().remote(job))
+                lines = prepare_dataset_once(job)
             except ray.exceptions.RayTaskError as e:  # a corpus file that cannot be read: its one line
                 raise own_error(e) from None
         for line in lines:

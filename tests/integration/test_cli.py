@@ -145,7 +145,7 @@ def test_missing_credentials_named_without_values(orch, tmp_path, s3_server):
 def test_run_sweep_trains_each_combination_in_one_cluster(orch, tmp_path):
     """`orch run -m`: one pipeline per combination, in one embedded cluster, grouped by the sweep's
     id (W&B group and status), each with its own overrides; side by side when they fit (two
-    1-worker jobs on 2 CPUs)."""
+    1-worker jobs on 2 CPUs), preparing their one dataset once."""
     state = tmp_path / "state"
     result = orch("run", "-m", "trainer.lr=1e-3,3e-3", "pipeline=pretrain", "model=gpt_tiny",
                   "pipeline.jobs.pretrain.workers=1", "trainer.max_steps=4", "trainer.log_interval=1",
@@ -164,3 +164,7 @@ def test_run_sweep_trains_each_combination_in_one_cluster(orch, tmp_path):
     spans = [(next(h["at"] for h in j["history"] if h["state"] == "STARTING"),
               next(h["at"] for h in j["history"] if h["state"] == "SUCCEEDED")) for j in jobs]
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+    # Both need one dataset (data.uri): one job prepares it, the other waits and uses it (prepared at
+    # once into one folder, one's clearing of leftovers deleted the other's shards).
+    assert result.stdout.count("training a 512-token byte-level BPE tokenizer") == 1, result.stdout[-3000:]
+    assert result.stdout.count("using the prepared dataset") == 1, result.stdout[-3000:]

@@ -141,3 +141,43 @@ def test_bad_corpora_fail_in_one_line(orch, tmp_path, s3_server):
     one_line(orch("data", "prepare", str(broken), "s3://no-such-bucket-prep/ds", "storage=s3",
                   f"storage.endpoint_url={s3_server.endpoint_url}"), "no-such-bucket-prep")
     one_line(orch("data", "prepare", str(broken)), "SRC and DST")
+
+
+def test_two_jobs_needing_one_dataset_prepare_it_once(tmp_path):
+    """Two runners that need one dataset (one `data.uri`) at the same moment: one prepares it, the
+    other waits for it and uses it. (Prepared at once into one folder, one's clearing of leftovers
+    deleted the shards the other's manifest names: a sweep's job failed on a missing shard.)"""
+    import threading
+
+    import ray
+
+    from orchestrator.config.compose import compose_root, resolve_jobs
+    from orchestrator.execution.ray_train import prepare_dataset_once
+
+    root = compose_root(["pipeline=pretrain", f"storage.root=file://{tmp_path}/store", "data.num_documents=20000",
+                         "tracking=none"])
+    job = resolve_jobs(root)[0]
+    lines: list[list[str]] = []
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        start = threading.Barrier(2)
+
+        def prepare():
+            start.wait()
+            lines.append(prepare_dataset_once(job))
+
+        threads = [threading.Thread(target=prepare) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        ray.shutdown()
+    assert len(lines) == 2, lines
+    trained = [ls for ls in lines if any("byte-level BPE tokenizer" in line for line in ls)]
+    assert len(trained) == 1 and any("using the prepared dataset" in line for line in lines[1] + lines[0]), lines
+    store = open_store(job.data.uri)
+    m = load_manifest(store, job.data.uri)
+    for split in m.splits.values():
+        for shard in split.shards:
+            assert store.exists(join_uri(job.data.uri, shard.key)), shard

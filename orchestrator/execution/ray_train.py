@@ -21,46 +21,11 @@ from orchestrator.checkpoint.export import export_checkpoint
 from orchestrator.checkpoint.layout import CheckpointRef, checkpoint_uri, run_uri
 from orchestrator.config.schema import JobConfig
 from orchestrator.constants import EXPORT_IN_RUNNER_MAX_PARAMS, RAY_TRAIN_HEALTH_CHECK_ENV, RAY_TRAIN_HEALTH_CHECK_S
-from orchestrator.data.prepare import ensure_dataset
 from orchestrator.errors import ClusterError
 from orchestrator.jobs.record import JobRecord
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger(__name__)
-
-
-PREPARE_ACTOR_PREFIX = "orch-prepare-"
-
-
-class _Preparer:
-    """Prepares the datasets of one destination, one call at a time: two jobs of a sweep that need the
-    same dataset (one `data.uri`) would otherwise tokenize into the same folder at once, and one's
-    clearing of leftovers deletes the shards the other's manifest names. The second call waits, finds
-    the manifest and uses it."""
-
-    def prepare(self, job: JobConfig) -> list[str]:
-        store = open_job_store(job)
-        store.check(job.storage.root)
-        lines: list[str] = []
-        ensure_dataset(store, job.data, progress=lines.append)
-        return lines
-
-
-def prepare_dataset_once(job: JobConfig) -> list[str]:
-    """Prepare the job's dataset if needed, in the one actor of the cluster (named after `data.uri`,
-    in the caller's namespace) that prepares that destination; its progress lines. The actor is
-    owned by the first runner that asked and ends with it; a call queued behind it when it ends asks
-    a new one, which finds the dataset prepared or prepares it."""
-    import hashlib
-
-    name = PREPARE_ACTOR_PREFIX + hashlib.sha256(job.data.uri.encode()).hexdigest()[:16]
-    for attempt in range(2):
-        actor = ray.remote(num_cpus=0, max_concurrency=1)(_Preparer).options(name=name, get_if_exists=True).remote()
-        try:
-            return ray.get(actor.prepare.remote(job))
-        except ray.exceptions.ActorDiedError:
-            if attempt:
-                raise
 
 
 def export_remote():

@@ -30,6 +30,7 @@ from orchestrator.errors import CheckpointError, OrchError
 from orchestrator.execution import preflight
 from orchestrator.execution.failures import own_error, worker_error_message
 from orchestrator.execution.failures import retryable as failure_retryable
+from orchestrator.execution.prepare_once import prepare_dataset_once
 from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord, wandb_group
@@ -298,13 +299,12 @@ class JobRunner:
 
     def _prepare(self, job: JobConfig) -> None:
         """The job's dataset, then the checks that need it. A prepared dataset is only read here (its
-        manifest); one still to prepare is prepared in a Ray task, on CPUs this runner does not hold."""
+        manifest); one still to prepare is prepared by the cluster's one preparer of its destination (an
+        actor, on CPUs this runner does not hold)."""
         store = open_job_store(job)
         store.check(job.storage.root)
         lines: list[str] = []
         if prepared_dataset(store, job.data, progress=lines.append) is None:
-            from orchestrator.execution.ray_train import prepare_dataset_once  # (torch: only where a job runs)
-
             try:
                 lines = prepare_dataset_once(job)
             except ray.exceptions.RayTaskError as e:  # a corpus file that cannot be read: its one line

@@ -152,7 +152,7 @@ def test_two_jobs_needing_one_dataset_prepare_it_once(tmp_path):
     import ray
 
     from orchestrator.config.compose import compose_root, resolve_jobs
-    from orchestrator.execution.ray_train import prepare_dataset_once
+    from orchestrator.execution.prepare_once import prepare_dataset_once
 
     root = compose_root(["pipeline=pretrain", f"storage.root=file://{tmp_path}/store", "data.num_documents=20000",
                          "tracking=none"])

@@ -46,6 +46,7 @@ from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
 from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, Report
 from orchestrator.train.vote import all_mean, all_sum, step_vote
+from orchestrator.train.warm import import_deepspeed
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger("orchestrator.train")
@@ -153,7 +154,7 @@ class _Trainer:
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
         # Lazy: DeepSpeed picks its accelerator when first imported, after train_worker sets DS_ACCELERATOR.
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         job = self.job
         torch.manual_seed(job.trainer.seed)

@@ -55,6 +55,10 @@ HOW = [
                               "that group spent on the steps in between (its own step time). That is the work "
                               "after the last checkpoint that was thrown away, plus detecting the failure and "
                               "starting the new group. Resizes and scale changes are counted the same way, apart."),
+    ("held-out QA exact match", "the last score in the job's metrics history: questions of the QA task the job never "
+                                "trained on, answered exactly by greedy decoding after training. The chart "
+                                "\"Compared\" draws two or more jobs of one kind (a fine-tune from the pretrained "
+                                "weights and its from-scratch baseline) on one set of axes."),
     ("throughput, MFU, data wait", "medians over the logged rows (each row averages the steps since the "
                                    "previous one); MFU needs the device's peak FLOPs "
                                    "(cluster.peak_flops_per_device on CPUs)."),
@@ -193,11 +197,23 @@ def summarize(record: dict, rows: list[dict], now: float, attempts: dict | None 
         "final_loss": losses[-1] if losses else None,
         "eval_loss": evals[-1] if evals else None,
         "eval_step": eval_steps[-1] if eval_steps else None,
+        **_qa(rows),
         "checkpoint": record.get("checkpoint"),
         "export": record.get("export"),
         "wandb": (record.get("wandb") or {}).get("url") or (record.get("wandb") or {}).get("dir"),
         "failure": record.get("failure_reason"),
     }
+
+
+def _qa(rows: list[dict]) -> dict:
+    """The last held-out QA score in the history (a fine-tune on the QA task logs one after
+    training): how many of how many questions answered exactly, at which step."""
+    for r in reversed(rows):
+        m = r.get("metrics") or {}
+        if m.get("eval/qa_questions"):
+            return {"qa_correct": int(m["eval/qa_correct"]), "qa_questions": int(m["eval/qa_questions"]),
+                    "qa_step": r["step"]}
+    return {"qa_correct": None, "qa_questions": None, "qa_step": None}
 
 
 def dependency_shape(records: list[JobRecord]) -> str:
@@ -288,6 +304,8 @@ def table_rows(summaries: list[dict], total: dict | None) -> list[tuple[str, lis
         row("final loss", lambda s: _num(s.get("final_loss"))),
         row("final eval loss", lambda s: "-" if s.get("eval_loss") is None else
             f"{s['eval_loss']:.4f} (step {s['eval_step']})"),
+        row("held-out QA exact match", lambda s: "-" if not s.get("qa_questions") else
+            f"{s['qa_correct']}/{s['qa_questions']} ({s['qa_correct'] / s['qa_questions']:.0%}, step {s['qa_step']})"),
         row("checkpoint", lambda s: s.get("checkpoint") or "-"),
         row("exported weights", lambda s: s.get("export") or "-"),
         row("W&B run", lambda s: s.get("wandb") or "-"),
@@ -420,7 +438,53 @@ img{max-width:100%;display:block;margin:1em 0}.note{color:#8a4b00}.muted{color:#
 """
 
 
-def render_html(title: str, jobs: list[JobReport], total: dict | None, generated: float) -> str:
+def compared(jobs: list[JobReport]) -> list[JobReport]:
+    """The jobs of a pipeline worth one chart together: two or more of one kind other than
+    pretraining (the default demo's fine-tune from the pretrained weights and its from-scratch
+    baseline), those of the most common such kind."""
+    kinds: dict[str, list[JobReport]] = {}
+    for j in jobs:
+        if j.rows and j.record.get("kind") != "pretrain":
+            kinds.setdefault(j.record.get("kind") or "", []).append(j)
+    group = max(kinds.values(), key=len, default=[])
+    return group if len(group) >= 2 else []
+
+
+def _label(j: JobReport) -> str:
+    r, s = j.record, j.summary
+    start = "random weights" if (r.get("config") or {}).get("from_scratch") else \
+        "its dependency's weights" if r.get("depends_on") or (r.get("config") or {}).get("init_from") else ""
+    qa = f", QA {s['qa_correct']}/{s['qa_questions']}" if s.get("qa_questions") else ""
+    return f"{r.get('name') or r['id']}" + (f" (from {start}{qa})" if start else f" ({qa[2:]})" if qa else "")
+
+
+def plot_compared(pipeline_id: str, jobs: list[JobReport]) -> dict[str, bytes]:
+    """{file name: PNG}: the compared jobs' training loss (lines) and eval loss (dots) on one chart,
+    labelled with where each started and its held-out QA score."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    fig.suptitle(f"{pipeline_id}: {jobs[0].record.get('kind')} jobs compared", fontsize=12)
+    ax = fig.subplots()
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, j in enumerate(jobs):
+        colour = colours[i % len(colours)]
+        steps, loss = _series(j.rows, "train/loss")
+        ax.plot(steps, loss, color=colour, linewidth=1.4, label=_label(j))
+        eval_steps, evals = _series(j.rows, "eval/loss")
+        if eval_steps:
+            ax.plot(eval_steps, evals, color=colour, marker="o", markersize=4, linestyle="none")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (lines: train, dots: eval)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    return {f"{pipeline_id}-compared.png": _png(fig)}
+
+
+def render_html(title: str, jobs: list[JobReport], total: dict | None, generated: float,
+                compared_images: dict[str, bytes] | None = None) -> str:
     """The page: every value escaped, every image inline."""
     esc = html.escape
     with_rows = [j for j in jobs if j.summary]
@@ -439,6 +503,9 @@ def render_html(title: str, jobs: list[JobReport], total: dict | None, generated
             cls = ' class="uri"' if label in ("checkpoint", "exported weights", "W&B run") else ""
             parts.append(f"<tr><th>{esc(label)}</th>" + "".join(f"<td{cls}>{esc(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
+    for name, png in (compared_images or {}).items():
+        parts.append("<h2>Compared</h2>")
+        parts.append(f'<img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     for j in with_rows:
         r = j.record
         parts.append(f"<h2>{esc(r['id'])} <span class=\"muted\">({esc(r.get('kind', ''))}, "
@@ -496,6 +563,10 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
                 j.images = plot_job(j.record["id"], j.rows)
                 for name, png in j.images.items():
                     _write(os.path.join(out_dir, name), png)
+        together = compared(jobs)
+        compared_images = plot_compared(together[0].record["pipeline_id"], together) if together else {}
+        for name, png in compared_images.items():
+            _write(os.path.join(out_dir, name), png)
     except OSError as e:
         raise _unwritable(out_dir, e) from None
     summaries = [j.summary for j in jobs if j.summary]
@@ -509,7 +580,7 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
         title = (f"{jobs[0].record['id']}" if len(jobs) == 1
                  else f"pipeline {jobs[0].record['pipeline_id']}: {dependency_shape(records)}")
     try:
-        _write(page, render_html(f"orch report: {title}", jobs, total, t).encode())
+        _write(page, render_html(f"orch report: {title}", jobs, total, t, compared_images).encode())
     except OSError as e:
         raise _unwritable(out_dir, e) from None
     return page

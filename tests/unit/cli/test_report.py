@@ -165,3 +165,36 @@ def test_an_output_folder_that_is_a_file_is_one_clear_error(pretrain):
     (tmp / "file").write_text("x")
     with pytest.raises(ReportError, match=f"cannot write the report to {tmp / 'file'} .*pass --out a folder"):
         write_report([rec], str(tmp / "file"), metrics_history)
+
+
+def _qa_scored(store, root: Path, job_id: str, name: str, correct: int, **config) -> JobRecord:
+    """A 20-step fine-tune that ends with a held-out QA score, as the worker logs it."""
+    rec = _record(root, job_id, name, t0=1100.0, t1=1130.0, seq=1)
+    rec.depends_on = ["p0abc12-pretrain"]
+    rec.config.update(config)
+    w = _train(store, run_uri(str(root), rec.id), Clock(1101.0), start=0, stop=20, world=2, reason="start",
+               mfu=False, commit_every=25)
+    w.log({"eval/qa_exact_match": correct / 20, "eval/qa_correct": correct, "eval/qa_questions": 20}, step=20)
+    w.finish()
+    return rec
+
+
+def test_the_fine_tunes_are_compared_with_their_qa_scores(pretrain):
+    """The report says what pretraining bought: each fine-tune's held-out QA exact match in the
+    summary table, and the fine-tunes' losses on one chart labelled with where each started."""
+    tmp, store, pre = pretrain
+    root = tmp / "store"
+    tuned = _qa_scored(store, root, "p0abc12-finetune", "finetune", 18)
+    scratch = _qa_scored(store, root, "p0abc12-finetune_scratch", "finetune_scratch", 0, from_scratch=True)
+    tuned.kind = scratch.kind = "finetune"
+    out = tmp / "report"
+    html = Path(write_report([pre, tuned, scratch], str(out), metrics_history)).read_text()
+    assert ("<th>held-out QA exact match</th><td>-</td><td>18/20 (90%, step 20)</td><td>0/20 (0%, step 20)</td>"
+            "<td>-</td>") in html
+    chart = out / "p0abc12-compared.png"
+    assert chart.exists() and chart.read_bytes() in _pngs(html)
+    assert _not_blank(chart.read_bytes()).width >= 1000
+    assert html.index("<h2>Compared</h2>") < html.index(f"<h2>{pre.id} ")  # right after the summary
+    # A single job, or one fine-tune, has nothing to compare with.
+    single = Path(write_report([pre, tuned], str(tmp / "one"), metrics_history)).read_text()
+    assert "<h2>Compared</h2>" not in single and not list((tmp / "one").glob("*-compared.png"))

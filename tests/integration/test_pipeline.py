@@ -200,8 +200,9 @@ def _check_pipeline(state_dir: Path, work: Path, result, storage_kwargs: dict) -
 
 
 def _check_report(page: Path, jobs) -> None:
-    """The page of `orch report`: the jobs' summary (their final loss, no restart) and their PNGs,
-    each embedded in the page, each a real plot (opened, sized, not blank)."""
+    """The page of `orch report`: the jobs' summary (their final loss, no restart, the fine-tunes'
+    held-out QA scores) and their PNGs (the fine-tunes' chart too), each embedded in the page, each a
+    real plot (opened, sized, not blank)."""
     import base64
     import re
 
@@ -211,9 +212,13 @@ def _check_report(page: Path, jobs) -> None:
     for job in jobs:
         assert job["id"] in html and f"{job['metrics']['loss']:.4f}" in html and job["export"] in html
     assert re.search(r"<th>restarts after failures</th>(<td>0</td>)+</tr>", html)
+    fine_tunes = [j for j in jobs if j["kind"] == "finetune"]
+    for job in fine_tunes:
+        m = job["metrics"]
+        assert f"<td>{m['qa_correct']}/{m['qa_questions']} (" in html, job["id"]
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     files = sorted(page.parent.glob("*.png"))
-    assert len(embedded) == len(files) == 2 * len(jobs)
+    assert len(embedded) == len(files) == 2 * len(jobs) + (len(fine_tunes) >= 2)
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(f.read_bytes() for f in files)
     for f in files:
         px = np.asarray(Image.open(f).convert("L"))

@@ -1,4 +1,5 @@
-"""DeepSpeed's compiled ops, built once at setup instead of in the user's first run.
+"""DeepSpeed's compiled ops, built once at setup instead of in the user's first run; and DeepSpeed
+imported without compiling kernels orch never calls (`import_deepspeed`).
 
 On CPU, DeepSpeed compiles its `deepspeed_shm_comm` op with g++ the first time a worker starts
 (30-60 s on 2 cores). torch's default cache (`~/.cache/torch_extensions`) is shared by every
@@ -18,8 +19,11 @@ depends on) when it has one. On a GPU the op is not used and nothing is built.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +54,47 @@ def use_prebuilt() -> None:
             return  # a read-only environment without a build: torch's default cache
     os.environ.setdefault(ENV, str(folder))
     _own_ninja_first()
+
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+_muon_lock = threading.Lock()
+
+
+def import_deepspeed():
+    """DeepSpeed, with its Muon optimizer module imported the cheap way. DeepSpeed 0.19 imports that
+    module whenever it builds an engine or reduces gradients (to ask whether the optimizer is Muon),
+    and the module `torch.compile`s its kernels when imported: that imports TorchInductor, about
+    1.2 s of CPU in every new worker, for kernels that only a Muon optimizer ever calls (orch's is
+    AdamW). Imported here with `torch.compile` deferred to each kernel's first call, the module is
+    the same; its kernels compile when (if ever) called, as torch.compile's own do on first call."""
+    import deepspeed
+
+    with _muon_lock:
+        if MUON not in sys.modules:
+            import torch
+
+            real = torch.compile
+            torch.compile = functools.partial(_compile_on_first_call, real)
+            try:
+                importlib.import_module(MUON)
+            finally:
+                torch.compile = real
+    return deepspeed
+
+
+def _compile_on_first_call(compile_, model=None, **options):
+    if model is None:  # decorator with options: @torch.compile(...)
+        return lambda fn: _compile_on_first_call(compile_, fn, **options)
+    compiled = None
+
+    @functools.wraps(model)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = compile_(model, **options)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def build() -> str:

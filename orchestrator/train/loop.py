@@ -37,7 +37,7 @@ from orchestrator.joblogs import rank_logs_uri
 from orchestrator.storage import join_uri
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
-from orchestrator.train.extensions import use_prebuilt
+from orchestrator.train.extensions import import_deepspeed, use_prebuilt
 from orchestrator.train.history import HistoryWriter, NullHistory
 from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metrics
 from orchestrator.train.mfu import peak_flops
@@ -46,7 +46,6 @@ from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
 from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, Report
 from orchestrator.train.vote import all_mean, all_sum, step_vote
-from orchestrator.train.warm import import_deepspeed
 from orchestrator.workspace import local_scratch, open_job_store
 
 log = logging.getLogger("orchestrator.train")

@@ -14,10 +14,7 @@ Nothing heavy is imported by this module itself: Ray Train's controller unpickle
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
-import sys
 import threading
 
 
@@ -29,49 +26,10 @@ def start_imports(accelerator: str) -> None:
 
 def _imports() -> None:
     try:
+        from orchestrator.train.extensions import import_deepspeed
+
         import_deepspeed()
 
         import orchestrator.train.loop  # noqa: F401
     except Exception:  # noqa: BLE001 - imported again by the train function, which reports it
         pass
-
-
-MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-_muon_lock = threading.Lock()
-
-
-def import_deepspeed():
-    """DeepSpeed, with its Muon optimizer module imported the cheap way. DeepSpeed 0.19 imports that
-    module whenever it builds an engine or reduces gradients (to ask whether the optimizer is Muon),
-    and the module `torch.compile`s its kernels when imported: that imports TorchInductor, about
-    1.2 s of CPU in every new worker, for kernels that only a Muon optimizer ever calls (orch's is
-    AdamW). Imported here with `torch.compile` deferred to each kernel's first call, the module is
-    the same; its kernels compile when (if ever) called, as torch.compile's own do on first call."""
-    import deepspeed
-
-    with _muon_lock:
-        if MUON not in sys.modules:
-            import torch
-
-            real = torch.compile
-            torch.compile = functools.partial(_compile_on_first_call, real)
-            try:
-                importlib.import_module(MUON)
-            finally:
-                torch.compile = real
-    return deepspeed
-
-
-def _compile_on_first_call(compile_, model=None, **options):
-    if model is None:  # decorator with options: @torch.compile(...)
-        return lambda fn: _compile_on_first_call(compile_, fn, **options)
-    compiled = None
-
-    @functools.wraps(model)
-    def call(*args, **kwargs):
-        nonlocal compiled
-        if compiled is None:
-            compiled = compile_(model, **options)
-        return compiled(*args, **kwargs)
-
-    return call

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-from orchestrator.train.warm import _compile_on_first_call
+from orchestrator.train.extensions import _compile_on_first_call
 
 
 def test_deepspeed_imported_without_inductor_and_torch_compile_restored():
     code = (
         "import sys, torch; real = torch.compile\n"
-        "from orchestrator.train.warm import import_deepspeed, MUON\n"
+        "from orchestrator.train.extensions import import_deepspeed, MUON\n"
         "import_deepspeed()\n"
         "assert MUON in sys.modules and hasattr(sys.modules[MUON], 'MuonWithAuxAdam')\n"
         "assert 'torch._inductor.compile_fx' not in sys.modules, 'TorchInductor imported'\n"

@@ -25,6 +25,7 @@ CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 COMMIT_MARKER = "COMMITTED.json"  # written last; a checkpoint exists only once this does
 TRAINER_STATE = "trainer_state.json"
+EVAL_RESULT = "eval.json"  # an eval job's numbers, in its run folder (orchestrator.train.evaluate)
 MODEL_CONFIG = "model_config.json"  # in every checkpoint and export: the model architecture (family + fields)
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "export.json"  # written last in an export folder

@@ -15,7 +15,11 @@ from model.config import ModelConfig  # the family's config class (model.registr
 from orchestrator.config.interval import parse_interval
 from orchestrator.errors import ConfigError, OrchError
 
-JobKind = Literal["pretrain", "finetune"]
+JobKind = Literal["pretrain", "finetune", "eval"]  # eval: no optimizer, numbers of given weights
+# What an eval job can compute (trainer.eval_metrics): the validation split's loss (and perplexity),
+# and the exact match of greedy answers to the held-out questions of a QA dataset
+# (orchestrator.train.evaluate implements each).
+EVAL_METRICS = ("loss", "qa_exact_match")
 
 
 # A job or dataset name becomes one segment of store paths (runs/<pipeline id>-<job>/...,
@@ -91,6 +95,8 @@ class TrainerConfig:
     log_interval: int = 1  # steps between metric logs
     eval_interval: int = 0  # steps between evaluations (0: only at the end)
     eval_batches: int = 2  # global batches of the validation split per evaluation
+    # what a job of kind eval computes (orchestrator.train.evaluate): any of EVAL_METRICS
+    eval_metrics: tuple[str, ...] = ("loss", "qa_exact_match")
     seed: int = 1337  # seeds init, dropout and the data order
     threads_per_worker: int = 1  # torch intra-op threads in each worker
 
@@ -101,6 +107,10 @@ class TrainerConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1) (Adam's moment decay)")
+        unknown = [m for m in self.eval_metrics if m not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(f"eval_metrics names {', '.join(map(repr, unknown))}: not a metric orch computes; "
+                             f"choose from {', '.join(EVAL_METRICS)}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} must be divisible by "
@@ -369,9 +379,9 @@ class JobConfig:
 
     def __post_init__(self):
         safe_name(self.name, "name")  # also for jobs that reach the controller as dicts (`orch submit`)
-        if self.kind == "finetune" and not (self.depends_on or self.init_from or self.from_scratch):
-            raise ValueError("a finetune job needs weights to start from: depends_on a pretrain job (or `orch submit "
-                             "--after JOB_ID`), or init_from=MODEL")
+        if self.kind in ("finetune", "eval") and not (self.depends_on or self.init_from or self.from_scratch):
+            raise ValueError(f"a{'n' if self.kind == 'eval' else ''} {self.kind} job needs weights: depends_on a job "
+                             f"that trains them (or `orch submit --after JOB_ID`), or init_from=MODEL")
         if self.data.kind == "sft" and not self.data.tokenizer_uri and not self.depends_on:
             raise ValueError(
                 f"sft data '{self.data.name}' needs data.tokenizer_uri "

@@ -60,7 +60,8 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
     `max_failures`); called in the job's runner actor, to which rank 0 reports. `coordinator=False`:
     no elastic job shares the cluster, so only this job's own needs count (JobConfig.needs_coordinator)."""
-    from orchestrator.train.loop import RunSpec, train_worker  # (torch, deepspeed: not in orch's controller)
+    from orchestrator.train.evaluate import eval_worker  # (torch, deepspeed: not in orch's controller)
+    from orchestrator.train.loop import RunSpec, train_worker
 
     # (W&B is written by the runner from the job's metrics history: orchestrator.execution.tracking.)
     # Ray Train hands this variable from this process's environment to its controller; a user's wins.
@@ -68,7 +69,7 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     me = ray.get_runtime_context().current_actor
     spec = RunSpec(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), init_from=init_from, reporter=me)
     trainer = _trainer_class()(
-        train_worker,
+        eval_worker if job.kind == "eval" else train_worker,
         runner=me, accelerator=job.cluster.accelerator, coordinator=coordinator or job.needs_coordinator,
         train_loop_config={"job": job, "spec": spec},  # (pickled by Ray as they are: train_worker reads them)
         scaling_config=ScalingConfig(

@@ -24,9 +24,9 @@ from orchestrator.checkpoint.layout import latest_committed, run_uri
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import HISTORY_POLL_S, TRAINER_STATE
+from orchestrator.constants import EVAL_RESULT, HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.data.prepare import prepared_dataset
-from orchestrator.errors import CheckpointError, OrchError
+from orchestrator.errors import CheckpointError, OrchError, StorageError
 from orchestrator.execution import preflight
 from orchestrator.execution.failures import own_error, worker_error_message
 from orchestrator.execution.failures import retryable as failure_retryable
@@ -258,7 +258,10 @@ class JobRunner:
             job = self._job(self.record.config)
             self._start_feed(job)
             self._prepare(job)
-            self._fit_until_done(job)
+            if job.kind == "eval":
+                self._evaluate(job)
+            else:
+                self._fit_until_done(job)
         except OrchError as e:
             self._close_feed(exit_code=1)
             self.log.emit(EventKind.FAILED, reason=str(e), retryable=False)
@@ -343,6 +346,32 @@ class JobRunner:
                 raise CheckpointError(f"job {self.record.id} ended at step {state.get('step')} of "
                                       f"{job.trainer.max_steps} without a committed final checkpoint")
             self._say(f"stopped at step {state['step']} with a committed checkpoint ({self.stop['action']})")
+
+    def _evaluate(self, job: JobConfig) -> None:
+        """A job of kind eval: one worker group computes the numbers of the weights
+        (orchestrator.train.evaluate) into the run's folder; they become the job's metrics. A cancel
+        stops it (nothing to keep); a scale request is moot."""
+        from orchestrator.execution.ray_train import fit  # (torch: only where a job runs, not in the controller)
+
+        fit(self.record, job, self.init_from or job.init_from, self.ray_storage, self.coordinator)
+        stop = self._take_stop()
+        if stop and stop["action"] == Action.CANCEL:
+            self._close_feed()
+            self.log.emit(EventKind.STOPPED, checkpoint=None)
+            return
+        store = open_job_store(job)
+        try:
+            result = json.loads(store.get(join_uri(run_uri(job.storage.root, self.record.id), EVAL_RESULT)))
+        except (StorageError, ValueError) as e:
+            raise CheckpointError(f"eval job {self.record.id} ended without its results ({e})") from None
+        metrics = {k: result.get(k) for k in ("eval_loss", "eval_perplexity", "qa_correct", "qa_questions")}
+        metrics["step"] = result.get("step")
+        said = [f"eval loss {metrics['eval_loss']:.4f}"] if metrics["eval_loss"] is not None else []
+        if metrics["qa_questions"]:
+            said.append(f"held-out QA exact match {metrics['qa_correct']}/{metrics['qa_questions']}")
+        self._say(f"evaluated {result.get('weights')}: " + (", ".join(said) or "no metric"))
+        self._close_feed()
+        self.log.emit(EventKind.SUCCEEDED, metrics=metrics)
 
     def _final_state(self, job: JobConfig) -> dict:
         """The committed checkpoint the worker group ended on (the store, not the best-effort stream)."""

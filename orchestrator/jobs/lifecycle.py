@@ -158,7 +158,8 @@ def _succeeded(record: JobRecord, e: RunnerEvent) -> Change:
               "requested": None}
     if e.data.get("checkpoint"):
         fields["checkpoint"] = e.data["checkpoint"]
-    return Change(e.seq, JobState.SUCCEEDED, "training finished", fields, say=JobState.SUCCEEDED.value)
+    why = "evaluated" if record.kind == "eval" else "training finished"
+    return Change(e.seq, JobState.SUCCEEDED, why, fields, say=JobState.SUCCEEDED.value)
 
 
 def _failed(record: JobRecord, e: RunnerEvent) -> Change:

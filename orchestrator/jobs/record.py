@@ -12,7 +12,7 @@ class JobRecord:
     id: str
     pipeline_id: str
     name: str  # the job's name inside its pipeline (pretrain, finetune, ...)
-    kind: str  # pretrain | finetune
+    kind: str  # pretrain | finetune | eval
     state: JobState
     priority: int
     depends_on: list[str]  # job ids

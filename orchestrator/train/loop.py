@@ -98,6 +98,12 @@ def train_worker(args: dict) -> None:
     train_loop_config: {"job": JobConfig, "spec": RunSpec}, as the runner built them (Ray pickles
     them: no conversion on the way). What the worker prints goes to the run's folder in the store as
     well (`orch logs`), its traceback first if it fails."""
+    run_worker(args, Trainer)
+
+
+def run_worker(args: dict, worker_class: type) -> None:
+    """A worker of `worker_class` (this module's trainer, or orchestrator.train.evaluate's) run with
+    its output kept in the store and its accelerator, ops and threads set up."""
     entered = time.time()
     job, spec = args["job"], args["spec"]
     rank = ray.train.get_context().get_world_rank()
@@ -109,7 +115,7 @@ def train_worker(args: dict) -> None:
         use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
         torch.set_num_threads(job.trainer.threads_per_worker)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        _Trainer(job, spec, entered).run()
+        worker_class(job, spec, entered).run()
     except Exception:
         output.failed(f"rank {rank} failed:\n{traceback.format_exc()}")
         raise
@@ -134,7 +140,7 @@ def _process_start() -> float:
         return time.time()
 
 
-class _Trainer:
+class Trainer:
     """One worker's training run: builds everything, runs the loop, closes everything."""
 
     def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None):
@@ -318,7 +324,10 @@ class _Trainer:
             self.spec.reporter.report.remote(report)
 
     def _evaluate(self, engine, val: SplitReader) -> float:
+        """The mean loss over trainer.eval_batches fixed global batches of the validation split, the
+        ranks sharing each; `engine`: a DeepSpeed engine or a plain model (left in the mode it was in)."""
         tr = self.job.trainer
+        was_training = engine.training
         engine.eval()
         losses = []
         with torch.no_grad():
@@ -328,7 +337,7 @@ class _Trainer:
                     x, y = val.batch(mb)
                     _, loss = engine(x.to(self.device), y.to(self.device))
                     losses.append(float(loss))
-        engine.train()
+        engine.train(was_training)
         return all_mean(losses, self.device)
 
     def _logged_eval(self, engine, val: SplitReader, step: int) -> float:
@@ -337,7 +346,7 @@ class _Trainer:
         self.history.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}, step=step)
         return eval_loss
 
-    def _heldout_qa(self, engine, step: int, eot: int) -> QAScore | None:
+    def _heldout_qa(self, module, step: int, eot: int) -> QAScore | None:
         """Greedy exact-match answers to the data's held-out questions (orchestrator.train.qa_eval),
         the ranks sharing them; logged to the history at `step`. None when the data has none."""
         questions = heldout_questions(self.job.data.source, self.job.data.seed)
@@ -347,7 +356,7 @@ class _Trainer:
 
         tok = tokenizer_from_json(self.tokenizer.decode())
         mine = rank_share(len(questions), self.rank, self.world)
-        (correct,) = all_sum([ask(engine.module, tok, questions, mine, eot, self.device)], self.device)
+        (correct,) = all_sum([ask(module, tok, questions, mine, eot, self.device)], self.device)
         score = QAScore(int(correct), len(questions))
         self.history.log({"eval/qa_exact_match": score.accuracy, "eval/qa_correct": score.correct,
                           "eval/qa_questions": score.questions}, step=step)
@@ -446,7 +455,7 @@ class _Trainer:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
         eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
-        qa = self._heldout_qa(engine, state.step, val.manifest.eot_id)
+        qa = self._heldout_qa(engine.module, state.step, val.manifest.eot_id)
         if qa is not None:
             state.qa_correct, state.qa_questions = qa.correct, qa.questions
         cadence.save_final(engine, state)

@@ -61,7 +61,7 @@ def _group_options() -> list[tuple[str, str]]:
 # Options only valid in combination: on their own they must fail with this exact reason.
 ONLY_IN_COMBINATION = {
     ("data", "qa"): "job 'pretrain': a pretrain job needs a text dataset, got data 'qa' of kind 'sft'",
-    ("pipeline", "finetune"): "job 'finetune': a finetune job needs weights to start from: depends_on a pretrain job "
+    ("pipeline", "finetune"): "job 'finetune': a finetune job needs weights: depends_on a job that trains them "
                               "(or `orch submit --after JOB_ID`), or init_from=MODEL",
 }
 # Settings that complete an option that is only valid in combination.
@@ -101,6 +101,17 @@ def test_every_option_of_every_group_composes(group, option):
         assert getattr(typed, key) == value, f"{group}={option}: {key}"
     for job in jobs.values():
         assert job.model == root.model and job.deepspeed == root.deepspeed and job.cluster == root.cluster
+
+
+def test_an_eval_job_needs_weights_and_metrics_orch_computes():
+    assert config_error("pipeline=pretrain", "pipeline.jobs.pretrain.kind=eval") == (
+        "job 'pretrain': an eval job needs weights: depends_on a job that trains them (or `orch submit --after "
+        "JOB_ID`), or init_from=MODEL")
+    msg = config_error("trainer.eval_metrics=[loss,bleu]")
+    assert "eval_metrics names 'bleu'" in msg and "choose from loss, qa_exact_match" in msg
+    _, jobs = compose("pipeline=pretrain", "pipeline.jobs.pretrain.kind=eval", "pipeline.jobs.pretrain.init_from=/m",
+                      "trainer.eval_metrics=[loss]")
+    assert jobs["pretrain"].kind == "eval" and jobs["pretrain"].trainer.eval_metrics == ("loss",)
 
 
 def test_sft_data_composes_in_the_finetune_job():

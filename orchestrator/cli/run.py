@@ -16,6 +16,8 @@ from orchestrator.jobs.policy import job_demand
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 
+WEIGHTS_OF_DEPENDENCY = "the weights of its dependency"
+
 
 def say(msg: str) -> None:
     print(stamp(msg), flush=True)
@@ -139,10 +141,14 @@ def print_jobs(jobs) -> None:
         after = f", after {', '.join(j.depends_on)}" if j.depends_on else ""
         count = (f"{j.workers} workers" if not j.max_workers
                  else f"{j.workers}-{j.max_workers} workers (elastic; the gang admitted is {j.workers})")
-        print(f"{j.name}: {j.kind}, {count} x {{{per}}} = {{{total}}} ({j.cluster.placement_strategy}), "
-              f"ZeRO-{j.deepspeed.stage} {j.deepspeed.precision} over {j.cluster.backend}, global batch "
-              f"{j.trainer.global_batch_size} = {j.workers} x {j.trainer.micro_batch_size} x "
-              f"{j.gradient_accumulation_steps(j.workers)} accumulation, {j.trainer.max_steps} steps{after}")
+        if j.kind == "eval":  # no optimizer, no steps: what it computes, on how much
+            work = (f"{', '.join(j.trainer.eval_metrics)} of {j.init_from or WEIGHTS_OF_DEPENDENCY}, "
+                    f"{j.trainer.eval_batches} validation batches of {j.trainer.global_batch_size}")
+        else:
+            work = (f"ZeRO-{j.deepspeed.stage} {j.deepspeed.precision} over {j.cluster.backend}, global batch "
+                    f"{j.trainer.global_batch_size} = {j.workers} x {j.trainer.micro_batch_size} x "
+                    f"{j.gradient_accumulation_steps(j.workers)} accumulation, {j.trainer.max_steps} steps")
+        print(f"{j.name}: {j.kind}, {count} x {{{per}}} = {{{total}}} ({j.cluster.placement_strategy}), {work}{after}")
 
 
 def _fmt(v, spec=".4f") -> str:

@@ -90,3 +90,14 @@ def artifacts(path: str | Path) -> list[dict]:
             out.append({"name": rec.use_artifact.name, "type": rec.use_artifact.type, "use_after_commit": True,
                         "refs": []})
     return out
+
+
+def summary(path: str | Path) -> dict:
+    """The run's summary as its records last set it: {key: value}."""
+    out: dict = {}
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                out[key] = json.loads(item.value_json)
+    return out

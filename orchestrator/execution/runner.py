@@ -134,10 +134,10 @@ class _Feed:
                 self.sink.update(rows)
                 self._tell()
 
-    def close(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0) -> None:
+    def close(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0, results: dict | None = None) -> None:
         self.stop.set()
         self.thread.join()
-        self.sink.finish(self._rows() or [], outputs, exit_code)
+        self.sink.finish(self._rows() or [], outputs, exit_code, results)
         self._tell()
 
 
@@ -291,12 +291,14 @@ class JobRunner:
                          say=self._say)
         self.feed = _Feed(job, run_uri(job.storage.root, rid), sink, self.log.emit)
 
-    def _close_feed(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0) -> None:
-        """The last rows and the outputs into the W&B run, which is closed (before the job's end is told)."""
+    def _close_feed(self, outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0,
+                    results: dict | None = None) -> None:
+        """The last rows, the outputs (and an eval job's results) into the W&B run, which is closed
+        (before the job's end is told)."""
         feed, self.feed = self.feed, None
         if feed is not None:
             try:
-                feed.close(outputs, exit_code)
+                feed.close(outputs, exit_code, results)
             except Exception as e:  # noqa: BLE001 - W&B never fails a job
                 self._say(f"W&B: could not close the run ({e})")
 
@@ -370,7 +372,7 @@ class JobRunner:
         if metrics["qa_questions"]:
             said.append(f"held-out QA exact match {metrics['qa_correct']}/{metrics['qa_questions']}")
         self._say(f"evaluated {result.get('weights')}: " + (", ".join(said) or "no metric"))
-        self._close_feed()
+        self._close_feed(results={k: v for k, v in result.items() if k != "at"})
         self.log.emit(EventKind.SUCCEEDED, metrics=metrics)
 
     def _final_state(self, job: JobConfig) -> dict:

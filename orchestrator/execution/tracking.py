@@ -98,12 +98,16 @@ class WandbSink:
         except Exception as e:  # noqa: BLE001 - W&B never fails a job
             self._degrade(e, rows)
 
-    def finish(self, rows: list[dict], outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0) -> None:
-        """The last rows, the outputs as reference artifacts, and the run closed."""
+    def finish(self, rows: list[dict], outputs: tuple[ArtifactRef, ...] = (), exit_code: int = 0,
+               results: dict | None = None) -> None:
+        """The last rows, the outputs as reference artifacts, `results` (an eval job's numbers: the
+        run's summary and a table, one row per number), and the run closed."""
         self.update(rows, final=True)
         if self.failed or self.run is None:
             return
         try:
+            if results:
+                self._results(results)
             for ref in outputs:
                 self.run.log_artifact(_artifact(ref), aliases=["latest"])
             self._close(exit_code)
@@ -165,6 +169,15 @@ class WandbSink:
                 self.run.use_artifact(_artifact(ref))
             else:  # offline: what use_artifact does with a draft artifact (logged, then used, at sync)
                 self.run._log_artifact(_artifact(ref), is_user_created=True, use_after_commit=True)
+
+    def _results(self, results: dict) -> None:
+        import wandb
+
+        numbers = {k: v for k, v in results.items() if isinstance(v, (int, float)) and k != "step"}
+        self.run.summary.update({f"eval/{k}": v for k, v in numbers.items()})
+        table = wandb.Table(columns=["weights", "step", "metric", "value"],
+                            data=[[results.get("weights"), results.get("step"), k, v] for k, v in numbers.items()])
+        self.run.log({"eval/results": table}, step=self.wandb_step)
 
     def _close(self, exit_code: int) -> None:
         """Finish the run and wait until its file is complete: `finish` returns before W&B's

@@ -18,11 +18,12 @@ from orchestrator.data.reader import SplitReader
 from orchestrator.jobs.store import JobStore
 from orchestrator.storage import open_store
 from orchestrator.train.history import read_history
+from tests import wandb_files
 
 pytestmark = pytest.mark.slow
 
 RUN = ["pipeline=pretrain", "model=gpt_tiny", "pipeline.jobs.pretrain.workers=1", "trainer.max_steps=8",
-       "data.num_documents=200", "tracking=none",
+       "data.num_documents=200",  # (W&B offline: the tests' environment)
        # the weights evaluated by 2 workers; then on the QA dataset (its held-out questions)
        "+pipeline.jobs.eval2={kind:eval,depends_on:[pretrain],workers:2}",
        "+pipeline.jobs.qa={kind:eval,depends_on:[pretrain],workers:1}", "+data@pipeline.jobs.qa.data=qa",
@@ -70,6 +71,14 @@ def test_eval_jobs_equal_a_direct_computation_at_any_worker_count(orch, tmp_path
     assert [r["step"] for r in rows] == [8] and rows[0]["metrics"]["eval/loss"] == two["metrics"]["eval_loss"]
     saved = json.loads(store.get(f"{job.storage.root.rstrip('/')}/runs/{two['id']}/eval.json"))
     assert saved["eval_loss"] == two["metrics"]["eval_loss"] and saved["weights"] == pre["export"]
+    # Its W&B run: the numbers in the summary, and the table of them.
+    run = wandb_files.run_file(two["wandb"]["dir"])
+    summary = wandb_files.summary(run)
+    assert summary["eval/eval_loss"] == pytest.approx(two["metrics"]["eval_loss"])
+    assert summary["eval/results/_type"] == "table-file"
+    table = json.loads((run.parent / "files" / summary["eval/results/path"]).read_text())
+    assert table["columns"] == ["weights", "step", "metric", "value"]
+    assert [pre["export"], 8, "eval_loss", two["metrics"]["eval_loss"]] in table["data"]
     # The QA dataset's held-out questions were asked (8 steps of pretraining answer few or none).
     assert qa["metrics"]["qa_questions"] == 20 and 0 <= qa["metrics"]["qa_correct"] <= 20
     assert f"{qa['id']}: evaluated {pre['export']}: eval loss" in result.stdout

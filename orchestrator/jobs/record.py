@@ -34,6 +34,7 @@ class JobRecord:
     sweep: dict = field(default_factory=dict)  # of a sweep's pipeline: {"id", "index", "count", "overrides"}
     user: str = ""  # who submitted it: what the submitter said (--user, ORCH_USER, the OS user); not authenticated
     queue: str = "default"  # the queue (team) whose quota and fair share it counts against
+    preemptions: int = 0  # times it was stopped to make room for another job (the restart ledger's preempted)
 
     @property
     def workers(self) -> int:

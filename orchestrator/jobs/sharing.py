@@ -4,7 +4,8 @@ queues' config, the usage ledger and `now`: the controller and bench/scale_sim.p
 
 One admission pass (`admit`) takes the QUEUED jobs in this order:
 
-    highest priority first; among equal priorities, the queue furthest below its share first:
+    highest priority first; then a job within its queue's quota before one that would borrow; then
+    the queue furthest below its share first:
         ratio(q) = (U_q + A_q * h) / weight_q        (lowest first; ties: FIFO, the lowest seq)
     U_q: the queue's decayed usage in worker-seconds (`advance_usage`: a worker-second used t
          seconds ago counts 2^(-t/h), h = queues.half_life_s, Slurm's decay);
@@ -32,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from orchestrator.config.schema import RESOURCES, QueuesConfig, QueueSpec
+from orchestrator.config.typed import to_dict
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.resources import Decision, fits, free_capacity, held, job_demand
 from orchestrator.jobs.state import JobState
@@ -185,7 +187,7 @@ class _Pass:
         self.blocker: JobRecord | None = None
         self.shadow: float | None = None
         self.lines: dict[str, list[JobRecord]] = {}
-        for j in sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq)):
+        for j in sorted((j for j in jobs if j.state.waiting), key=lambda j: (-j.priority, j.seq)):
             if j.queue in queues.teams:
                 self.lines.setdefault(j.queue, []).append(j)
             else:
@@ -196,12 +198,18 @@ class _Pass:
         return share_ratio(self.usage.by_queue.get(queue, 0.0), self.in_use.get(queue, {}).get("workers", 0.0),
                            self.queues.teams[queue].weight, self.queues.half_life_s)
 
+    def borrows(self, job: JobRecord) -> bool:
+        spec = self.queues.teams[job.queue]
+        return quota_check(job.queue, spec, self.in_use.get(job.queue, {}), charge(job)).verdict != "within"
+
     def next_job(self) -> JobRecord | None:
-        """The head to consider next: highest priority, then the queue furthest below its share, then FIFO."""
+        """The head to consider next: highest priority, then one within its queue's quota before one
+        that would borrow (so a preempted borrower does not take back the room it gave), then the
+        queue furthest below its share, then FIFO."""
         heads = [line[0] for line in self.lines.values() if line]
         if not heads:
             return None
-        job = min(heads, key=lambda j: (-j.priority, self.ratio(j.queue), j.seq))
+        job = min(heads, key=lambda j: (-j.priority, self.borrows(j), self.ratio(j.queue), j.seq))
         self.lines[job.queue].pop(0)
         return job
 
@@ -274,3 +282,40 @@ def _backfill(p: _Pass, job: JobRecord, quota: QuotaCheck) -> None:
     else:
         p.start(job, f"backfilled: ends in {run:.0f} s, before {b.id} can start (in {p.shadow - p.now:.0f} s)"
                 + (" (borrowing idle room)" if quota.verdict == "borrow" else ""))
+
+
+# ------------------------------------------------------------------------------------- report
+def queue_report(jobs: list[JobRecord], capacity: dict[str, float], queues: QueuesConfig, usage: Usage,
+                 now: float) -> dict:
+    """What `orch queue` shows: per queue its quota, borrowing limit, weight, what it holds and
+    borrows, its decayed usage, its share of usage against its entitled share; per waiting job why
+    it waits (what the next admission pass would decide)."""
+    result = admit(jobs, capacity, queues, usage, now)
+    in_use = queue_in_use(jobs)
+    h = queues.half_life_s
+    load = {q: usage.by_queue.get(q, 0.0) + in_use.get(q, {}).get("workers", 0.0) * h for q in queues.teams}
+    total, weights = sum(load.values()), sum(s.weight for s in queues.teams.values())
+    rows = []
+    for q, spec in queues.teams.items():
+        use = in_use.get(q, {})
+        borrowed = {r: use.get(r, 0.0) - spec.quota.get(r) for r in RESOURCES
+                    if spec.quota.get(r) is not None and use.get(r, 0.0) > spec.quota.get(r) + EPS}
+        rows.append({"queue": q, "quota": to_dict(spec.quota), "borrow_limit": to_dict(spec.borrow),
+                     "weight": spec.weight, "in_use": use, "borrowed": borrowed,
+                     "usage_worker_s": usage.by_queue.get(q, 0.0), "share": load[q] / total if total else 0.0,
+                     "entitled": spec.weight / weights, "waiting": sum(1 for j in jobs if j.queue == q
+                                                                       and (j.state.waiting or j.state is
+                                                                            JobState.PENDING))})
+    why = dict(result.waits)
+    for d in result.decisions:
+        why[d.job_id] = f"starts at the next decision ({d.reason})"
+    by_id = {j.id: j for j in jobs}
+    for j in jobs:
+        if j.state is JobState.PENDING:
+            dep = next((d for d in j.depends_on if d not in by_id or by_id[d].state is not JobState.SUCCEEDED), None)
+            why[j.id] = f"waits for its dependency {dep}" if dep else "its dependencies succeeded"
+    waiting = sorted((j for j in jobs if j.id in why), key=lambda j: (-j.priority, j.seq))
+    return {"at": now, "half_life_s": h, "queues": rows,
+            "jobs": [{"id": j.id, "queue": j.queue, "user": j.user, "priority": j.priority, "workers": j.workers,
+                      "state": j.state.value, "why": why[j.id]} for j in waiting]}
+

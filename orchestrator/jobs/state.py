@@ -20,10 +20,16 @@ class JobState(str, enum.Enum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     BLOCKED = "BLOCKED"  # a dependency failed or was cancelled: this job will never run
+    PREEMPTED = "PREEMPTED"  # stopped after a checkpoint to make room for another: waits at its old place
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for room: its dependencies met (QUEUED), or stopped to make room (PREEMPTED)."""
+        return self in (JobState.QUEUED, JobState.PREEMPTED)
 
     @property
     def active(self) -> bool:
@@ -37,9 +43,13 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.QUEUED, JobState.BLOCKED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     JobState.STARTING: frozenset({JobState.RUNNING, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED,
-                                  JobState.SUCCEEDED}),
-    JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED}),
+                                  JobState.SUCCEEDED, JobState.PREEMPTED}),
+    JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+                                 JobState.PREEMPTED}),
+    JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED,
+                                    JobState.PREEMPTED}),
+    # preempted: waits for room again at its original place in the queue (admitted like a QUEUED job)
+    JobState.PREEMPTED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     # retried by the user (a BLOCKED job: its dependency was retried)
     JobState.FAILED: frozenset({JobState.PENDING}),
     JobState.CANCELLED: frozenset({JobState.PENDING}),

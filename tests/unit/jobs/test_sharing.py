@@ -129,9 +129,9 @@ def test_borrowing_takes_idle_room_up_to_the_limit_and_never_blocks_others():
     busy = [job("x", S.RUNNING, queue="team-b", workers=2), job("a3", queue="team-a", workers=4, seq=3),
             job("b3", queue="team-b", workers=2, seq=4)]
     result = admit(busy, {"CPU": 5.0}, cfg, Usage(0.0, {"team-b": 1e9}), now=0.0)
-    assert started(result) == ["b3"]
+    assert started(result) == ["b3"]  # first: within its quota beats borrowing, whatever team-b's usage
     assert result.waits["a3"] == ("team-a would borrow beyond its quota and there is no idle room: needs 4 workers, "
-                                  "3 free")
+                                  "1 free")
     assert result.blocker is None
     # within its quota but no room: the blocker (what preemption would make room for)
     result = admit(busy, {"CPU": 3.0}, cfg, Usage(0.0, {"team-b": 1e9}), now=0.0)

@@ -23,7 +23,16 @@ from orchestrator.jobs.policy import dependency_decisions, never_fits, restart_d
 from orchestrator.jobs.preemption import choose_victims
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.jobs.retry import ORPHANED, blocked_dependents, retry_refusal
-from orchestrator.jobs.sharing import DEFAULT_QUEUE, UNLIMITED, Usage, admit, advance_usage, queue_in_use, queue_report
+from orchestrator.jobs.sharing import (
+    DEFAULT_QUEUE,
+    UNLIMITED,
+    Usage,
+    admit,
+    advance_usage,
+    never_fits_queue,
+    queue_in_use,
+    queue_report,
+)
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
 
@@ -118,9 +127,10 @@ class Controller:
                           queue=queue)
                 for j in jobs
             ])
-        capacity = self.capacity()
+        capacity, spec = self.capacity(), self.queues().teams[queue]
         for r in (r for records in out for r in records):
             why = None if r.config["cluster"].get("autoscaling") else never_fits(r, capacity)
+            why = why or never_fits_queue(r, spec)
             if why:
                 raise ClusterError(why)
         self.store.add([r for records in out for r in records])

@@ -124,6 +124,17 @@ def quota_check(queue: str, spec: QueueSpec, in_use: dict[str, float], need: dic
     return QuotaCheck(verdict)
 
 
+def never_fits_queue(job: JobRecord, spec: QueueSpec) -> str | None:
+    """Why `job` can never run in its queue (more than its quota and borrowing limit), or None."""
+    for r, need in charge(job).items():
+        nominal, limit = spec.quota.get(r), spec.borrow.get(r)
+        if nominal is not None and limit is not None and need > nominal + limit + EPS:
+            unit = "workers" if r == "workers" else r
+            return (f"job {job.name} needs {need:g} {unit} but queue {job.queue} may hold at most {nominal + limit:g} "
+                    f"(quota {nominal:g} + borrowing {limit:g}); lower its workers, or submit to another --queue")
+    return None
+
+
 def within_nominal(spec: QueueSpec, in_use: dict[str, float]) -> bool:
     """Whether a queue holds no more than its nominal quota of every resource."""
     return all(spec.quota.get(r) is None or in_use.get(r, 0.0) <= spec.quota.get(r) + EPS for r in RESOURCES)

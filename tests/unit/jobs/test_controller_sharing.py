@@ -147,3 +147,15 @@ def test_no_preemption_of_a_job_younger_than_the_minimum_runtime(env):
     env.add("high", priority=5, workers=4)
     c.step(["low", "high"])
     assert env.launcher.runners["low"].requests == [] and env.state("high") is S.QUEUED
+
+
+def test_a_job_larger_than_its_queues_limit_is_refused_at_submit(env):
+    from orchestrator.jobs.sharing import never_fits_queue
+
+    c = env.controller(queues(quota_a=2))
+    big = record("big", workers=3)
+    big.queue = "team-a"
+    assert never_fits_queue(big, c.queues().teams["team-a"]) == (
+        "job big needs 3 workers but queue team-a may hold at most 2 (quota 2 + borrowing 0); lower its workers, or "
+        "submit to another --queue")
+    assert never_fits_queue(big, c.queues().teams["team-b"]) is None  # no quota there

@@ -71,3 +71,23 @@ def test_the_view_shows_quota_use_borrowing_share_and_why_each_job_waits():
     # share: (7200 + 3 x 3600) / (that + 4 x 3600) = 56%
     assert a.split() == ["team-a", "1", "2/-/-", "2/-/-", "3/0/3", "1", "workers", "7,200", "56%", "50%", "0"]
     assert "b1  team-b  alice  p0  1w  QUEUED: team-b at its quota 4/4 workers and nothing to borrow" in text
+
+
+def test_the_readme_sharing_commands_parse_and_its_queue_set_composes():
+    import shlex
+    from pathlib import Path
+
+    from orchestrator.cli.main import build_parser
+    from orchestrator.config.compose import compose_root
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("## Sharing a cluster", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0])[1:] for line in block.splitlines() if line.startswith("orch ")]
+    assert [c[0] for c in commands] == ["queue", "submit", "queue"]
+    for argv in commands:
+        args, extra = build_parser().parse_known_args(argv)
+        assert not [e for e in extra if e.startswith("-")], argv
+    queue_set = build_parser().parse_args(commands[0])
+    assert queue_set.action == "set"
+    assert compose_root(queue_set.overrides).queues.teams["team-a"].quota.workers == 8

@@ -30,6 +30,7 @@ cluster's old order: priority, then FIFO, no overtaking.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from orchestrator.config.schema import RESOURCES, QueuesConfig, QueueSpec
@@ -197,10 +198,10 @@ class _Pass:
         self.waits: dict[str, str] = {}
         self.blocker: JobRecord | None = None
         self.shadow: float | None = None
-        self.lines: dict[str, list[JobRecord]] = {}
+        self.lines: dict[str, deque[JobRecord]] = {}  # each queue's waiting jobs, its head first
         for j in sorted((j for j in jobs if j.state.waiting), key=lambda j: (-j.priority, j.seq)):
             if j.queue in queues.teams:
-                self.lines.setdefault(j.queue, []).append(j)
+                self.lines.setdefault(j.queue, deque()).append(j)
             else:
                 self.waits[j.id] = (f"its queue {j.queue!r} is not configured (queues: {', '.join(queues.teams)}); "
                                     f"`orch queue set` defines it")
@@ -221,12 +222,12 @@ class _Pass:
         if not heads:
             return None
         job = min(heads, key=lambda j: (-j.priority, self.borrows(j), self.ratio(j.queue), j.seq))
-        self.lines[job.queue].pop(0)
+        self.lines[job.queue].popleft()
         return job
 
     def close(self, queue: str, head: JobRecord) -> None:
         """The queue's later jobs wait behind its head (FIFO within a queue)."""
-        for j in self.lines.pop(queue, []):
+        for j in self.lines.pop(queue, ()):
             self.waits[j.id] = f"behind {head.id} in queue {queue}"
 
     def start(self, job: JobRecord, reason: str) -> None:

@@ -73,6 +73,8 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
     split evenly over the new workers, and the new gang must fit beside the other active jobs."""
     if job.state is not JobState.RUNNING:
         return f"job {job.id} is {job.state.value}; only a RUNNING job can be scaled"
+    if job.requested:  # (a preemption or cancel in progress: its request would be overwritten)
+        return f"job {job.id} has a {job.requested.get('action')} in progress; scale it once that has taken effect"
     if job.config.get("max_workers"):
         return (f"job {job.id} is elastic ({job.workers}-{job.config['max_workers']} workers): Ray Train sizes it to "
                 f"the room it finds; submit it with fixed workers to scale it by hand")

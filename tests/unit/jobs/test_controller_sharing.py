@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.config.schema import QueuesConfig, QueueSpec, Resources
 from orchestrator.config.typed import to_dict
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ClusterError, ConfigError
 from orchestrator.jobs.controller import Controller
 from orchestrator.jobs.events import AttemptReason, EventKind
 from orchestrator.jobs.state import JobState
@@ -159,3 +159,14 @@ def test_a_job_larger_than_its_queues_limit_is_refused_at_submit(env):
         "job big needs 3 workers but queue team-a may hold at most 2 (quota 2 + borrowing 0); lower its workers, or "
         "submit to another --queue")
     assert never_fits_queue(big, c.queues().teams["team-b"]) is None  # no quota there
+
+
+def test_a_job_being_preempted_is_not_scaled(env):
+    c = env.controller()
+    env.add("low", workers=4)
+    c.step(["low"])
+    _running(env, c, "low", step=30, committed=20)
+    env.add("high", priority=5, workers=4)
+    c.step(["low", "high"])
+    with pytest.raises(ClusterError, match="job low has a preempt in progress; scale it once that has taken effect"):
+        c.scale("low", 2)

@@ -622,7 +622,7 @@ def main() -> None:
     if args.part == "sharing":
         from sharing_sim import run_sharing  # (bench/, beside this file)
 
-        run_sharing(Cluster, args.nodes, args.jobs, args.seed)
+        run_sharing(Cluster, args.nodes, args.jobs, args.seed, args.tick_s)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -215,7 +216,7 @@ class SharingSim:
         self.stats.decisions += len(result.decisions)
         for d in result.decisions:
             self._start(self.records[d.job_id])
-        if not result.blocker or result.decisions or any(r.request_s is not None for r in self.runs.values()):
+        if not result.blocker or any(r.request_s is not None for r in self.runs.values()):
             return
         jobs = [self.records[i] for i in self.live]
         t0 = time.perf_counter()
@@ -274,6 +275,9 @@ class SharingSim:
             self._progress()
             self._admit()
             self.stats.ticks += 1
+            if self.stats.ticks % 200 == 0:  # (a long run says how far it is)
+                print(f"    ... {self.now / 3600:.1f} h simulated, {len(self.live)} jobs live, {len(self.future)} to "
+                      f"arrive", file=sys.stderr, flush=True)
             nxt = max(self.now + self.tick_s, math.ceil(self._next_time() / self.tick_s) * self.tick_s)
             self._account(nxt - self.now)
             self.now = nxt
@@ -291,17 +295,18 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] if xs else float("nan")
 
 
-def run_sharing(cluster_cls, nodes: int, n_jobs: int, seed: int) -> dict:
+def run_sharing(cluster_cls, nodes: int, n_jobs: int, seed: int, tick_s: float = 60.0) -> dict:
     """Both victim rules on the same workload; prints the figures and returns them."""
     gpus = nodes * 8
     queues = sharing_queues(gpus)
-    print(f"sharing: {nodes} nodes x 8 GPUs, {n_jobs} jobs in bursts (seed {seed}), queues "
+    print(f"sharing: {nodes} nodes x 8 GPUs, {n_jobs} jobs in bursts (seed {seed}), a decision every {tick_s:g} s "
+          f"simulated, queues "
           + ", ".join(f"{q} weight {s.weight:g} quota {s.quota.workers:g} (+{s.borrow.workers:g} borrowable)"
                       for q, s in queues.teams.items()))
     out = {}
     for name, order in (("least lost work", least_loss), ("newest first", newest_first)):
         t0 = time.perf_counter()
-        stats = SharingSim(cluster_cls(nodes), make_sharing_jobs(n_jobs, seed), queues, order, seed).run()
+        stats = SharingSim(cluster_cls(nodes), make_sharing_jobs(n_jobs, seed), queues, order, seed, tick_s).run()
         out[name] = (stats, time.perf_counter() - t0)
     stats, wall = out["least lost work"]
     total_w, total_ws = sum(TEAMS.values()), sum(stats.worker_s.values()) or 1.0

@@ -162,7 +162,7 @@ class Controller:
             self.say(f"{d.job_id}: STARTING" + (f" ({d.reason})" if d.reason.startswith("backfilled") else ""))
             # launched before (then retried, or preempted): it continues from its last committed checkpoint
             self._launch(record, AttemptReason.RESUME if record.launches else AttemptReason.FIRST)
-        if result.blocker and not result.decisions:
+        if result.blocker:  # (victims are chosen on the records as this pass left them)
             self._preempt(result.blocker, job_ids, queues, now)
 
     def _usage(self, jobs: list[JobRecord], queues: QueuesConfig, now: float) -> Usage:

@@ -4,6 +4,7 @@ goodput of a 16,384-GPU pretraining job under failures with `checkpoint.interval
     PYTHONPATH=. .venv/bin/python bench/scale_sim.py                 # both parts (about a minute)
     PYTHONPATH=. .venv/bin/python bench/scale_sim.py --part queue    # only the queue
     PYTHONPATH=. .venv/bin/python bench/scale_sim.py --part goodput  # only the goodput
+    PYTHONPATH=. .venv/bin/python bench/scale_sim.py --part sharing  # queues, fair share, preemption
 
 Part 1 (queue). 1,000 nodes x 8 GPUs (96 CPUs each), 10,000 jobs queued at t=0: 1 to 1,024 workers
 of one GPU each, priorities 0/1/5/10, pipelines of dependent jobs (pretrain -> finetune -> eval),
@@ -23,6 +24,9 @@ figures `bench/checkpoint_blocking.py --link-mbit 400` measured (issue 5): 0.674
 save with the background upload, 11.627 s for a synchronous save + upload (so ~11 s of upload
 during which a failure loses the save), and 26.1 s from kill -9 to the first step after resume.
 Effective training time = steps kept x step time / wall time. Target >= 95%.
+
+Part 3 (sharing; not in `both`): several queues with quotas, borrowing and bursts on the same
+cluster, with fair share and preemption (bench/sharing_sim.py says what it runs and prints).
 """
 
 from __future__ import annotations
@@ -599,7 +603,7 @@ def run_goodput(args) -> Goodput:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("queue", "goodput", "both"), default="both")
+    p.add_argument("--part", choices=("queue", "goodput", "both", "sharing"), default="both")
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=10_000)
     p.add_argument("--tick-s", type=float, default=60.0, help="simulated seconds between controller ticks")
@@ -615,6 +619,10 @@ def main() -> None:
         run_queue(args.nodes, args.jobs, args.seed, args.tick_s)
     if args.part in ("goodput", "both"):
         run_goodput(args)
+    if args.part == "sharing":
+        from sharing_sim import run_sharing  # (bench/, beside this file)
+
+        run_sharing(Cluster, args.nodes, args.jobs, args.seed, args.tick_s)
 
 
 if __name__ == "__main__":

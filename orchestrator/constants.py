@@ -2,6 +2,7 @@
 
 CONF_DIR_ENV = "ORCH_CONF_DIR"  # a config folder instead of the built-in one (conf/, linked as orchestrator/conf)
 STATE_DIR_ENV = "ORCH_STATE_DIR"  # the state folder (default: ./.orch)
+USER_ENV = "ORCH_USER"  # who submits (default: the OS user); what the submitter says, not authenticated
 DEFAULT_STATE_DIR = ".orch"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a job the Jobs API runs

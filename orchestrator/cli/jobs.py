@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from orchestrator.cli.queue import submitter
 from orchestrator.cli.resolve import Head, check_job_id, state_dir, where
 from orchestrator.cli.run import combinations, compose, print_dry_run, print_sweep, say
 from orchestrator.config.typed import to_dict
@@ -20,6 +21,7 @@ from orchestrator.raycluster.jobs_api import decode_jobs, encode_jobs
 def cmd_submit(args) -> int:
     for job in args.after:
         check_job_id(job)
+    args.user = submitter(args.user)  # (resolved here: a command forwarded to the head keeps the user said here)
     if args.multirun or args.sweep_json:
         return _submit_sweep(args)
     if args.jobs_json:  # on the head, sent by `orch submit --address http://...`: composed there
@@ -34,9 +36,14 @@ def cmd_submit(args) -> int:
     with where(args, control="submit", start=True) as target:
         if isinstance(target, Head):
             return target.forward(args, jobs_json=encode_jobs(job_dicts), overrides=[])
-        ids = target.client.submit(job_dicts, list(args.after))
+        ids = target.client.submit(job_dicts, list(args.after), owner(args))
     print("\n".join(ids))
     return 0
+
+
+def owner(args) -> dict:
+    """Who submits, to which queue (the controller refuses a queue it does not have)."""
+    return {"user": args.user, "queue": args.queue}
 
 
 def _check_no_secrets(jobs) -> None:
@@ -65,7 +72,7 @@ def _submit_sweep(args) -> int:
         if isinstance(target, Head):
             sent = encode_jobs([{"pipelines": pipelines, "sweep": sweep}])
             return target.forward(args, sweep_json=sent, overrides=[], multirun=False)
-        ids = target.client.submit_sweep(pipelines, list(args.after), sweep)
+        ids = target.client.submit_sweep(pipelines, list(args.after), sweep, owner(args))
     print(f"sweep {sweep['id']}: {len(ids)} pipeline(s) queued (their W&B group: {sweep['id']})")
     for job_ids, combo in zip(ids, sweep["overrides"]):
         print(f"{' '.join(job_ids)}  {' '.join(combo)}")

@@ -12,6 +12,8 @@
     orch cancel JOB [--now]                 checkpoint, then stop (--now: stop at once)
     orch scale JOB --workers N              checkpoint, restart at N workers from it
     orch retry JOB                          queue a FAILED or CANCELLED job again, from its last checkpoint
+    orch queue [--json]                     each queue's quota, use and share; why each waiting job waits
+    orch queue set [OVERRIDES...]           replace the cluster's queues (conf/queues/) on the running controller
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
@@ -42,6 +44,7 @@ from orchestrator.cli.jobs import (
     cmd_submit,
     cmd_sync,
 )
+from orchestrator.cli.queue import cmd_queue
 from orchestrator.cli.resolve import state_dir
 from orchestrator.cli.run import cmd_run, overrides, say
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, STATE_DIR_ENV
@@ -195,6 +198,10 @@ def _add_job_commands(sub) -> None:
                     help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
                     help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
+    sb.add_argument("--user", help="who submits (default: ORCH_USER, else the OS user); taken as said, not "
+                                   "authenticated")
+    sb.add_argument("--queue", default="default", help="the queue (team) the jobs count against (default: default; "
+                                                       "`orch queue` lists them)")
     sb.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     sb.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP)
     sb.add_argument("--jobs-json", help=argparse.SUPPRESS)  # resolved jobs, from `orch submit --address http://...`
@@ -245,6 +252,17 @@ def _add_job_commands(sub) -> None:
                              "dependents it blocked)")
     rt.add_argument("job")
     rt.set_defaults(func=cmd_retry)
+
+    qu = sub.add_parser("queue", parents=[*shared, CONFIG_DIR],
+                        help="each queue's quota, use, borrowing and fair share, and why each waiting job waits; "
+                             "`orch queue set OVERRIDES` replaces the queues on the running controller")
+    qu.add_argument("action", nargs="?", choices=("show", "set"), default="show",
+                    help="show (default), or set: conf/queues composed with OVERRIDES, used from the next decision")
+    qu.add_argument("overrides", nargs="*", help="for set: queues=OPTION and queues.KEY=VALUE, e.g. queues=two_teams "
+                                                 "queues.teams.team-a.quota.workers=8")
+    qu.add_argument("--json", action="store_true", help="machine-readable output")
+    qu.add_argument("--queues-json", help=argparse.SUPPRESS)  # the composed queues, from `orch queue set --address http://...`
+    qu.set_defaults(func=cmd_queue)
 
 
 def _add_model_commands(sub) -> None:

@@ -143,6 +143,10 @@ def no_cluster_message(command: str, verb: str, job: str | None, folder: str) ->
     if command == "submit":
         return (f"no cluster to submit to: start one with `orch up` (state folder {folder}), or pass --address / "
                 f"set RAY_ADDRESS; `orch run` runs a pipeline on an embedded cluster instead")
+    if command == "queue":
+        what = "set" if verb == "queue set" else "show"
+        return (f"no cluster whose queues to {what} (state folder {folder}): queues live in the controller of a "
+                f"cluster `orch up` started; start one, or pass --address / set RAY_ADDRESS")
     if command == "retry":
         return (f"no cluster to retry job {job} on (state folder {folder}): a job of `orch run` continues with "
                 f"`orch run --resume` and the same overrides, in the same folder; one of `orch up`'s cluster: start "

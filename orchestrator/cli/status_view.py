@@ -99,7 +99,8 @@ def _num(v, spec: str) -> str:
 
 _STATE_STYLE = {JobState.RUNNING: "green", JobState.SUCCEEDED: "bold green", JobState.FAILED: "bold red",
                 JobState.CANCELLED: "yellow", JobState.BLOCKED: "red", JobState.RESTARTING: "magenta",
-                JobState.STARTING: "cyan", JobState.QUEUED: "blue", JobState.PENDING: "dim"}
+                JobState.STARTING: "cyan", JobState.QUEUED: "blue", JobState.PENDING: "dim",
+                JobState.PREEMPTED: "yellow"}
 COLUMNS = ("JOB", "STATE", "STEP", "LOSS", "TOK/S", "MFU", "WORKERS", "RESTARTS", "ELAPSED", "ETA")
 
 

@@ -303,6 +303,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             init_from=init_from,
             resume_from=to_uri(spec.resume_from) if spec.resume_from else None,
             from_scratch=spec.from_scratch,
+            step_time_s=spec.step_time_s,
         )
         try:
             jobs.append(JobConfig(**fields))

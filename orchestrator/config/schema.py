@@ -267,9 +267,10 @@ class JobSpec:
     resume_from: Optional[str] = None
     # start from random weights even after a dependency (a baseline: what the dependency's weights add)
     from_scratch: bool = False
+    step_time_s: Optional[float] = None  # expected seconds per step (backfill), until the job has measured its own
 
     def __post_init__(self):
-        _positive(self, "workers")
+        _positive(self, "workers", "step_time_s")
         if self.from_scratch and self.init_from:
             raise ValueError(f"from_scratch=true and init_from={self.init_from} contradict each other; drop one")
         if self.max_workers is not None and self.max_workers < self.workers:
@@ -324,6 +325,54 @@ def dependency_order(deps: dict[str, tuple[str, ...]]) -> list[str]:
     return order
 
 
+RESOURCES = ("workers", "GPU", "CPU")  # what a queue's quota counts: a job's gang in workers, and what they hold
+
+
+@dataclass(frozen=True)
+class Resources:
+    """An amount of each resource a quota counts; null: no limit on that one."""
+
+    workers: Optional[float] = None  # Ray Train workers (an elastic job counts at its maximum)
+    GPU: Optional[float] = None
+    CPU: Optional[float] = None
+
+    def __post_init__(self):
+        _non_negative(self, *RESOURCES)
+
+    def get(self, resource: str) -> Optional[float]:
+        return getattr(self, resource)
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue (a team): what it is entitled to, what it may borrow, its weight in fair share."""
+
+    quota: Resources = field(default_factory=Resources)  # nominal: always its own (others' borrowing is preempted)
+    borrow: Resources = field(default_factory=Resources)  # beyond the quota, from room others leave idle (null: any)
+    weight: float = 1.0  # its entitled share of the cluster is weight / the sum of the weights
+
+    def __post_init__(self):
+        _positive(self, "weight")
+
+
+@dataclass(frozen=True)
+class QueuesConfig:
+    """The cluster's queues (conf/queues/*.yaml): `orch queue set` replaces them on a running controller."""
+
+    teams: dict[str, QueueSpec]  # queue name -> its quota, borrowing limit and weight
+    half_life_s: float = 3600.0  # fair share: past usage (worker-seconds) counts half after this long
+    min_runtime_s: float = 300.0  # a running job is never preempted before it ran this long
+    preempt_deadline_s: float = 300.0  # a victim's time to commit a checkpoint before it is stopped anyway
+
+    def __post_init__(self):
+        if not self.teams:
+            raise ValueError("queues.teams is empty; define at least one queue (e.g. queues=default)")
+        for name in self.teams:
+            safe_name(name, "queue name")
+        _positive(self, "half_life_s")
+        _non_negative(self, "min_runtime_s", "preempt_deadline_s")
+
+
 @dataclass(frozen=True)
 class RootConfig:
     """The whole composed configuration of one submission."""
@@ -338,6 +387,7 @@ class RootConfig:
     tracking: TrackingConfig
     cluster: ClusterConfig
     pipeline: PipelineConfig
+    queues: Optional[QueuesConfig] = None  # the queues of a cluster (conf/queues/); a job names one at submit
 
 
 @dataclass(frozen=True)
@@ -364,6 +414,7 @@ class JobConfig:
     resume_from: Optional[str] = None  # a checkpoint (or run) whose whole training state this job continues
     max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
     from_scratch: bool = False  # random initial weights, even after a dependency (a baseline to compare with)
+    step_time_s: Optional[float] = None  # expected seconds per step: a waiting job may backfill by it
 
     @property
     def needs_coordinator(self) -> bool:

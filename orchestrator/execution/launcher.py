@@ -137,14 +137,15 @@ class RayLauncher:
             pass
 
 
-def new_controller(store, capacity: Callable[[], dict[str, float]], say: Callable[[str], None], **launcher_options):
+def new_controller(store, capacity: Callable[[], dict[str, float]], say: Callable[[str], None], queues=None,
+                   **launcher_options):
     """A `Controller` on the connected Ray cluster (used by `orch run` and the controller actor). Where
     every job registers with Ray's AutoscalingCoordinator (RayLauncher's `coordinator`), the actor is
     created now, in the background."""
     launcher = RayLauncher(**launcher_options)
     if launcher.coordinator:
         threading.Thread(target=warm_coordinator, name="warm-coordinator", daemon=True).start()
-    return Controller(store, launcher, capacity=capacity, say=say, validate=job_config_from_dict)
+    return Controller(store, launcher, capacity=capacity, say=say, validate=job_config_from_dict, queues=queues)
 
 
 def warm_coordinator() -> None:

@@ -156,7 +156,7 @@ class JobRunner:
         self.next_reason: AttemptReason | None = AttemptReason(reason)  # of the next worker group
         self.world_size: int | None = None
         self.attempts = 0
-        self.stop: dict | None = None  # the pending request: {"action": "cancel" | "scale", "id", "job"}
+        self.stop: dict | None = None  # the pending request: {"action": "cancel" | "preempt" | "scale", "id", "job"}
         self.seen_requests: set[str] = set()
         self.placement_groups: list = []
         self.feed: _Feed | None = None  # the W&B run, fed from the history (tracking on)
@@ -330,7 +330,7 @@ class JobRunner:
 
         while True:
             stop = self._take_stop()
-            if stop and stop["action"] == Action.CANCEL:
+            if stop and stop["action"] in (Action.CANCEL, Action.PREEMPT):  # (both: commit, then stop)
                 self._close_feed()
                 self.log.emit(EventKind.STOPPED, checkpoint=self._final_state(job).get("uri"))
                 return

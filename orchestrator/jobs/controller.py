@@ -14,22 +14,30 @@ import time
 from typing import Callable, Protocol
 
 from orchestrator.checkpoint.layout import checkpoint_name
-from orchestrator.config.schema import JobConfig
-from orchestrator.config.typed import to_dict
-from orchestrator.errors import CheckpointError, ClusterError, OrchError
+from orchestrator.config.schema import JobConfig, QueuesConfig
+from orchestrator.config.typed import build, to_dict
+from orchestrator.errors import CheckpointError, ClusterError, ConfigError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, RunnerPoll, RunnerStatus
 from orchestrator.jobs.lifecycle import Change, apply_events
-from orchestrator.jobs.policy import (
-    admission_decisions,
-    dependency_decisions,
-    never_fits,
-    restart_decision,
-    scale_refusal,
-)
+from orchestrator.jobs.policy import dependency_decisions, never_fits, restart_decision, scale_refusal
+from orchestrator.jobs.preemption import choose_victims
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.jobs.retry import ORPHANED, blocked_dependents, retry_refusal
+from orchestrator.jobs.sharing import (
+    DEFAULT_QUEUE,
+    UNLIMITED,
+    Usage,
+    admit,
+    advance_usage,
+    never_fits_queue,
+    queue_in_use,
+    queue_report,
+)
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
+
+QUEUES_SETTING = "queues"  # the queues' config `orch queue set` gave (else the controller's default)
+USAGE_SETTING = "usage"  # the fair-share usage ledger (orchestrator.jobs.sharing.Usage)
 
 
 class Launcher(Protocol):
@@ -51,24 +59,57 @@ def new_sweep_id() -> str:
 
 class Controller:
     def __init__(self, store: JobStore, launcher: Launcher, capacity: Callable[[], dict[str, float]],
-                 say: Callable[[str], None] = print, validate: Callable[[dict], object] | None = None):
+                 say: Callable[[str], None] = print, validate: Callable[[dict], object] | None = None,
+                 queues: QueuesConfig | None = None, clock: Callable[[], float] = time.time):
         self.store = store
         self.launcher = launcher
         self.capacity = capacity
         self.say = say
         self.validate = validate  # checks a changed job config (a scale's), raising OrchError/ValueError
+        self.default_queues = queues or UNLIMITED  # until `orch queue set` stores others
+        self.clock = clock
         self.handles: dict[str, object] = {}
 
+    # ---------------------------------------------------------------------------------- queues
+    def queues(self) -> QueuesConfig:
+        """The queues in force: the last `orch queue set`, else the default (read at every decision)."""
+        stored = self.store.get_setting(QUEUES_SETTING)
+        return build(QueuesConfig, stored, "queues") if stored else self.default_queues
+
+    def set_queues(self, config: dict) -> QueuesConfig:
+        """Replace the queues' config (a composed `queues` group); it takes effect at the next decision."""
+        queues = build(QueuesConfig, config, "queues")  # a malformed quota: one ConfigError line naming it
+        self.store.put_setting(QUEUES_SETTING, to_dict(queues))
+        self.say(f"queues set: {', '.join(queues.teams)} (in force from the next decision)")
+        return queues
+
+    def queue_report(self) -> dict:
+        """What `orch queue` shows (orchestrator.jobs.sharing.queue_report) over the jobs not ended."""
+        jobs = [r for r in self.store.list() if not r.state.terminal]
+        usage = Usage.from_json(self.store.get_setting(USAGE_SETTING))
+        return queue_report(jobs, self.capacity(), self.queues(), usage, self.clock())
+
+    def check_queue(self, queue: str) -> None:
+        teams = self.queues().teams
+        if queue not in teams:
+            raise ConfigError(f"unknown queue {queue!r}: this cluster's queues are {', '.join(teams)}; submit with "
+                              f"--queue NAME (`orch queue` lists them), or define it with `orch queue set`")
+
     # ---------------------------------------------------------------------------------- submit
-    def submit(self, jobs: list[JobConfig], pipeline_id: str | None = None, after: list[str] = ()) -> list[JobRecord]:
+    def submit(self, jobs: list[JobConfig], pipeline_id: str | None = None, after: list[str] = (),
+               user: str = "", queue: str = DEFAULT_QUEUE) -> list[JobRecord]:
         """Record a pipeline's jobs as PENDING. Dependencies are named by job name inside the
         pipeline; `after` (job ids already submitted) is added to every job that has none there."""
-        return self.submit_sweep([jobs], after, pipeline_ids=[pipeline_id or new_pipeline_id()])[0]
+        return self.submit_sweep([jobs], after, pipeline_ids=[pipeline_id or new_pipeline_id()], user=user,
+                                 queue=queue)[0]
 
     def submit_sweep(self, pipelines: list[list[JobConfig]], after: list[str] = (), sweep: dict | None = None,
-                     pipeline_ids: list[str] | None = None) -> list[list[JobRecord]]:
+                     pipeline_ids: list[str] | None = None, user: str = "",
+                     queue: str = DEFAULT_QUEUE) -> list[list[JobRecord]]:
         """Record several pipelines at once (all or none). `sweep` ({"id", "overrides": one list per
-        pipeline}): they are one sweep's combinations, sharing the sweep id as their W&B group."""
+        pipeline}): they are one sweep's combinations, sharing the sweep id as their W&B group.
+        `user` (what the submitter said it is) and `queue` (one of the queues in force) go on every job."""
+        self.check_queue(queue)
         parents = [self.store.get(dep) for dep in after]  # raises JobNotFound with the fix
         pipeline_ids = pipeline_ids or [new_pipeline_id() for _ in pipelines]
         now = time.time()
@@ -82,12 +123,14 @@ class Controller:
             out.append([
                 JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
                           priority=j.priority, depends_on=[ids.get(d, d) for d in j.depends_on] or list(after),
-                          config=to_dict(j), created_at=now, wandb={"group": group}, sweep=tag)
+                          config=to_dict(j), created_at=now, wandb={"group": group}, sweep=tag, user=user,
+                          queue=queue)
                 for j in jobs
             ])
-        capacity = self.capacity()
+        capacity, spec = self.capacity(), self.queues().teams[queue]
         for r in (r for records in out for r in records):
             why = None if r.config["cluster"].get("autoscaling") else never_fits(r, capacity)
+            why = why or never_fits_queue(r, spec)
             if why:
                 raise ClusterError(why)
         self.store.add([r for records in out for r in records])
@@ -108,12 +151,62 @@ class Controller:
     def _admit(self, job_ids: list[str]) -> None:
         self._decide_dependencies(job_ids)
         jobs = self.store.get_many(job_ids)
+        queues, now = self.queues(), self.clock()
+        if self._enforce_deadlines(jobs, queues, now):
+            jobs = self.store.get_many(job_ids)
+        usage = self._usage(jobs, queues, now)
         autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
-        for d in admission_decisions(jobs, self.capacity(), autoscaling=autoscaling):
+        result = admit(jobs, self.capacity(), queues, usage, now, autoscaling=autoscaling)
+        for d in result.decisions:
             record = self.store.transition(d.job_id, d.state, d.reason)
-            self.say(f"{d.job_id}: STARTING")
-            # launched before (then retried): it continues from its last committed checkpoint
+            self.say(f"{d.job_id}: STARTING" + (f" ({d.reason})" if d.reason.startswith("backfilled") else ""))
+            # launched before (then retried, or preempted): it continues from its last committed checkpoint
             self._launch(record, AttemptReason.RESUME if record.launches else AttemptReason.FIRST)
+        if result.blocker:  # (victims are chosen on the records as this pass left them)
+            self._preempt(result.blocker, job_ids, queues, now)
+
+    def _usage(self, jobs: list[JobRecord], queues: QueuesConfig, now: float) -> Usage:
+        """The fair-share ledger advanced to `now` by the workers each queue holds (persisted)."""
+        held = {q: use.get("workers", 0.0) for q, use in queue_in_use(jobs).items()}
+        usage = advance_usage(Usage.from_json(self.store.get_setting(USAGE_SETTING)), held, now, queues.half_life_s)
+        self.store.put_setting(USAGE_SETTING, usage.to_json())
+        return usage
+
+    def _preempt(self, blocker_id: str, job_ids: list[str], queues: QueuesConfig, now: float) -> None:
+        """Ask the victims that free room for the blocker with the least lost work to commit and stop
+        (one preemption at a time: the next waits until its victims have stopped)."""
+        jobs = self.store.get_many(job_ids)
+        if any((j.requested or {}).get("action") == Action.PREEMPT for j in jobs):
+            return
+        blocker = next(j for j in jobs if j.id == blocker_id)
+        chosen = choose_victims(blocker, jobs, self.capacity(), queues, now)
+        if chosen is None or any(v not in self.handles for v in chosen.victims):
+            return
+        self.say(f"{blocker_id}: {chosen.reason}")
+        for victim in chosen.victims:
+            record = self.store.get(victim)
+            request = {"action": Action.PREEMPT.value, "id": f"preempt-{len(record.history)}", "for": blocker_id,
+                       "deadline": now + queues.preempt_deadline_s}
+            self.store.update(victim, requested=request)  # persisted before it is acted on
+            self.launcher.request_stop(self.handles[victim], request)
+            self.say(f"{victim}: preempting for {blocker_id}: checkpointing the current step (within "
+                     f"{queues.preempt_deadline_s:g} s), then stopping; it waits at its place in the queue")
+
+    def _enforce_deadlines(self, jobs: list[JobRecord], queues: QueuesConfig, now: float) -> bool:
+        """A victim that did not stop by its deadline is stopped anyway: it resumes from its previous
+        commit. True if one was."""
+        stopped = False
+        for r in jobs:
+            request = r.requested or {}
+            if request.get("action") != Action.PREEMPT or not r.state.active or now <= request["deadline"]:
+                continue
+            self._drop(r.id)
+            why = (f"preempted for {request['for']}: no checkpoint within {queues.preempt_deadline_s:g} s, stopped "
+                   f"anyway; resumes from its previous commit")
+            self.store.transition(r.id, JobState.PREEMPTED, why, requested=None, preemptions=r.preemptions + 1)
+            self.say(f"{r.id}: PREEMPTED: {why}")
+            stopped = True
+        return stopped
 
     def polls(self) -> list[tuple[object, int]]:
         """(runner handle, last event applied) of each job this controller drives."""
@@ -284,7 +377,7 @@ class Controller:
             return True
         for change in apply_events(record, poll.events):
             self._apply(record.id, change)
-            if change.ends:
+            if change.ends or change.state is JobState.PREEMPTED:  # (a preempted job's runner has stopped)
                 self._drop(record.id)
                 return True
         return False

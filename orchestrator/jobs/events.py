@@ -40,6 +40,7 @@ class Action(str, enum.Enum):
 
     CANCEL = "cancel"  # commit a checkpoint of the current step, then stop
     SCALE = "scale"  # commit a checkpoint, then a new worker group at `workers`
+    PREEMPT = "preempt"  # commit a checkpoint of the current step, then stop (the job is queued again)
 
 
 class RunnerStatus(str, enum.Enum):

@@ -8,6 +8,7 @@ number, in one write) and then acts on it. Nothing here touches Ray, files or th
     RUNNING --ATTEMPT_STARTED(resize)--> RUNNING        (an elastic resize is no failure)
     RESTARTING (scale requested) --ATTEMPT_STARTED(scale), ENGINE_READY--> RUNNING at the new size
     any active --SUCCEEDED | STOPPED | FAILED--> SUCCEEDED | CANCELLED | FAILED
+    any active (preempt requested) --STOPPED--> PREEMPTED   (waits for room again; resumes from the commit)
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def _progress(record: JobRecord, e: RunnerEvent) -> Change:
 
 def _stopped(record: JobRecord, e: RunnerEvent) -> Change:
     checkpoint = e.data.get("checkpoint") or record.checkpoint
+    if (record.requested or {}).get("action") == Action.PREEMPT:
+        why = f"preempted for {record.requested.get('for', 'another job')} after a checkpoint ({checkpoint})"
+        return Change(e.seq, JobState.PREEMPTED, why, {"checkpoint": checkpoint, "requested": None,
+                                                        "preemptions": record.preemptions + 1},
+                      say=f"PREEMPTED: {why}; it waits at its place in the queue and resumes from there")
     return Change(e.seq, JobState.CANCELLED, f"cancelled by the user after a checkpoint ({checkpoint})",
                   {"checkpoint": checkpoint, "failure_reason": "cancelled by the user", "requested": None},
                   say=f"CANCELLED: cancelled by the user after a checkpoint ({checkpoint})")

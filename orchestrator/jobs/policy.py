@@ -6,20 +6,12 @@ is tested on plain records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from orchestrator.jobs.events import Action
 from orchestrator.jobs.record import JobRecord
+from orchestrator.jobs.resources import Decision, fits, free_capacity, held, job_demand  # noqa: F401 (also for callers)
 from orchestrator.jobs.state import JobState
 
 _FAILED_DEPS = (JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED)
-
-
-@dataclass(frozen=True)
-class Decision:
-    job_id: str
-    state: JobState
-    reason: str
 
 
 def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
@@ -43,61 +35,15 @@ def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
     return out
 
 
-def job_demand(job: JobRecord, workers: int | None = None) -> dict[str, float]:
-    """All the resources a job's workers need at once (gang)."""
-    cluster = job.config["cluster"]
-    per = {"CPU": float(cluster["cpus_per_worker"])}
-    if cluster.get("gpus_per_worker"):
-        per["GPU"] = float(cluster["gpus_per_worker"])
-    return {k: v * (workers or job.workers) for k, v in per.items()}
-
-
-def held(job: JobRecord) -> dict[str, float]:
-    """What an active job is charged: its gang; an elastic job its maximum, which Ray Train may
-    grow it to whenever there is room (so it never takes what another admitted job waits for)."""
-    return job_demand(job, job.config.get("max_workers") or job.workers)
-
-
-def free_capacity(jobs: list[JobRecord], capacity: dict[str, float], exclude: str | None = None) -> dict[str, float]:
-    """What the active jobs (but `exclude`) leave free of `capacity`."""
-    free = dict(capacity)
-    for job in jobs:
-        if job.state.active and job.id != exclude:
-            for k, v in held(job).items():
-                free[k] = free.get(k, 0.0) - v
-    return free
-
-
-def fits(demand: dict[str, float], free: dict[str, float]) -> bool:
-    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
-
-
 def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float], autoscaling: bool = False) -> list[Decision]:
-    """Which QUEUED jobs start now: highest priority first, FIFO among equals, each only if all of
-    its workers fit in what the active jobs leave free. A job that does not fit does not let a
-    lower-priority job overtake it (no starvation of big jobs). On an autoscaling cluster the job
-    at the head of the queue is admitted when nothing else runs, fitting or not: its placement
-    group asks the autoscaler for the nodes."""
-    free = free_capacity(jobs, capacity)
-    queued = sorted((j for j in jobs if j.state is JobState.QUEUED), key=lambda j: (-j.priority, j.seq))
-    out = []
-    idle = not any(j.state.active for j in jobs)
-    placing = any(j.state in (JobState.STARTING, JobState.RESTARTING) for j in jobs)
-    for job in queued:
-        demand = job_demand(job)
-        if not fits(demand, free):
-            if autoscaling and idle and not out:
-                out.append(Decision(job.id, JobState.STARTING, "admitted: the autoscaler adds the nodes it needs"))
-            break
-        charge = held(job)
-        if job.config.get("max_workers") and not fits(charge, free) and (placing or out):
-            # An elastic job takes all the room it finds up to its maximum: it starts only once the
-            # gangs admitted before it hold their workers, so it cannot take theirs.
-            break
-        for k, v in charge.items():
-            free[k] = free.get(k, 0.0) - v
-        out.append(Decision(job.id, JobState.STARTING, "admitted: all workers fit"))
-    return out
+    """Which QUEUED jobs start now on a cluster of one unlimited queue: highest priority first, FIFO
+    among equals, each only if all of its workers fit in what the active jobs leave free; a job that
+    does not fit is not overtaken (but by backfill that cannot delay it). On an autoscaling cluster
+    the job at the head of the queue is admitted when nothing else runs, fitting or not: its
+    placement group asks the autoscaler for the nodes. `orchestrator.jobs.sharing.admit` decides."""
+    from orchestrator.jobs.sharing import admit  # (it builds on this module's resource arithmetic)
+
+    return admit(jobs, capacity, autoscaling=autoscaling).decisions
 
 
 def never_fits(job: JobRecord, capacity: dict[str, float]) -> str | None:
@@ -127,6 +73,8 @@ def scale_refusal(job: JobRecord, workers: int, jobs: list[JobRecord], capacity:
     split evenly over the new workers, and the new gang must fit beside the other active jobs."""
     if job.state is not JobState.RUNNING:
         return f"job {job.id} is {job.state.value}; only a RUNNING job can be scaled"
+    if job.requested:  # (a preemption or cancel in progress: its request would be overwritten)
+        return f"job {job.id} has a {job.requested.get('action')} in progress; scale it once that has taken effect"
     if job.config.get("max_workers"):
         return (f"job {job.id} is elastic ({job.workers}-{job.config['max_workers']} workers): Ray Train sizes it to "
                 f"the room it finds; submit it with fixed workers to scale it by hand")

@@ -32,6 +32,9 @@ class JobRecord:
     last_event_seq: int = 0  # the last event of the current runner the controller applied (exactly once)
     attempt: dict = field(default_factory=dict)  # the current worker group: {"number", "reason", "world_size"}
     sweep: dict = field(default_factory=dict)  # of a sweep's pipeline: {"id", "index", "count", "overrides"}
+    user: str = ""  # who submitted it: what the submitter said (--user, ORCH_USER, the OS user); not authenticated
+    queue: str = "default"  # the queue (team) whose quota and fair share it counts against
+    preemptions: int = 0  # times it was stopped to make room for another job (the restart ledger's preempted)
 
     @property
     def workers(self) -> int:

@@ -20,15 +20,21 @@ class JobState(str, enum.Enum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     BLOCKED = "BLOCKED"  # a dependency failed or was cancelled: this job will never run
+    PREEMPTED = "PREEMPTED"  # stopped after a checkpoint to make room for another: waits at its old place
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
     @property
+    def waiting(self) -> bool:
+        """Waiting for room: its dependencies met (QUEUED), or stopped to make room (PREEMPTED)."""
+        return self is JobState.QUEUED or self is JobState.PREEMPTED  # (identity: the policies ask 10^6 times)
+
+    @property
     def active(self) -> bool:
         """Holding (or about to hold) cluster resources."""
-        return self in (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING)
+        return self is JobState.RUNNING or self is JobState.STARTING or self is JobState.RESTARTING
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED})
@@ -37,9 +43,13 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.QUEUED, JobState.BLOCKED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     JobState.STARTING: frozenset({JobState.RUNNING, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED,
-                                  JobState.SUCCEEDED}),
-    JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED}),
+                                  JobState.SUCCEEDED, JobState.PREEMPTED}),
+    JobState.RUNNING: frozenset({JobState.RESTARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+                                 JobState.PREEMPTED}),
+    JobState.RESTARTING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.SUCCEEDED,
+                                    JobState.PREEMPTED}),
+    # preempted: waits for room again at its original place in the queue (admitted like a QUEUED job)
+    JobState.PREEMPTED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     # retried by the user (a BLOCKED job: its dependency was retried)
     JobState.FAILED: frozenset({JobState.PENDING}),
     JobState.CANCELLED: frozenset({JobState.PENDING}),

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 """
 
 _COLUMNS = ("id", "seq", "pipeline_id", "name", "kind", "state", "priority", "created_at")
@@ -146,3 +150,15 @@ class JobStore:
                 setattr(record, k, v)
             self._write(db, record)
             return record
+
+    # ------------------------------------------------------------------ cluster-wide settings
+    def get_setting(self, key: str) -> dict | None:
+        """A setting of the cluster kept beside the jobs (the queues' config, the usage ledger)."""
+        with self._connect() as db:
+            row = db.execute("SELECT body FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_setting(self, key: str, value: dict) -> None:
+        with self._lock, self._connect() as db:
+            db.execute("INSERT INTO settings (key, body) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET body = "
+                       "excluded.body", (key, json.dumps(value)))

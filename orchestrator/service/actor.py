@@ -19,7 +19,8 @@ import traceback
 
 import ray
 
-from orchestrator.config.compose import job_config_from_dict
+from orchestrator.config.compose import compose_root, job_config_from_dict
+from orchestrator.config.typed import to_dict
 from orchestrator.errors import OrchError
 from orchestrator.execution.launcher import new_controller
 from orchestrator.execution.preflight import preflight
@@ -68,7 +69,8 @@ class ControllerService:
         self.store = JobStore(self.state_dir)
         self.started_at = time.time()
         node_id = ray.get_runtime_context().get_node_id()
-        self.controller = new_controller(self.store, capacity, self._say, detached=True, namespace=NAMESPACE,
+        self.controller = new_controller(self.store, capacity, self._say, queues=default_queues(self._say),
+                                         detached=True, namespace=NAMESPACE,
                                          node_id=node_id, ray_storage=os.path.join(self.state_dir, "ray_results"))
         self._say(f"controller started (pid {os.getpid()}, state in {self.state_dir})")
         with self.lock:
@@ -102,20 +104,22 @@ class ControllerService:
                 "layout": CONTROLLER_LAYOUT}
 
     @_answer
-    def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
+    def submit(self, job_dicts: list[dict], after: list[str], owner: dict | None = None) -> list[str]:
+        """`owner`: {"user", "queue"} as the submitter gave them."""
         jobs = [job_config_from_dict(d) for d in job_dicts]
         preflight(jobs)
-        records = self.controller.submit(jobs, after=list(after))
+        records = self.controller.submit(jobs, after=list(after), **(owner or {}))
         self._said_submitted(records)
         return [r.id for r in records]
 
     @_answer
-    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict) -> list[list[str]]:
+    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict,
+                     owner: dict | None = None) -> list[list[str]]:
         """A sweep's pipelines (one per combination of its overrides), all or none."""
         jobs = [[job_config_from_dict(d) for d in p] for p in pipelines]
         for p in jobs:
             preflight(p)
-        out = self.controller.submit_sweep(jobs, after=list(after), sweep=sweep)
+        out = self.controller.submit_sweep(jobs, after=list(after), sweep=sweep, **(owner or {}))
         for records in out:
             self._said_submitted(records)
         return [[r.id for r in records] for records in out]
@@ -124,7 +128,18 @@ class ControllerService:
         for r in records:
             deps = f" after {', '.join(r.depends_on)}" if r.depends_on else ""
             sweep = f", sweep {r.sweep['id']}: {' '.join(r.sweep['overrides'])}" if r.sweep else ""
-            self._say(f"{r.id}: submitted ({r.kind}, {r.workers} workers, priority {r.priority}{sweep}){deps}")
+            self._say(f"{r.id}: submitted by {r.user or '?'} to queue {r.queue} ({r.kind}, {r.workers} workers, "
+                      f"priority {r.priority}{sweep}){deps}")
+
+    @_answer
+    def set_queues(self, config: dict) -> dict:
+        """`orch queue set`: the queues in force from the next decision on."""
+        return to_dict(self.controller.set_queues(config))
+
+    @_answer(locked=False)
+    def queues(self) -> dict:
+        """`orch queue`: each queue's quota, use and share; why each waiting job waits."""
+        return self.controller.queue_report()
 
     @_answer
     def retry(self, job_id: str) -> dict:
@@ -150,6 +165,16 @@ class ControllerService:
         text, offset = read_events(self.state_dir, job_id, offset)
         return {"text": text, "offset": offset, "terminal": record.state.terminal, "state": record.state.value,
                 "record": record.to_json()}
+
+
+def default_queues(say):
+    """The queues until `orch queue set` stores others: conf/'s `queues` group as composed by default
+    (queues=default); the built-in single unlimited queue if conf/ cannot be composed here."""
+    try:
+        return compose_root().queues
+    except OrchError as e:
+        say(f"conf/ queues could not be composed ({e}); one queue 'default' without quota until `orch queue set`")
+        return None
 
 
 def start_controller(state_dir: str):

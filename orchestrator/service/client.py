@@ -47,11 +47,18 @@ class Client:
 
         return ray.get(self.actor.ping.remote(), timeout=120)
 
-    def submit(self, job_dicts: list[dict], after: list[str]) -> list[str]:
-        return self._call("submit", job_dicts, after)
+    def submit(self, job_dicts: list[dict], after: list[str], owner: dict | None = None) -> list[str]:
+        return self._call("submit", job_dicts, after, owner)
 
-    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict) -> list[list[str]]:
-        return self._call("submit_sweep", pipelines, after, sweep)
+    def submit_sweep(self, pipelines: list[list[dict]], after: list[str], sweep: dict,
+                     owner: dict | None = None) -> list[list[str]]:
+        return self._call("submit_sweep", pipelines, after, sweep, owner)
+
+    def set_queues(self, config: dict) -> dict:
+        return self._call("set_queues", config)
+
+    def queues(self) -> dict:
+        return self._call("queues")
 
     def status(self, job_id: str | None = None) -> list[dict]:
         return self._call("status", job_id)

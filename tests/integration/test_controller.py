@@ -414,3 +414,44 @@ def test_runner_killed(orch, cluster):
     _assert_recovered(jobs[job], jobs[ref], before)
     assert any("runner died" in h["reason"] for h in jobs[job]["history"])
     cluster["ref"] = jobs[ref]
+
+
+def test_preemption_stops_the_job_that_loses_least_and_it_resumes_exactly(orch, cluster):
+    """A priority-5 submission that does not fit preempts the running priority-0 job (not the
+    priority-5 one beside it): the victim commits, shows PREEMPTED, waits at its place with its
+    dependent fine-tune (`orch queue` says why), then resumes with the losses of an uninterrupted
+    run, in one W&B run."""
+    cli = Cli(orch, cluster)
+    cli("queue", "set", "queues.min_runtime_s=0")  # (the default, 300 s, would outlast the test)
+    try:
+        steps = 150
+        common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=25"]
+        (ref,) = cli.submit(*common, "pipeline=pretrain", "pipeline.jobs.pretrain.priority=5", "--user", "alice")
+        low, tune = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=4", "~pipeline.jobs.finetune_scratch",
+                               "--user", "bob")
+        cli.wait(lambda j: j[ref]["state"] == "RUNNING" and j[low]["state"] == "RUNNING"
+                 and j[low]["metrics"].get("step", 0) >= 5, poll=0.5)
+        (high,) = cli.submit(*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=4", "trainer.max_steps=6",
+                             "trainer.micro_batch_size=3", "pipeline.jobs.pretrain.priority=5")
+        cli.wait(lambda j: j[low]["state"] == "PREEMPTED" and j[high]["state"] in ("STARTING", "RUNNING"), poll=0.5)
+        why = cli("queue").stdout
+        assert f"{low}  default  bob  p0  2w  PREEMPTED: needs 2 workers" in why, why
+        assert f"{tune}  default  bob  p0  1w  PENDING: waits for its dependency {low}" in why, why
+        jobs = cli.wait(lambda j: all(j[i]["state"] in ("SUCCEEDED", "FAILED") for i in (ref, low, tune, high)),
+                        timeout=900)
+    finally:
+        cli("queue", "set")  # the default queues again for the other tests
+    for i in (ref, low, tune, high):
+        assert jobs[i]["state"] == "SUCCEEDED", jobs[i]["failure_reason"]
+    victim = jobs[low]
+    assert [h["state"] for h in victim["history"]] == ["PENDING", "QUEUED", "STARTING", "RUNNING", "PREEMPTED",
+                                                       "STARTING", "RUNNING", "SUCCEEDED"]
+    preempted = next(h for h in victim["history"] if h["state"] == "PREEMPTED")
+    assert f"preempted for {high} after a checkpoint" in preempted["reason"] and victim["preemptions"] == 1
+    assert jobs[ref]["preemptions"] == 0 and victim["user"] == "bob" and jobs[ref]["user"] == "alice"
+    assert _span(jobs[high])[0] >= preempted["at"] and _span(jobs[tune])[0] >= _span(victim)[1]
+    expected, got = _losses(jobs[ref]), _losses(victim)
+    assert sorted(expected) == sorted(got) == list(range(1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    assert len(_runs(victim)) == 1

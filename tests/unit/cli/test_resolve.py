@@ -24,6 +24,10 @@ FORWARDED = [
     ["retry", "p1-pretrain"],
     ["submit", "--jobs-json", "e30=", "--after", "p0-pretrain", "--after", "p0-finetune"],
     ["submit", "model=gpt_tiny", "trainer.max_steps=40", "--dry-run"],
+    ["submit", "--jobs-json", "e30=", "--user", "alice", "--queue", "team-a"],
+    ["queue"],
+    ["queue", "--json"],
+    ["queue", "set", "--queues-json", "{}"],
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.schema import QueuesConfig
 from orchestrator.jobs.policy import Decision, admission_decisions
 from orchestrator.jobs.state import JobState
 
@@ -69,3 +70,40 @@ def test_goodput_under_failures_matches_the_first_order_model():
     expected = sim.analytic(3 * 3600.0, 0.674, 11.0, 300.0, sim.young_daly_s(0.674, 3 * 3600.0))
     assert g.ratio == pytest.approx(expected, abs=0.01)
     assert g.restart_s > g.blocking_s  # a 5-minute restart costs more than the saves
+
+
+# ------------------------------------------------------------------------------------- sharing
+_SPATH = Path(__file__).resolve().parents[3] / "bench" / "sharing_sim.py"
+_sspec = importlib.util.spec_from_file_location("sharing_sim", _SPATH)
+share = importlib.util.module_from_spec(_sspec)
+sys.modules.setdefault("sharing_sim", share)
+_sspec.loader.exec_module(share)
+
+
+def _share_run(policy=None, order=None, nodes: int = 20, jobs: int = 300):
+    from orchestrator.jobs.preemption import least_loss
+    from orchestrator.jobs.sharing import admit
+
+    s = share.SharingSim(sim.Cluster(nodes), share.make_sharing_jobs(jobs, 1), share.sharing_queues(nodes * 8),
+                         order or least_loss, seed=1, policy=policy or admit)
+    return s, s.run()
+
+
+def test_the_sharing_simulation_drains_its_bursts_within_every_quota():
+    s, stats = _share_run()
+    assert all(r.state is S.SUCCEEDED for r in s.records.values()) and len(s.records) + len(stats.refused) == 300
+    assert stats.preemptions >= 1 and stats.decisions > 3 * len(s.records)
+    limits = {q: spec.quota.workers + spec.borrow.workers for q, spec in s.queues.teams.items()}
+    assert all(stats.peak[q] <= limits[q] for q in limits)
+    assert sum(len(w) for w in stats.waits.values()) == len(s.records)
+
+
+def test_the_sharing_checks_catch_a_policy_that_ignores_quotas():
+    from orchestrator.jobs.sharing import UNLIMITED, admit
+
+    def no_quota(jobs, capacity, queues, usage, now):
+        return admit(jobs, capacity, QueuesConfig(teams={q: UNLIMITED.teams["default"] for q in queues.teams}),
+                     usage, now)
+
+    with pytest.raises(AssertionError, match="over its limit"):
+        _share_run(policy=no_quota)

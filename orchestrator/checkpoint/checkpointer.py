@@ -36,7 +36,7 @@ from orchestrator.checkpoint.layout import (
     read_marker,
     step_of,
 )
-from orchestrator.checkpoint.retention import to_delete
+from orchestrator.checkpoint.retention import protected_steps, read_pins, to_delete
 from orchestrator.checkpoint.safe_load import load, weights_only_loads
 from orchestrator.checkpoint.universal import UNIVERSAL_INFO, download_universal, ensure_universal
 from orchestrator.config.schema import CheckpointConfig
@@ -209,7 +209,9 @@ class Checkpointer:
         self.store.put(join_uri(uri, COMMIT_MARKER), json.dumps(marker, indent=1).encode())  # last: now it exists
         self.store.delete_prefix(join_uri(uri, RANKS_DIR) + "/")
         log.info("checkpoint %s committed", uri)
-        for ref in to_delete(list_checkpoints(self.store, self.run), self.cfg.keep_last, self.cfg.keep_every, step):
+        refs = list_checkpoints(self.store, self.run)
+        pinned = protected_steps(read_pins(self.store, self.run), [r.step for r in refs if r.committed])
+        for ref in to_delete(refs, self.cfg.keep_last, self.cfg.keep_every, step, pinned):
             # Marker first, so a half-deleted checkpoint is never mistaken for a committed one.
             self.store.delete(join_uri(ref.uri, COMMIT_MARKER))
             self.store.delete_prefix(ref.uri + "/")

@@ -20,7 +20,7 @@ from orchestrator.raycluster.jobs_api import decode_jobs, encode_jobs
 # --------------------------------------------------------------------------------------- submit
 def cmd_submit(args) -> int:
     for job in args.after:
-        check_job_id(job)
+        check_job_id(job.partition("@")[0])  # (JOB@every:N: a checkpoint trigger, checked with the config)
     args.user = submitter(args.user)  # (resolved here: a command forwarded to the head keeps the user said here)
     if args.multirun or args.sweep_json:
         return _submit_sweep(args)

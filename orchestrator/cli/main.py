@@ -197,7 +197,9 @@ def _add_job_commands(sub) -> None:
     sb.add_argument("overrides", nargs="*",
                     help="Hydra overrides, e.g. pipeline=pretrain pipeline.jobs.pretrain.priority=5")
     sb.add_argument("--after", action="append", default=[], metavar="JOB",
-                    help="start only after JOB succeeded (and fine-tune from its weights); repeatable")
+                    help="start only after JOB succeeded (and fine-tune from its weights); repeatable. "
+                         "JOB@every:N / JOB@step:N: start once for each matching committed checkpoint of JOB, "
+                         "from its weights")
     sb.add_argument("--user", help="who submits (default: ORCH_USER, else the OS user); taken as said, not "
                                    "authenticated")
     sb.add_argument("--queue", default="default", help="the queue (team) the jobs count against (default: default; "

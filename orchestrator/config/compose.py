@@ -282,11 +282,14 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             data = dataclasses.replace(data, tokenizer_uri=to_uri(data.tokenizer_uri))
         if data.source and not data.source.startswith("generated:"):  # (likewise)
             data = dataclasses.replace(data, source=to_uri(data.source))
+        deps = tuple(spec.depends_on) or tuple(after)
+        triggers = [d.partition("@")[2] for d in deps if "@" in d]  # (JobConfig: one dependency, then)
         fields = dict(
             name=name,
             kind=spec.kind,
             pipeline=root.pipeline.name,
-            depends_on=tuple(spec.depends_on) or tuple(after),
+            depends_on=tuple(d.partition("@")[0] for d in deps),
+            trigger=triggers[0] if triggers else None,
             workers=spec.workers,
             max_workers=spec.max_workers,
             priority=spec.priority,

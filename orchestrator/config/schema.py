@@ -295,8 +295,29 @@ class PipelineConfig:
         self.job_order()  # an unknown dependency or a cycle fails here, when the config is built
 
     def job_order(self) -> list[str]:
-        """The job names, each after the jobs it depends on."""
-        return dependency_order({n: s.depends_on for n, s in self.jobs.items()})
+        """The job names, each after the jobs it depends on (`JOB@every:N` depends on JOB)."""
+        return dependency_order({n: tuple(d.partition("@")[0] for d in s.depends_on) for n, s in self.jobs.items()})
+
+
+_TRIGGER = re.compile(r"(every|step):([1-9][0-9]*)")
+
+
+def trigger_matches(trigger: str, step: int) -> bool:
+    """Whether checkpoint trigger `trigger` (`every:N`: each multiple of N; `step:N`: step N) takes a
+    committed checkpoint of step `step` (orchestrator.jobs.triggers)."""
+    m = _TRIGGER.fullmatch(trigger)
+    if not m:
+        raise ValueError(f"the trigger {trigger!r} is not a checkpoint trigger; write JOB@every:N (each committed "
+                         f"checkpoint at a multiple of N steps) or JOB@step:N (the one at step N), N >= 1")
+    n = int(m.group(2))
+    return step > 0 and (step % n == 0 if m.group(1) == "every" else step == n)
+
+
+def _check_trigger(trigger: str, depends_on: tuple[str, ...]) -> None:
+    trigger_matches(trigger, 0)  # (raises the one line for a malformed rule)
+    if len(depends_on) != 1:
+        raise ValueError(f"a job triggered by checkpoints ({trigger}) depends on exactly one job, the one whose "
+                         f"checkpoints start it; it names {len(depends_on)}")
 
 
 def dependency_order(deps: dict[str, tuple[str, ...]]) -> list[str]:
@@ -415,6 +436,9 @@ class JobConfig:
     max_workers: Optional[int] = None  # elastic upper bound (Ray Train resizes between workers and this)
     from_scratch: bool = False  # random initial weights, even after a dependency (a baseline to compare with)
     step_time_s: Optional[float] = None  # expected seconds per step: a waiting job may backfill by it
+    # `every:N` / `step:N`: a trigger, run once per matching committed checkpoint of its one dependency
+    # (orchestrator.jobs.triggers), from that checkpoint's weights
+    trigger: Optional[str] = None
 
     @property
     def needs_coordinator(self) -> bool:
@@ -430,6 +454,8 @@ class JobConfig:
 
     def __post_init__(self):
         safe_name(self.name, "name")  # also for jobs that reach the controller as dicts (`orch submit`)
+        if self.trigger is not None:
+            _check_trigger(self.trigger, self.depends_on)
         if self.kind in ("finetune", "eval") and not (self.depends_on or self.init_from or self.from_scratch):
             raise ValueError(f"a{'n' if self.kind == 'eval' else ''} {self.kind} job needs weights: depends_on a job "
                              f"that trains them (or `orch submit --after JOB_ID`), or init_from=MODEL")

@@ -35,6 +35,7 @@ from orchestrator.jobs.sharing import (
 )
 from orchestrator.jobs.state import JobState
 from orchestrator.jobs.store import JobStore
+from orchestrator.jobs.trigger_driver import TriggerDriver
 
 QUEUES_SETTING = "queues"  # the queues' config `orch queue set` gave (else the controller's default)
 USAGE_SETTING = "usage"  # the fair-share usage ledger (orchestrator.jobs.sharing.Usage)
@@ -69,6 +70,7 @@ class Controller:
         self.default_queues = queues or UNLIMITED  # until `orch queue set` stores others
         self.clock = clock
         self.handles: dict[str, object] = {}
+        self.triggers = TriggerDriver(store, say, clock)
 
     # ---------------------------------------------------------------------------------- queues
     def queues(self) -> QueuesConfig:
@@ -110,7 +112,7 @@ class Controller:
         pipeline}): they are one sweep's combinations, sharing the sweep id as their W&B group.
         `user` (what the submitter said it is) and `queue` (one of the queues in force) go on every job."""
         self.check_queue(queue)
-        parents = [self.store.get(dep) for dep in after]  # raises JobNotFound with the fix
+        parents = [self.store.get(dep.partition("@")[0]) for dep in after]  # raises JobNotFound with the fix
         pipeline_ids = pipeline_ids or [new_pipeline_id() for _ in pipelines]
         now = time.time()
         out = []
@@ -122,7 +124,8 @@ class Controller:
             ids = {j.name: f"{pipeline_id}-{j.name}" for j in jobs}
             out.append([
                 JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
-                          priority=j.priority, depends_on=[ids.get(d, d) for d in j.depends_on] or list(after),
+                          priority=j.priority,
+                          depends_on=[ids.get(d, d) for d in j.depends_on] or [a.partition("@")[0] for a in after],
                           config=to_dict(j), created_at=now, wandb={"group": group}, sweep=tag, user=user,
                           queue=queue)
                 for j in jobs
@@ -134,11 +137,14 @@ class Controller:
             if why:
                 raise ClusterError(why)
         self.store.add([r for records in out for r in records])
+        self.triggers.pin([r for records in out for r in records])
         return out
 
     # ------------------------------------------------------------------------------------ step
     def step(self, job_ids: list[str]) -> bool:
-        """One pass of the loop over `job_ids`. Returns True while any of them is not terminal."""
+        """One pass of the loop over `job_ids`. Returns True while any of them is not terminal. The
+        jobs that checkpoint triggers among them start are added to `job_ids` (the list given)."""
+        self.triggers.step(job_ids)
         self._admit(job_ids)
         ended = False
         for job_id, handle in list(self.handles.items()):

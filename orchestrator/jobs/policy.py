@@ -16,7 +16,9 @@ _FAILED_DEPS = (JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED)
 
 def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
     """PENDING jobs whose dependencies all SUCCEEDED become QUEUED; any failed, cancelled or
-    blocked dependency makes them BLOCKED (they never run)."""
+    blocked dependency makes them BLOCKED (they never run). A checkpoint trigger waits for none of
+    that: the controller's trigger driver decides it (it is only BLOCKED here when its dependency
+    does not exist)."""
     by_id = {j.id: j for j in jobs}
     out = []
     for job in jobs:
@@ -25,6 +27,8 @@ def dependency_decisions(jobs: list[JobRecord]) -> list[Decision]:
         deps = [by_id[d] for d in job.depends_on if d in by_id]
         missing = [d for d in job.depends_on if d not in by_id]
         bad = [d for d in deps if d.state in _FAILED_DEPS]
+        if job.config.get("trigger") and not missing:
+            continue  # started by its dependency's checkpoints, ended after it (orchestrator.jobs.triggers)
         if missing:
             out.append(Decision(job.id, JobState.BLOCKED, f"dependency {missing[0]} does not exist"))
         elif bad:

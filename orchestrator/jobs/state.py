@@ -40,7 +40,8 @@ class JobState(str, enum.Enum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.BLOCKED})
 
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.QUEUED, JobState.BLOCKED, JobState.CANCELLED}),
+    # (PENDING -> SUCCEEDED: a checkpoint trigger, which never runs itself, ends after its instances)
+    JobState.PENDING: frozenset({JobState.QUEUED, JobState.BLOCKED, JobState.CANCELLED, JobState.SUCCEEDED}),
     JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     JobState.STARTING: frozenset({JobState.RUNNING, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED,
                                   JobState.SUCCEEDED, JobState.PREEMPTED}),

@@ -138,11 +138,35 @@ def status_table(records: list[JobRecord], now: float | None = None, width: int 
     return table
 
 
+RESTARTS_SHOWN = 5  # the restart ledger lines under the table, per job (`--json`: all of them)
+
+
+def restart_lines(r: JobRecord) -> list[str]:
+    """The job's last restarts (when, class, ranks and nodes, the step it failed at and resumed
+    from, what was lost) and its last stall with where its stacks are."""
+    lines = []
+    first = max(0, len(r.restart_log) - RESTARTS_SHOWN)
+    for n, e in enumerate(r.restart_log[first:], start=first + 1):
+        who = "".join([f" of rank {', '.join(map(str, e['ranks']))}" if e.get("ranks") else "",
+                       f" on {', '.join(e['nodes'])}" if e.get("nodes") else ""])
+        resumed = ("; not resumed (its group failed first)" if e.get("resumed_from_step") is None else
+                   f", resumed from step {e['resumed_from_step']} ({e['steps_lost']} steps, "
+                   f"{fmt_duration(e['seconds_lost'])} lost)")
+        at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        lines.append(f"{r.id}: restart {n} at {at}: {e['class']}{who} at step {e.get('failed_at_step')}{resumed}")
+    stall = next((f for f in reversed(r.failures) if f.get("class") == "stall"), None)
+    if stall is not None:
+        lines.append(f"{r.id}: last stall: {stall.get('line')} (every rank's stacks: {stall.get('dumps')})")
+    return lines
+
+
 def failures(records: list[JobRecord]):
-    """The one-line failure reasons under the table (rich Text: reasons may hold [brackets])."""
+    """The one-line failure reasons under the table, then each job's restarts and last stall (rich
+    Text: reasons may hold [brackets])."""
     from rich.text import Text
 
-    return [Text(f"{r.id}: {r.failure_reason}") for r in records if r.failure_reason]
+    return ([Text(f"{r.id}: {r.failure_reason}") for r in records if r.failure_reason]
+            + [Text(line) for r in records for line in restart_lines(r)])
 
 
 def console(file=None, terminal: bool | None = None):

@@ -19,6 +19,11 @@ class EventKind(str, enum.Enum):
     WORKER_GROUP_PLACED = "worker_group_placed"  # its placement group: {"placement_group": hex id}
     CHECKPOINT_COMMITTED = "checkpoint_committed"  # {"uri", "step"}
     PROGRESS = "progress"  # {"metrics": {...}} and/or {"wandb": {...}}
+    # a worker group failed, classified (orchestrator.errors.FailureClass):
+    # {"at", "class", "ranks", "nodes", "step", "line"}
+    WORKER_FAILED = "worker_failed"
+    # a stall: {"line", "ranks", "nodes", "step", "phase", "dumps": the folder of every rank's stacks, "killed"}
+    STALLED = "stalled"
     STOPPED = "stopped"  # stopped on request (cancel) after committing a checkpoint: {"checkpoint"}
     SUCCEEDED = "succeeded"  # trained to max_steps and exported: {"export", "checkpoint", "metrics"}
     FAILED = "failed"  # {"reason", "retryable", "traceback"}

@@ -32,6 +32,11 @@ class JobRecord:
     last_event_seq: int = 0  # the last event of the current runner the controller applied (exactly once)
     attempt: dict = field(default_factory=dict)  # the current worker group: {"number", "reason", "world_size"}
     sweep: dict = field(default_factory=dict)  # of a sweep's pipeline: {"id", "index", "count", "overrides"}
+    # the worker-group failures seen, oldest first: {"at", "class", "line", "ranks", "nodes", "step", ...}
+    failures: list[dict] = field(default_factory=list)
+    # every restart after a failure: {"at", "class", "ranks", "nodes", "failed_at_step", "resumed_from_step",
+    # "steps_lost", "seconds_lost"} (the last two once the new group is ready)
+    restart_log: list[dict] = field(default_factory=list)
 
     @property
     def workers(self) -> int:

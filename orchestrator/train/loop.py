@@ -38,6 +38,7 @@ from orchestrator.storage import join_uri
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
 from orchestrator.train.extensions import use_prebuilt
+from orchestrator.train.heartbeat import CHECKPOINT, COLLECTIVE, DATA, EVAL, FORWARD_BACKWARD, OPTIMIZER_STEP, Heartbeat
 from orchestrator.train.history import HistoryWriter, NullHistory
 from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metrics
 from orchestrator.train.mfu import peak_flops
@@ -76,10 +77,16 @@ class TrainerState:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
 
+WATCHDOG_KEYS = ("stall_timeout_s", "stall_floor_s", "stall_factor", "heartbeat_interval_s", "collective_timeout_s",
+                 "max_restarts_per_class", "same_failure_limit")
+
+
 def config_hash(job: JobConfig) -> str:
     """sha256 of the settings a resume must share with its checkpoint to continue the same curve
     (model, data, trainer); worker count, ZeRO stage, cluster and storage may change."""
     keep = {k: to_dict(job)[k] for k in ("model", "data", "trainer")}
+    for key in WATCHDOG_KEYS:  # (how hangs are watched and failures retried does not change the curve)
+        keep["trainer"].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,13 +110,14 @@ def train_worker(args: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     output = WorkerOutput(local_scratch(spec.job_id) / "logs" / f"rank-{rank}-{os.getpid()}.log").start()
     try:
-        output.upload_to(open_job_store(job), rank_logs_uri(spec.run_uri, _attempt_name(), rank))
+        group = _attempt_name()
+        output.upload_to(open_job_store(job), rank_logs_uri(spec.run_uri, group, rank))
         # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
         os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
         use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
         torch.set_num_threads(job.trainer.threads_per_worker)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        _Trainer(job, spec, entered).run()
+        _Trainer(job, spec, entered, group).run()
     except Exception:
         output.failed(f"rank {rank} failed:\n{traceback.format_exc()}")
         raise
@@ -137,7 +145,7 @@ def _process_start() -> float:
 class _Trainer:
     """One worker's training run: builds everything, runs the loop, closes everything."""
 
-    def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None):
+    def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None, group: str = "0"):
         ctx = ray.train.get_context()
         # Where this attempt's start-up time goes (rank 0 records it in the history at its first step).
         self.startup = {"process_start": _process_start(), "entered": entered or time.time()}
@@ -149,6 +157,8 @@ class _Trainer:
         self._control = None  # rank 0's pending question to the runner: stop?
         self._asked_at = float("-inf")  # when it was asked (time.monotonic)
         self.history: HistoryWriter | NullHistory = NullHistory()  # rank 0's, once restored
+        # this rank's step and phase, which a thread sends to the runner's watchdog (from the first step on)
+        self.hb = Heartbeat(spec.reporter, group, self.rank, self.world, job.trainer.heartbeat_interval_s)
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
@@ -358,9 +368,12 @@ class _Trainer:
         and steps the optimizer at the last); their losses, as tensors on the device (read once per
         step, in the step's vote: no wait for the device per micro-batch)."""
         losses = []
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
+            self.hb.phase(FORWARD_BACKWARD)
             _, loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             engine.backward(loss)
+            if i == len(micro) - 1:
+                self.hb.phase(OPTIMIZER_STEP)
             engine.step()
             losses.append(loss.detach())
         return losses
@@ -387,9 +400,11 @@ class _Trainer:
                  job.deepspeed.stage, state.step, job.trainer.max_steps)
         self._stamp(state)
         self._open_history(state, reason)
+        self.hb.start(state.step + 1)
         try:
             self._loop(engine, state, train, val, ckpt)
         finally:
+            self.hb.close()
             for close in reversed(self._closers):
                 close()
             train.close()  # stops the download threads (val shares train's cache)
@@ -402,7 +417,12 @@ class _Trainer:
         cadence = CheckpointCadence(self.job.checkpoint, ckpt, self.history, rank=self.rank, step=state.step,
                                     max_steps=tr.max_steps)
         batches = self._prefetcher(train, state.cursor)
+        began = None
         while state.step < tr.max_steps:
+            now = time.time()
+            self.hb.stepped(state.step + 1, now - began if began else None)
+            self.hb.phase(DATA)
+            began = now
             micro, waited = batches.next(more=state.step + 1 < tr.max_steps)
             if "first_batch" not in self.startup:
                 self.startup["first_batch"] = time.time()
@@ -418,6 +438,7 @@ class _Trainer:
             # rank's clock says a checkpoint is due (so every rank decides the same).
             due = cadence.due(state.step)
             stop = self._stop_requested() and state.step < tr.max_steps  # rank 0 asks the job's runner
+            self.hb.phase(COLLECTIVE)
             vote = step_vote(losses, due, stop, self.device)
             if state.first_loss is None:
                 state.first_loss = vote.loss
@@ -431,12 +452,15 @@ class _Trainer:
                                       tokens=state.tokens_seen, tokens_per_s=row["perf/tokens_per_s"],
                                       step_time_s=row["perf/step_time_s"], mfu=row.get("perf/mfu")))
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
+                self.hb.phase(EVAL)
                 self._report(Evaluated(eval_loss=self._logged_eval(engine, val, state.step)))
             if vote.checkpoint_due:
+                self.hb.phase(CHECKPOINT)
                 cadence.save(engine, state)  # (its blocking time goes to the history: ckpt/blocking_s)
             if vote.stop:
                 # A requested stop (cancel, or a new worker count): commit this step and leave; the
                 # runner restarts from it or ends the job (it reads the step from that checkpoint).
+                self.hb.phase(CHECKPOINT)
                 cadence.save_at_stop(engine, state)
                 dist.barrier()
                 return
@@ -444,11 +468,13 @@ class _Trainer:
 
     def _finish(self, engine, state: TrainerState, val: SplitReader, cadence: CheckpointCadence) -> None:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
+        self.hb.phase(EVAL)
         eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
         qa = self._heldout_qa(engine, state.step, val.manifest.eot_id)
         if qa is not None:
             state.qa_correct, state.qa_questions = qa.correct, qa.questions
+        self.hb.phase(CHECKPOINT)
         cadence.save_final(engine, state)
         self._report(Evaluated(eval_loss=eval_loss))
         dist.barrier()  # rank 0's commit is in the store before any rank leaves

@@ -161,6 +161,7 @@ class JobRunner:
         self.stop: dict | None = None  # the pending request: {"action": "cancel" | "scale", "id", "job"}
         self.seen_requests: set[str] = set()
         self.placement_groups: list = []
+        self.coordinator_requests: list[str] = []  # "train-<run id>" of each Ray Train run
         self.feed: _Feed | None = None  # the W&B run, fed from the history (tracking on)
         self.watchdog: Watchdog | None = None  # every rank's heartbeat -> a stall (once the job's config is built)
         self.ended = threading.Event()
@@ -215,6 +216,11 @@ class JobRunner:
             elif self.next_reason is None:
                 self.next_reason = AttemptReason.RESIZE
 
+    def coordinator_request(self, requester: str) -> None:
+        """The run's request to Ray's AutoscalingCoordinator (from a Ray Train callback)."""
+        self.coordinator_requests.append(requester)
+        self.log.emit(EventKind.COORDINATOR_REQUEST, requester=requester)
+
     def placement_group(self, pg) -> None:
         """The placement group of the worker group now running (from a Ray Train callback)."""
         self.placement_groups.append(pg)
@@ -250,6 +256,8 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - already removed
                 pass
         self.placement_groups.clear()
+        cancel_coordinator_requests(self.coordinator_requests)
+        self.coordinator_requests.clear()
         return freed
 
     # ------------------------------------------------------------------------------ the run
@@ -445,6 +453,21 @@ class JobRunner:
         self._close_feed((ArtifactRef(f"model-{rid}", "model", export, meta),
                           ArtifactRef(f"checkpoint-{rid}", "checkpoint", state["uri"], meta)))
         self.log.emit(EventKind.SUCCEEDED, export=export, checkpoint=state["uri"], metrics=metrics)
+
+
+def cancel_coordinator_requests(requesters: list[str]) -> None:
+    """Cancel these requests to Ray's AutoscalingCoordinator (best effort: else they expire)."""
+    if not requesters:
+        return
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get([coordinator.cancel_request.remote(requester_id=r) for r in requesters], timeout=10)
+    except Exception:  # noqa: BLE001 - they expire after 180 s
+        log.warning("could not cancel the AutoscalingCoordinator requests %s", requesters, exc_info=True)
 
 
 def failure_from_json(d: dict) -> Failure:

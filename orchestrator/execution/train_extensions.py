@@ -62,6 +62,23 @@ class ReportDecisions(ControllerCallback):
         self._tell("resize")
 
 
+class ReportCoordinatorRequest(ControllerCallback):
+    """Tells the job's runner the requester id under which Ray Train's scaling policy registers the
+    run's workers with the AutoscalingCoordinator (`train-<run id>`, from `ScalingPolicy.after_controller_start`
+    in Ray 2.60): the runner, or the launcher for a dead runner, cancels it when the job is stopped at
+    once; else it holds the workers' room for AUTOSCALING_REQUESTS_EXPIRE_TIME_S (180 s), during which
+    an elastic job cannot start or grow into it."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def after_controller_start(self, train_run_context) -> None:
+        try:
+            self.runner.coordinator_request.remote(f"train-{train_run_context.run_id}")
+        except Exception:  # noqa: BLE001 - best effort: the request still expires
+            log.warning("could not report the run's AutoscalingCoordinator request", exc_info=True)
+
+
 class FailFast(FailurePolicy):
     """Ray Train's own policy, except that a worker error no restart can fix (an `OrchError` with
     `retryable=False`: a corrupt shard, revoked credentials, a full disk) fails the run at once
@@ -143,7 +160,7 @@ class OrchTrainer(TorchTrainer):
         dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
         callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
         return [*callbacks, *WarmImports.for_accelerator(self.accelerator), ReportPlacementGroup(self.runner),
-                ReportDecisions(self.runner)]
+                ReportDecisions(self.runner), *([ReportCoordinatorRequest(self.runner)] if self.coordinator else [])]
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = FailFast(kwargs["failure_policy"], self.judge)

@@ -17,6 +17,9 @@ class EventKind(str, enum.Enum):
     ATTEMPT_STARTED = "attempt_started"  # a worker group starts: {"attempt", "reason", "world_size"}
     ENGINE_READY = "engine_ready"  # it built (and restored) its engine: {"attempt", "resumed_from", "step", ...}
     WORKER_GROUP_PLACED = "worker_group_placed"  # its placement group: {"placement_group": hex id}
+    # the run's request to Ray's AutoscalingCoordinator ({"requester": "train-<run id>"}): cancelled when the
+    # job is stopped at once, so that it does not hold its workers' room until it expires
+    COORDINATOR_REQUEST = "coordinator_request"
     CHECKPOINT_COMMITTED = "checkpoint_committed"  # {"uri", "step"}
     PROGRESS = "progress"  # {"metrics": {...}} and/or {"wandb": {...}}
     # a worker group failed, classified (orchestrator.errors.FailureClass):

@@ -228,6 +228,7 @@ _HANDLERS = {
     EventKind.ATTEMPT_STARTED: _attempt_started,
     EventKind.ENGINE_READY: _engine_ready,
     EventKind.WORKER_GROUP_PLACED: _log,  # for the launcher (it frees the group of a lost runner)
+    EventKind.COORDINATOR_REQUEST: _log,  # for the launcher (it cancels the request of a lost runner)
     EventKind.CHECKPOINT_COMMITTED: _checkpoint_committed,
     EventKind.PROGRESS: _progress,
     EventKind.STALLED: _stalled,

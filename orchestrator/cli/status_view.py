@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from orchestrator.jobs.lifecycle import straggler_line
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 
@@ -143,7 +144,7 @@ RESTARTS_SHOWN = 5  # the restart ledger lines under the table, per job (`--json
 
 def restart_lines(r: JobRecord) -> list[str]:
     """The job's last restarts (when, class, ranks and nodes, the step it failed at and resumed
-    from, what was lost) and its last stall with where its stacks are."""
+    from, what was lost), its stragglers and its last stall with where its stacks are."""
     lines = []
     first = max(0, len(r.restart_log) - RESTARTS_SHOWN)
     for n, e in enumerate(r.restart_log[first:], start=first + 1):
@@ -154,6 +155,8 @@ def restart_lines(r: JobRecord) -> list[str]:
                    f"{fmt_duration(e['seconds_lost'])} lost)")
         at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
         lines.append(f"{r.id}: restart {n} at {at}: {e['class']}{who} at step {e.get('failed_at_step')}{resumed}")
+    latest = {d["rank"]: d for d in r.stragglers}  # (the last report of each rank)
+    lines += [f"{r.id}: {straggler_line(d)}" for d in sorted(latest.values(), key=lambda d: d["at"])[-RESTARTS_SHOWN:]]
     stall = next((f for f in reversed(r.failures) if f.get("class") == "stall"), None)
     if stall is not None:
         lines.append(f"{r.id}: last stall: {stall.get('line')} (every rank's stacks: {stall.get('dumps')})")

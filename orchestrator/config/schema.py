@@ -107,11 +107,15 @@ class TrainerConfig:
     # a class not named, or null, has only the job's max_failures
     max_restarts_per_class: dict = field(default_factory=dict)
     same_failure_limit: int = 3  # the same class of failure at the same step this many times in a row stops the job
+    # a rank whose forward time is this many times the other ranks' median, over straggler_window
+    # logged steps (in most of them), is reported as a straggler with its node
+    straggler_factor: float = 1.5
+    straggler_window: int = 10
 
     def __post_init__(self):
         _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval",
                   "threads_per_worker", "eval_batches", "stall_timeout_s", "stall_floor_s", "stall_factor",
-                  "heartbeat_interval_s", "collective_timeout_s")
+                  "heartbeat_interval_s", "collective_timeout_s", "straggler_factor", "straggler_window")
         classes = [c.value for c in FailureClass]
         for name, budget in self.max_restarts_per_class.items():
             if name not in classes:

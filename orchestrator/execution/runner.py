@@ -37,7 +37,7 @@ from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
 from orchestrator.train.heartbeat import Beat
 from orchestrator.train.history import read_history
-from orchestrator.train.reports import CheckpointCommitted, EngineReady, Evaluated, Progress, Report
+from orchestrator.train.reports import CheckpointCommitted, EngineReady, Evaluated, Progress, Report, StragglerFound
 from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,13 @@ def _metrics(r: Progress | Evaluated, attempt: int) -> tuple[EventKind, dict]:
     return EventKind.PROGRESS, dict(metrics={f.name: getattr(r, f.name) for f in dataclasses.fields(r)})
 
 
+def _straggler(r: StragglerFound, attempt: int) -> tuple[EventKind, dict]:
+    return EventKind.STRAGGLER, dict(rank=r.rank, ratio=r.ratio, step=r.step, window=r.window)
+
+
 # Rank 0's report (orchestrator.train.reports) -> the event the controller applies: one handler per class.
 REPORT_EVENTS = {EngineReady: _engine_ready, CheckpointCommitted: _checkpoint_committed, Progress: _metrics,
-                 Evaluated: _metrics}
+                 Evaluated: _metrics, StragglerFound: _straggler}
 
 
 def report_event(report: Report, attempt: int) -> tuple[EventKind, dict]:
@@ -176,6 +180,9 @@ class JobRunner:
         """One typed report of rank 0 (orchestrator.train.reports) becomes one event for the
         controller (a new worker group calls `begin_attempt` first)."""
         kind, data = report_event(report, self.attempts)
+        if kind is EventKind.STRAGGLER:  # (rank 0 does not know the other ranks' nodes; their heartbeats do)
+            with self.lock:
+                data["node"] = self.watchdog.last_seen()[1].get(data["rank"]) if self.watchdog is not None else None
         self.log.emit(kind, **data)
 
     def begin_attempt(self, world_size: int) -> str:
@@ -344,12 +351,11 @@ class JobRunner:
         stuck = sorted(stall.stuck, key=lambda r: r.rank)
         with self.lock:
             nodes = tuple(sorted({r.node for r in stuck}))
-            self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, min(r.step for r in stuck),
-                                   line)
+            self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, stall.step, line)
         killed = handle_stall(stall, open_job_store(job), folder)
         self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
                       ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}),
-                      step=min(r.step for r in stuck), phase=stuck[0].phase)
+                      step=stall.step, phase=stuck[0].phase)
 
     # --------------------------------------------------------------------------------- W&B
     def _start_feed(self, job: JobConfig) -> None:

@@ -60,15 +60,24 @@ class Stall:
     idle_s: float  # seconds without progress
     timeout_s: float
 
+    silence_s: float = 0.0  # (the policy's: a rank quieter than this is silent)
+
     @property
     def ranks(self) -> tuple[RankSeen, ...]:
         return tuple(sorted(self.stuck + self.waiting, key=lambda r: r.rank))
 
+    @property
+    def step(self) -> int:
+        """The step the job was at: the furthest rank's (a silent rank's last beat may be older)."""
+        return max(r.step for r in self.ranks)
+
     def line(self) -> str:
-        """`rank 1 on node 10.0.0.3 stopped in forward/backward of step 371 (silent for 94 s); ranks 0,
-        2, 3 waited in collective of step 371 for 94 s`."""
-        parts = [f"{_ranks(g)} on node {g[0].node} stopped in {g[0].phase} of step {g[0].step}"
-                 + (f" (no heartbeat for {g[0].quiet_s:.0f} s)" if g[0].quiet_s >= 1 else "")
+        """`rank 1 on node 10.0.0.3 stopped in forward/backward of step 371; ranks 0, 2, 3 waited in
+        collective of step 371 for 94 s`; a silent rank: `... went silent (last heartbeat 95 s ago, in
+        forward/backward of step 371)` (its last beat may be up to a heartbeat interval old)."""
+        parts = [f"{_ranks(g)} on node {g[0].node} " + (
+                 f"went silent (last heartbeat {g[0].quiet_s:.0f} s ago, in {g[0].phase} of step {g[0].step})"
+                 if g[0].quiet_s > self.silence_s else f"stopped in {g[0].phase} of step {g[0].step}")
                  for g in _grouped(self.stuck)]
         parts += [f"{_ranks(g)} waited in {g[0].phase} of step {g[0].step} for {g[0].in_phase_s:.0f} s"
                   for g in _grouped(self.waiting, by_node=False)]
@@ -160,4 +169,4 @@ class Watchdog:
         world = next(iter(watched.values()))[0].world_size
         missing = tuple(r for r in range(world) if r not in self.latest)
         waiting = [r for r in seen if r not in stuck]
-        return Stall(self.group, tuple(stuck), tuple(waiting), missing, idle, timeout)
+        return Stall(self.group, tuple(stuck), tuple(waiting), missing, idle, timeout, self.policy.silence_s)

@@ -27,6 +27,8 @@ class EventKind(str, enum.Enum):
     WORKER_FAILED = "worker_failed"
     # a stall: {"line", "ranks", "nodes", "step", "phase", "dumps": the folder of every rank's stacks, "killed"}
     STALLED = "stalled"
+    # a rank persistently slower than the others: {"rank", "node", "ratio", "step", "window"}
+    STRAGGLER = "straggler"
     STOPPED = "stopped"  # stopped on request (cancel) after committing a checkpoint: {"checkpoint"}
     SUCCEEDED = "succeeded"  # trained to max_steps and exported: {"export", "checkpoint", "metrics"}
     FAILED = "failed"  # {"reason", "retryable", "traceback"}

@@ -201,6 +201,18 @@ def _worker_failed(record: JobRecord, e: RunnerEvent) -> Change:
                   say=f"failure ({failure['class']}){where}: {failure['line']}")
 
 
+def _straggler(record: JobRecord, e: RunnerEvent) -> Change:
+    """A rank persistently slower than the others (rank 0 found it; the runner added its node)."""
+    d = {"at": e.at, **{k: e.data.get(k) for k in ("rank", "node", "ratio", "step", "window")}}
+    return Change(e.seq, fields={"stragglers": [*record.stragglers, d][-FAILURES_KEPT:]},
+                  say=straggler_line(d))
+
+
+def straggler_line(d: dict) -> str:
+    return (f"straggler: rank {d['rank']} on node {d.get('node') or '?'} computes {d['ratio']:.2f}x as long as the "
+            f"other ranks (their median) over {d['window']} logged steps, at step {d['step']}")
+
+
 def _stopped(record: JobRecord, e: RunnerEvent) -> Change:
     checkpoint = e.data.get("checkpoint") or record.checkpoint
     return Change(e.seq, JobState.CANCELLED, f"cancelled by the user after a checkpoint ({checkpoint})",
@@ -233,6 +245,7 @@ _HANDLERS = {
     EventKind.PROGRESS: _progress,
     EventKind.STALLED: _stalled,
     EventKind.WORKER_FAILED: _worker_failed,
+    EventKind.STRAGGLER: _straggler,
     EventKind.STOPPED: _stopped,
     EventKind.SUCCEEDED: _succeeded,
     EventKind.FAILED: _failed,

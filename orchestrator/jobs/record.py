@@ -37,6 +37,7 @@ class JobRecord:
     # every restart after a failure: {"at", "class", "ranks", "nodes", "failed_at_step", "resumed_from_step",
     # "steps_lost", "seconds_lost"} (the last two once the new group is ready)
     restart_log: list[dict] = field(default_factory=list)
+    stragglers: list[dict] = field(default_factory=list)  # ranks found persistently slow: {"at", "rank", "node", ...}
 
     @property
     def workers(self) -> int:

@@ -45,7 +45,16 @@ from orchestrator.train.mfu import peak_flops
 from orchestrator.train.output import WorkerOutput
 from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
-from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, Report
+from orchestrator.train.reports import (
+    REPORTS,
+    CheckpointCommitted,
+    EngineReady,
+    Evaluated,
+    Progress,
+    Report,
+    StragglerFound,
+)
+from orchestrator.train.stragglers import MAX_RANK_COLUMNS, ForwardTimer, StragglerDetector
 from orchestrator.train.vote import all_mean, all_sum, step_vote
 from orchestrator.workspace import local_scratch, open_job_store
 
@@ -78,7 +87,7 @@ class TrainerState:
 
 
 WATCHDOG_KEYS = ("stall_timeout_s", "stall_floor_s", "stall_factor", "heartbeat_interval_s", "collective_timeout_s",
-                 "max_restarts_per_class", "same_failure_limit")
+                 "max_restarts_per_class", "same_failure_limit", "straggler_factor", "straggler_window")
 
 
 def config_hash(job: JobConfig) -> str:
@@ -370,13 +379,42 @@ class _Trainer:
         losses = []
         for i, (x, y) in enumerate(micro):
             self.hb.phase(FORWARD_BACKWARD)
+            self.forward_timer.start()
             _, loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            self.forward_timer.stop()
             engine.backward(loss)
             if i == len(micro) - 1:
                 self.hb.phase(OPTIMIZER_STEP)
             engine.step()
             losses.append(loss.detach())
         return losses
+
+    def _compute_shares(self, meter: IntervalMetrics, step: int) -> list[float]:
+        """At a logged step: this rank's mean forward time per step of the interval, in its own slot of
+        a vector every rank sends with the step's vote (so rank 0 gets all of them); else nothing."""
+        if not meter.due(step):
+            return []
+        shares = [0.0] * self.world
+        shares[self.rank] = self.forward_timer.take() / max(1, meter.steps)
+        return shares
+
+    def _compute_metrics(self, vote, step: int) -> dict[str, float]:
+        """Rank 0, at a logged step: the ranks' compute times (the slowest rank and its ratio to the
+        others' median; each rank's up to MAX_RANK_COLUMNS ranks), and a report for each rank found to
+        be persistently slower (trainer.straggler_factor over trainer.straggler_window logged steps)."""
+        shares = list(vote.shares)
+        if len(shares) < 2:
+            return {}
+        ratios = StragglerDetector.ratios(shares)
+        slowest = max(range(len(shares)), key=ratios.__getitem__)
+        metrics = {"perf/slowest_rank": slowest, "perf/slowest_rank_ratio": ratios[slowest]}
+        if len(shares) <= MAX_RANK_COLUMNS:
+            metrics.update({f"perf/compute_s/rank_{r}": s for r, s in enumerate(shares)})
+        for found in self.stragglers.add(step, shares):
+            log.warning("rank %d is a straggler: %.2fx the other ranks' compute time over %d logged steps",
+                        found.rank, found.ratio, found.window)
+            self._report(StragglerFound(rank=found.rank, ratio=found.ratio, step=found.step, window=found.window))
+        return metrics
 
     # --------------------------------------------------------------------------------- loop
     def run(self) -> None:
@@ -387,6 +425,8 @@ class _Trainer:
         job = self.job
         reason = self._begin_attempt()
         self.device = get_accelerator().current_device_name()
+        self.forward_timer = ForwardTimer(self.device)  # this rank's compute time (stragglers)
+        self.stragglers = StragglerDetector(job.trainer.straggler_factor, job.trainer.straggler_window)
         manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
@@ -439,14 +479,15 @@ class _Trainer:
             due = cadence.due(state.step)
             stop = self._stop_requested() and state.step < tr.max_steps  # rank 0 asks the job's runner
             self.hb.phase(COLLECTIVE)
-            vote = step_vote(losses, due, stop, self.device)
+            vote = step_vote(losses, due, stop, self.device, self._compute_shares(meter, state.step))
             if state.first_loss is None:
                 state.first_loss = vote.loss
             state.last_loss = vote.loss
             if meter.due(state.step):
                 row = meter.row(loss=vote.loss, lr=lr, tokens_seen=state.tokens_seen, shard_wait_s=train.wait_s)
                 if self.rank == 0:
-                    row.update(grad_norm(engine), **system_metrics(self.device))
+                    row.update(grad_norm(engine), **system_metrics(self.device),
+                               **self._compute_metrics(vote, state.step))
                 self.history.log(row, step=state.step)
                 self._report(Progress(step=state.step, loss=vote.loss, first_loss=state.first_loss,
                                       tokens=state.tokens_seen, tokens_per_s=row["perf/tokens_per_s"],

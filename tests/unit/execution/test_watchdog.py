@@ -37,7 +37,8 @@ def test_a_silent_rank_is_named_with_its_node_step_and_phase():
     stall = dog.check(t + 10.6)
     assert stall is not None and [r.rank for r in stall.stuck] == [1] and [r.rank for r in stall.waiting] == [0]
     line = stall.line()
-    assert "rank 1 on node 10.0.0.3 stopped in forward/backward of step 6" in line, line
+    assert "rank 1 on node 10.0.0.3 went silent (last heartbeat 10 s ago, in forward/backward of step 6)" in line, line
+    assert stall.step == 6
     assert "rank 0 waited in collective of step 6 for 10 s" in line, line
     assert "stall timeout 10 s" in line
     dog.disarm()
@@ -58,7 +59,8 @@ def test_the_rank_behind_is_named_when_every_rank_still_beats():
         for rank, phase in ((0, COLLECTIVE), (1, FORWARD_BACKWARD)):
             dog.beat(_beat(rank, 4, phase, t), t + k)
     stall = dog.check(t + 11)
-    assert [r.rank for r in stall.stuck] == [1] and "(no heartbeat" not in stall.line()
+    assert [r.rank for r in stall.stuck] == [1] and "silent" not in stall.line()
+    assert "rank 1 on node 10.0.0.3 stopped in forward/backward of step 4" in stall.line(), stall.line()
 
 
 def test_timeout_follows_the_median_step_time_and_a_checkpoint_save():
@@ -91,5 +93,5 @@ def test_every_rank_silent_blames_them_all():
     stall = dog.check(t + 30)
     assert sorted(r.rank for r in stall.stuck) == [0, 1] and not stall.waiting
     line = stall.line()
-    assert "rank 0 on node 10.0.0.2 stopped in collective of step 3" in line, line
-    assert "rank 1 on node 10.0.0.3 stopped in collective of step 3" in line and "waited" not in line, line
+    assert "rank 0 on node 10.0.0.2 went silent (last heartbeat 30 s ago, in collective of step 3)" in line, line
+    assert "rank 1 on node 10.0.0.3 went silent" in line and "waited" not in line, line

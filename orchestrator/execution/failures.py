@@ -100,20 +100,23 @@ class Failure:
                 "step": self.step, "line": self.line}
 
 
-def classify(exc: BaseException, step: int | None = None, nodes: dict[int, str] | None = None,
+def classify(exc: BaseException, steps: dict[int, int] | None = None, nodes: dict[int, str] | None = None,
              stalled: Failure | None = None) -> Failure:
     """The failure of a Ray Train run: `stalled` when the runner's watchdog caused it, else the most
-    telling class of the ranks' errors. `nodes`: each rank's node as its heartbeats said."""
+    telling class of the ranks' errors. `steps`, `nodes`: each rank's step in progress and node as its
+    heartbeats said; the failure's step is its ranks' (the furthest), else the furthest rank's."""
     if stalled is not None:
         return stalled
+    steps = steps or {}
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
-        return Failure(error_class(exc), (), (), step, worker_error_message(exc))
+        return Failure(error_class(exc), (), (), max(steps.values(), default=None), worker_error_message(exc))
     by_rank = {rank: error_class(getattr(err, "cause", None) or err) for rank, err in failures.items()}
     cls = min(by_rank.values(), key=_ORDER.index)
     ranks = tuple(sorted(r for r, c in by_rank.items() if c is cls))
     known = nodes or {}
     where = {r: known.get(r) or _node_of(getattr(failures[r], "cause", None) or failures[r]) for r in ranks}
+    step = max((steps[r] for r in ranks if r in steps), default=max(steps.values(), default=None))
     return Failure(cls, ranks, tuple(sorted({n for n in where.values() if n})), step, worker_error_message(exc))
 
 

@@ -328,8 +328,8 @@ class JobRunner:
         is classified and recorded; a line when the job must not restart (a storm, a class over budget)."""
         with self.lock:
             stalled, self.stalled = self.stalled, None
-            step, nodes = self.watchdog.last_seen() if self.watchdog is not None else (None, {})
-            failure = classify(error, step, nodes, stalled)
+            steps, nodes = self.watchdog.last_seen() if self.watchdog is not None else ({}, {})
+            failure = classify(error, steps, nodes, stalled)
             tr = self._job(self.record.config).trainer
             budget = RestartBudget({k: v for k, v in tr.max_restarts_per_class.items() if v is not None},
                                    tr.same_failure_limit)

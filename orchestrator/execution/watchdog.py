@@ -135,11 +135,9 @@ class Watchdog:
             self.ended.add(self.group)
         self.armed = False
 
-    def last_seen(self) -> tuple[int | None, dict[int, str]]:
-        """The step in progress of the group watched last (the furthest rank's) and each rank's node."""
-        if not self.latest:
-            return None, {}
-        return max(b.step for b, _, _ in self.latest.values()), {r: v[0].node for r, v in self.latest.items()}
+    def last_seen(self) -> tuple[dict[int, int], dict[int, str]]:
+        """Each rank's step in progress and node, in the group watched last (from its last beat)."""
+        return {r: v[0].step for r, v in self.latest.items()}, {r: v[0].node for r, v in self.latest.items()}
 
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_times) if self.step_times else None

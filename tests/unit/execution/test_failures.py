@@ -25,8 +25,9 @@ def _died(msg: str = "The actor died unexpectedly before finishing this task.\n\
 
 def test_the_most_telling_class_wins_and_names_its_ranks_and_nodes():
     # rank 1's process died; rank 0 saw its gloo all-reduce abort (a collateral error)
-    f = classify(GroupFailed({0: RuntimeError("Connection closed by peer"), 1: _died()}), step=7)
-    assert (f.cls, f.ranks, f.nodes, f.step) == (C.WORKER_CRASH, (1,), ("10.0.0.3",), 7)
+    f = classify(GroupFailed({0: RuntimeError("Connection closed by peer"), 1: _died()}), steps={0: 8, 1: 7})
+    assert (f.cls, f.ranks, f.nodes, f.step) == (C.WORKER_CRASH, (1,), ("10.0.0.3",), 7)  # (the failing rank's step)
+    assert classify(GroupFailed({0: _died()}), steps={1: 9}).step == 9  # (else the furthest rank's)
     assert "rank 0: RuntimeError: Connection closed by peer" in f.line and f.retryable
     f = classify(GroupFailed({0: _died("The actor died because its node has died.\n\tip: 10.0.0.4"), 1: _died()}))
     assert (f.cls, f.ranks, f.nodes) == (C.NODE_LOST, (0,), ("10.0.0.4",))

@@ -45,16 +45,21 @@ class Beat:
 class Heartbeat:
     """The rank's current step and phase (set by the training thread), and the thread that sends them."""
 
-    def __init__(self, runner, group: str, rank: int, world_size: int, interval_s: float):
-        import ray
-
-        ctx = ray.get_runtime_context()
+    def __init__(self, runner, ident: dict, interval_s: float):
         self.runner, self.interval_s = runner, interval_s
-        self.ident = dict(group=group, rank=rank, world_size=world_size, node=ray.util.get_node_ip_address(),
-                          node_id=ctx.get_node_id(), pid=os.getpid())
+        self.ident = ident  # group, rank, world_size, node, node_id, pid (Beat's fields that never change)
         self.step, self.current, self.since, self.step_time_s = 0, DATA, time.time(), None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="orch-heartbeat", daemon=True)
+
+    @classmethod
+    def of_this_worker(cls, runner, group: str, rank: int, world_size: int, interval_s: float) -> Heartbeat:
+        """The heartbeat of this Ray worker process (its node and pid from Ray)."""
+        import ray
+
+        ident = dict(group=group, rank=rank, world_size=world_size, node=ray.util.get_node_ip_address(),
+                     node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
+        return cls(runner, ident, interval_s)
 
     def start(self, step: int) -> Heartbeat:
         self.step = step

@@ -167,7 +167,8 @@ class _Trainer:
         self._asked_at = float("-inf")  # when it was asked (time.monotonic)
         self.history: HistoryWriter | NullHistory = NullHistory()  # rank 0's, once restored
         # this rank's step and phase, which a thread sends to the runner's watchdog (from the first step on)
-        self.hb = Heartbeat(spec.reporter, group, self.rank, self.world, job.trainer.heartbeat_interval_s)
+        self.hb = Heartbeat.of_this_worker(spec.reporter, group, self.rank, self.world,
+                                           job.trainer.heartbeat_interval_s)
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):

@@ -46,8 +46,8 @@ RUNNER_PREFIX = "orch-job-"
 WATCHDOG_POLL_S = 1.0  # how often the runner's watchdog looks for a stall
 
 
-_STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.ENGINE_READY, EventKind.STOPPED,
-                           EventKind.SUCCEEDED, EventKind.FAILED})
+_STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.RESTART_DECIDED, EventKind.ENGINE_READY,
+                           EventKind.STOPPED, EventKind.SUCCEEDED, EventKind.FAILED})
 
 
 def _engine_ready(r: EngineReady, attempt: int) -> tuple[EventKind, dict]:
@@ -220,6 +220,9 @@ class JobRunner:
                 self.watchdog.disarm()  # the group is being replaced: the next one is watched from its first beat
             if kind == "failure":
                 self.next_reason = AttemptReason.FAILURE
+                last = self.seen[-1] if self.seen else None
+                self.log.emit(EventKind.RESTART_DECIDED, **({"class": last.cls.value, "ranks": list(last.ranks),
+                                                             "nodes": list(last.nodes)} if last else {}))
             elif self.next_reason is None:
                 self.next_reason = AttemptReason.RESIZE
 

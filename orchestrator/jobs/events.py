@@ -22,6 +22,9 @@ class EventKind(str, enum.Enum):
     COORDINATOR_REQUEST = "coordinator_request"
     CHECKPOINT_COMMITTED = "checkpoint_committed"  # {"uri", "step"}
     PROGRESS = "progress"  # {"metrics": {...}} and/or {"wandb": {...}}
+    # Ray Train decided to restart the worker group after a failure (the job is RESTARTING from now,
+    # before the new group starts): {"class", "ranks", "nodes"} of the failure, as classified
+    RESTART_DECIDED = "restart_decided"
     # a worker group failed, classified (orchestrator.errors.FailureClass):
     # {"at", "class", "ranks", "nodes", "step", "line"}
     WORKER_FAILED = "worker_failed"

@@ -133,6 +133,16 @@ def _resumed(record: JobRecord, e: RunnerEvent) -> dict:
     return {"restart_log": [*record.restart_log[:-1], entry]}
 
 
+def _restart_decided(record: JobRecord, e: RunnerEvent) -> Change:
+    """Ray Train restarts the worker group: RESTARTING at once (the new group's start, which counts
+    the restart, comes seconds later)."""
+    cls = e.data.get("class") or FailureClass.WORKER_CRASH.value
+    ranks = ", ".join(map(str, e.data.get("ranks") or []))
+    why = f"{cls}" + (f" of rank {ranks}" if ranks else "")
+    return Change(e.seq, JobState.RESTARTING, f"worker group failed ({why}); restarting from the last checkpoint",
+                  say=f"worker group failed ({why}): restarting from the last checkpoint")
+
+
 def _resume_note(data: dict) -> str:
     if not data.get("resumed_from"):
         return ""
@@ -245,6 +255,7 @@ _HANDLERS = {
     EventKind.PROGRESS: _progress,
     EventKind.STALLED: _stalled,
     EventKind.WORKER_FAILED: _worker_failed,
+    EventKind.RESTART_DECIDED: _restart_decided,
     EventKind.STRAGGLER: _straggler,
     EventKind.STOPPED: _stopped,
     EventKind.SUCCEEDED: _succeeded,

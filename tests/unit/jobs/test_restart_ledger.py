@@ -21,10 +21,12 @@ SCRIPT = [  # (event kind, data, at) a runner emits: a stall at step 22, a resta
     (K.PROGRESS, {"metrics": {"step": 21, "loss": 1.9, "step_time_s": 0.5}}, 120.0),
     (K.STALLED, {"line": STALL_LINE, "ranks": [1], "nodes": ["10.0.0.3"], "step": 22, "phase": "forward/backward",
                  "dumps": "s3://x/hangs/g1", "killed": [1]}, 130.0),
+    (K.RESTART_DECIDED, {"class": "stall", "ranks": [1], "nodes": ["10.0.0.3"]}, 131.0),
     (K.ATTEMPT_STARTED, {"attempt": 2, "reason": "failure", "world_size": 2}, 132.0),
     (K.ENGINE_READY, {"resumed_from": "s3://x/step-10", "step": 10}, 136.0),
     (K.WORKER_FAILED, {"at": 150.0, "class": "worker_crash", "ranks": [0], "nodes": ["10.0.0.2"], "step": 31,
                        "line": "rank 0: ActorDiedError: the actor died"}, 150.5),
+    (K.RESTART_DECIDED, {"class": "worker_crash", "ranks": [0], "nodes": ["10.0.0.2"]}, 151.0),
     (K.ATTEMPT_STARTED, {"attempt": 3, "reason": "failure", "world_size": 2}, 152.0),
     (K.ATTEMPT_STARTED, {"attempt": 4, "reason": "failure", "world_size": 2}, 160.0),  # (no failure seen: a crash)
     (K.ENGINE_READY, {"resumed_from": "s3://x/step-10", "step": 10}, 165.0),
@@ -58,4 +60,9 @@ def test_ledger_records_each_failure_and_restart_once(env, cut):  # noqa: F811 -
     lines = [line for line in env.lines if "STALLED" in line]
     assert lines == [f"a: STALLED: {STALL_LINE}; every rank's stacks in s3://x/hangs/g1"]  # told once
     assert "a: RESTARTING after a stall of rank 1 (restart 1 of 3)" in env.lines
+    # RESTARTING as soon as Ray Train decided to restart, before the new group started
+    assert "a: worker group failed (stall of rank 1): restarting from the last checkpoint" in env.lines
+    restarting = [h for h in a.history if h["state"] == "RESTARTING"]
+    assert len(restarting) == 2, a.history  # (the group of attempt 3 failed while RESTARTING: no new state)
+    assert restarting[0]["reason"] == "worker group failed (stall of rank 1); restarting from the last checkpoint"
     assert any("failure (worker_crash) of rank 0 on 10.0.0.2 at step 31" in line for line in env.lines)

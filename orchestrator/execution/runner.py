@@ -169,7 +169,7 @@ class JobRunner:
         self.feed: _Feed | None = None  # the W&B run, fed from the history (tracking on)
         self.watchdog: Watchdog | None = None  # every rank's heartbeat -> a stall (once the job's config is built)
         self.ended = threading.Event()
-        self.seen = [failure_from_json(f) for f in self.record.failures]  # the job's failures (the judge's memory)
+        self.seen = failures_of_this_run(self.record)  # the judge's memory (a relaunched runner keeps it)
         self.stalled: Failure | None = None  # the stall just handled: the next failure Ray Train sees is it
         self.refusal: str | None = None  # why the judge refused a restart (the job's one-line reason)
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
@@ -483,6 +483,14 @@ def failure_from_json(d: dict) -> Failure:
     """A failure as the job's record keeps it (`JobRecord.failures`)."""
     return Failure(FailureClass(d["class"]), tuple(d.get("ranks") or ()), tuple(d.get("nodes") or ()), d.get("step"),
                    d.get("line") or "")
+
+
+def failures_of_this_run(record: JobRecord) -> list[Failure]:
+    """The job's failures since its latest run was admitted: those before an `orch retry` (or `orch
+    run --resume`) are not counted again (the user changed something); those before a relaunch of
+    the runner in the same run are."""
+    since = record.started_at() or 0.0
+    return [failure_from_json(f) for f in record.failures if f.get("at", 0.0) >= since]
 
 
 def _import_ray_train() -> None:

@@ -68,3 +68,20 @@ def test_per_class_budgets():
     assert budget.refusal([], _f(C.OOM, 3)) is not None
     assert budget.refusal([_f(C.STALL, 5)] * 4, _f(C.WORKER_CRASH, 9)) is None  # no budget of its own
     assert budget.refusal([], _f(C.USER, 1)) is None  # (FailFast raises it as it is)
+
+
+def test_a_retried_job_starts_its_failure_count_again():
+    from orchestrator.execution.runner import failures_of_this_run
+    from orchestrator.jobs.record import JobRecord
+    from orchestrator.jobs.state import JobState
+
+    def failure(at: float) -> dict:
+        return {"at": at, "class": "worker_error", "ranks": [0], "nodes": [], "step": 40, "line": "boom"}
+
+    history = [{"state": s, "at": at, "reason": ""} for s, at in
+               (("QUEUED", 1.0), ("STARTING", 2.0), ("RUNNING", 3.0), ("FAILED", 20.0), ("PENDING", 30.0),
+                ("QUEUED", 31.0), ("STARTING", 32.0))]
+    record = JobRecord(id="p-a", pipeline_id="p", name="a", kind="pretrain", state=JobState.STARTING, priority=0,
+                       depends_on=[], config={}, created_at=0.0, history=history,
+                       failures=[failure(10.0), failure(15.0), failure(40.0)])
+    assert [f.step for f in failures_of_this_run(record)] == [40]  # (the two before `orch retry` are not counted)

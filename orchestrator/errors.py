@@ -1,8 +1,24 @@
-"""One exception class per failure mode.
+"""One exception class per failure mode, and the classes of a worker group's failures.
 
 Each carries a one-line, user-facing message: what failed, the value, the fix. The CLI prints
 that line and exits with `exit_code`; a traceback only with `--debug`.
 """
+
+import enum
+
+
+class FailureClass(str, enum.Enum):
+    """What made a worker group fail (orchestrator.execution.failures.classify), most telling first;
+    the keys of trainer.max_restarts_per_class."""
+
+    USER = "user"  # user code or config: an OrchError no restart can fix (the job fails at once)
+    STALL = "stall"  # the runner's watchdog found no progress and killed the stuck rank
+    PREEMPTED = "preempted"  # its node was drained (a preemption)
+    NODE_LOST = "node_lost"
+    OOM = "oom"  # out of memory
+    WORKER_CRASH = "worker_crash"  # the worker's process died
+    STORAGE = "storage"  # a retryable storage or checkpoint error
+    WORKER_ERROR = "worker_error"  # any other exception (often a collective aborted by a peer's death)
 
 
 class OrchError(Exception):

@@ -40,6 +40,9 @@ class FaultProxy:
         self.hold_suffix: str | None = None
         self.held, self.release = threading.Event(), threading.Event()
         self.held_path = ""
+        # `refuse = lambda path: ...`: every PUT whose path it accepts is answered 503 SlowDown (a
+        # retryable error that never ends: the same failure at the same point, every time)
+        self.refuse = None
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -97,6 +100,10 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = "reset" if proxy._hold(self.command, self.path) else proxy._fault(self.command)
+                if self.command == "PUT" and proxy.refuse is not None and proxy.refuse(urlparse(self.path).path):
+                    with proxy.lock:
+                        proxy.counts["refused"] += 1
+                    fault = "slowdown"
                 if fault == "reset":  # RST instead of an answer
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

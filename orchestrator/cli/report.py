@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from orchestrator.cli.status_view import restart_line
 from orchestrator.errors import ReportError
 from orchestrator.execution.tracking import redact
 from orchestrator.jobs.record import JobRecord
@@ -514,6 +515,8 @@ def render_html(title: str, jobs: list[JobReport], total: dict | None, generated
             lost = "" if c["lost_s"] is None else f"; {_duration(c['lost_s'])} lost"
             parts.append(f'<p class="muted">{esc(c["kind"])}: resumed from step {c["from_step"]} at '
                          f"{esc(str(c['world_size']))} workers{esc(lost)}</p>")
+        parts += [f'<p class="muted">{esc(restart_line(n, e))}</p>'  # the restart ledger: class, ranks, nodes
+                  for n, e in enumerate(r.get("restart_log") or [], start=1)]
         for name, png in j.images.items():
             data = base64.b64encode(png).decode()
             parts.append(f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">')

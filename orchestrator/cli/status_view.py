@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from orchestrator.jobs.lifecycle import straggler_line
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.state import JobState
 
@@ -139,11 +140,41 @@ def status_table(records: list[JobRecord], now: float | None = None, width: int 
     return table
 
 
+RESTARTS_SHOWN = 5  # the restart ledger lines under the table, per job (`--json`: all of them)
+
+
+def restart_line(n: int, e: dict) -> str:
+    """One entry of a job's restart ledger (JobRecord.restart_log): `restart 1 at 19:40:29: stall of
+    rank 1 on 10.0.0.3 at step 38, resumed from step 25 (13 steps, 14s lost)`."""
+    who = "".join([f" of rank {', '.join(map(str, e['ranks']))}" if e.get("ranks") else "",
+                   f" on {', '.join(e['nodes'])}" if e.get("nodes") else ""])
+    resumed = ("; not resumed (its group failed first)" if e.get("resumed_from_step") is None else
+               f", resumed from step {e['resumed_from_step']} ({e['steps_lost']} steps, "
+               f"{fmt_duration(e['seconds_lost'])} lost)")
+    at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+    return f"restart {n} at {at}: {e['class']}{who} at step {e.get('failed_at_step')}{resumed}"
+
+
+def restart_lines(r: JobRecord) -> list[str]:
+    """The job's last restarts (when, class, ranks and nodes, the step it failed at and resumed
+    from, what was lost), its stragglers and its last stall with where its stacks are."""
+    first = max(0, len(r.restart_log) - RESTARTS_SHOWN)
+    lines = [f"{r.id}: {restart_line(n, e)}" for n, e in enumerate(r.restart_log[first:], start=first + 1)]
+    latest = {d["rank"]: d for d in r.stragglers}  # (the last report of each rank)
+    lines += [f"{r.id}: {straggler_line(d)}" for d in sorted(latest.values(), key=lambda d: d["at"])[-RESTARTS_SHOWN:]]
+    stall = next((f for f in reversed(r.failures) if f.get("class") == "stall"), None)
+    if stall is not None:
+        lines.append(f"{r.id}: last stall: {stall.get('line')} (every rank's stacks: {stall.get('dumps')})")
+    return lines
+
+
 def failures(records: list[JobRecord]):
-    """The one-line failure reasons under the table (rich Text: reasons may hold [brackets])."""
+    """The one-line failure reasons under the table, then each job's restarts and last stall (rich
+    Text: reasons may hold [brackets])."""
     from rich.text import Text
 
-    return [Text(f"{r.id}: {r.failure_reason}") for r in records if r.failure_reason]
+    return ([Text(f"{r.id}: {r.failure_reason}") for r in records if r.failure_reason]
+            + [Text(line) for r in records for line in restart_lines(r)])
 
 
 def console(file=None, terminal: bool | None = None):

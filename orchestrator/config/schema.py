@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 
 from model.config import ModelConfig  # the family's config class (model.registry; torch-free)
 from orchestrator.config.interval import parse_interval
-from orchestrator.errors import ConfigError, OrchError
+from orchestrator.errors import ConfigError, FailureClass, OrchError
 
 JobKind = Literal["pretrain", "finetune", "eval"]  # eval: no optimizer, numbers of given weights
 # What an eval job can compute (trainer.eval_metrics): the validation split's loss (and perplexity),
@@ -99,10 +99,42 @@ class TrainerConfig:
     eval_metrics: tuple[str, ...] = ("loss", "qa_exact_match")
     seed: int = 1337  # seeds init, dropout and the data order
     threads_per_worker: int = 1  # torch intra-op threads in each worker
+    # Hangs (orchestrator.execution.watchdog): no rank entering a new phase or step for this long is a
+    # stall (its stacks are dumped, the ranks behind named, the group restarted). null: the larger of
+    # stall_floor_s and stall_factor x the job's median step time.
+    stall_timeout_s: Optional[float] = None
+    stall_floor_s: float = 300.0  # the automatic stall timeout is never below this
+    stall_factor: float = 20.0  # ... nor below this many median step times
+    heartbeat_interval_s: float = 1.0  # how often each rank tells the runner its step and phase
+    # a collective (all-reduce, barrier) that waits longer raises (the process group's timeout);
+    # above the stall timeout, so the watchdog names the stuck rank first
+    collective_timeout_s: float = 1800.0
+    # restarts each failure class may use ({stall: 2, oom: 0, ...}; orchestrator.errors.FailureClass):
+    # a class not named, or null, has only the job's max_failures
+    max_restarts_per_class: dict = field(default_factory=dict)
+    same_failure_limit: int = 3  # the same class of failure at the same step this many times in a row stops the job
+    # a rank whose forward time is this many times the other ranks' median, over straggler_window
+    # logged steps (in most of them), is reported as a straggler with its node
+    straggler_factor: float = 1.5
+    straggler_window: int = 10
 
     def __post_init__(self):
         _positive(self, "max_steps", "global_batch_size", "micro_batch_size", "lr", "log_interval",
-                  "threads_per_worker", "eval_batches")
+                  "threads_per_worker", "eval_batches", "stall_timeout_s", "stall_floor_s", "stall_factor",
+                  "heartbeat_interval_s", "collective_timeout_s", "straggler_factor", "straggler_window")
+        classes = [c.value for c in FailureClass]
+        for name, budget in self.max_restarts_per_class.items():
+            if name not in classes:
+                raise ValueError(f"trainer.max_restarts_per_class names {name!r}, which is no failure class; "
+                                 f"use one of {', '.join(classes)}")
+            if budget is not None and (not isinstance(budget, int) or budget < 0):
+                raise ValueError(f"trainer.max_restarts_per_class.{name}={budget!r} must be an integer >= 0")
+        _non_negative(self, "same_failure_limit")
+        stall = self.stall_timeout_s if self.stall_timeout_s is not None else self.stall_floor_s
+        if self.collective_timeout_s <= stall:
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s} must be above the stall timeout "
+                             f"({stall} s, trainer.stall_timeout_s or stall_floor_s), so that the watchdog names "
+                             f"a stuck rank before a collective gives up; raise trainer.collective_timeout_s")
         _non_negative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

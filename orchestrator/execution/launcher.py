@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.errors import ClusterError
-from orchestrator.execution.runner import RUNNER_PREFIX, JobRunner
+from orchestrator.execution.runner import RUNNER_PREFIX, JobRunner, cancel_coordinator_requests
 from orchestrator.jobs.controller import Controller
 from orchestrator.jobs.events import AttemptReason, EventKind, RunnerPoll, RunnerStatus
 from orchestrator.jobs.record import JobRecord
@@ -46,6 +46,7 @@ class RunHandle:
     job_id: str
     actor: object
     placement_groups: list[str] = field(default_factory=list)  # hex ids its worker groups reported
+    coordinator_requests: list[str] = field(default_factory=list)  # its runs' AutoscalingCoordinator requests
 
 
 class RayLauncher:
@@ -104,6 +105,8 @@ class RayLauncher:
         handle.placement_groups += [e.data["placement_group"] for e in events
                                     if e.kind is EventKind.WORKER_GROUP_PLACED and e.data["placement_group"]
                                     not in handle.placement_groups]
+        handle.coordinator_requests += [e.data["requester"] for e in events if e.kind is EventKind.COORDINATOR_REQUEST
+                                        and e.data["requester"] not in handle.coordinator_requests]
         return RunnerPoll(RunnerStatus.ALIVE, tuple(events))
 
     def wait(self, polls: list[tuple[RunHandle, int]], timeout: float) -> None:
@@ -131,6 +134,7 @@ class RayLauncher:
                     remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
                 except Exception:  # noqa: BLE001 - already removed
                     pass
+            cancel_coordinator_requests(handle.coordinator_requests)  # (else they hold the room for 180 s)
         try:
             ray.kill(handle.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone

@@ -56,10 +56,11 @@ def export_weights(job: JobConfig, run: str, step: int, job_id: str) -> str:
 
 
 def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: str | None,
-        coordinator: bool = True) -> None:
+        coordinator: bool = True, judge=None) -> None:
     """One Ray Train run of the job (until max_steps, a requested stop, or failures beyond
     `max_failures`); called in the job's runner actor, to which rank 0 reports. `coordinator=False`:
-    no elastic job shares the cluster, so only this job's own needs count (JobConfig.needs_coordinator)."""
+    no elastic job shares the cluster, so only this job's own needs count (JobConfig.needs_coordinator).
+    `judge(error)`: called in this process on every failure of a worker group; a line: do not restart."""
     from orchestrator.train.evaluate import eval_worker  # (torch, deepspeed: not in orch's controller)
     from orchestrator.train.loop import RunSpec, train_worker
 
@@ -70,7 +71,7 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
     spec = RunSpec(job_id=record.id, run_uri=run_uri(job.storage.root, record.id), init_from=init_from, reporter=me)
     trainer = _trainer_class()(
         eval_worker if job.kind == "eval" else train_worker,
-        runner=me, accelerator=job.cluster.accelerator, coordinator=coordinator or job.needs_coordinator,
+        runner=me, accelerator=job.cluster.accelerator, coordinator=coordinator or job.needs_coordinator, judge=judge,
         train_loop_config={"job": job, "spec": spec},  # (pickled by Ray as they are: train_worker reads them)
         scaling_config=ScalingConfig(
             num_workers=(job.workers, job.max_workers) if job.max_workers else job.workers,
@@ -79,7 +80,9 @@ def fit(record: JobRecord, job: JobConfig, init_from: str | None, ray_storage: s
             resources_per_worker=job.resources_per_worker(),
             placement_strategy=job.cluster.placement_strategy,
         ),
-        torch_config=TorchConfig(backend=job.cluster.backend),
+        # a wedged collective raises after trainer.collective_timeout_s (above the stall timeout: the
+        # watchdog names the stuck rank first), instead of torch's 30 minutes
+        torch_config=TorchConfig(backend=job.cluster.backend, timeout_s=int(job.trainer.collective_timeout_s)),
         run_config=RunConfig(name=f"{record.id}-{int(time.time())}", storage_path=ray_storage,
                              failure_config=FailureConfig(max_failures=job.max_failures)),
     )

@@ -26,26 +26,29 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
 from orchestrator.constants import EVAL_RESULT, HISTORY_POLL_S, TRAINER_STATE
 from orchestrator.data.prepare import prepared_dataset
-from orchestrator.errors import CheckpointError, OrchError, StorageError
+from orchestrator.errors import CheckpointError, FailureClass, OrchError, StorageError
 from orchestrator.execution import preflight
-from orchestrator.execution.failures import own_error, worker_error_message
+from orchestrator.execution.failures import Failure, RestartBudget, classify, own_error, worker_error_message
 from orchestrator.execution.failures import retryable as failure_retryable
 from orchestrator.execution.prepare_once import prepare_dataset_once
 from orchestrator.execution.tracking import ArtifactRef, WandbSink, export_job_id, redact
+from orchestrator.execution.watchdog import StallPolicy, Watchdog
 from orchestrator.jobs.events import Action, AttemptReason, EventKind, RunnerEvent
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.storage import join_uri
+from orchestrator.train.heartbeat import Beat
 from orchestrator.train.history import read_history
-from orchestrator.train.reports import CheckpointCommitted, EngineReady, Evaluated, Progress, Report
+from orchestrator.train.reports import CheckpointCommitted, EngineReady, Evaluated, Progress, Report, StragglerFound
 from orchestrator.workspace import open_job_store
 
 log = logging.getLogger(__name__)
 
 RUNNER_PREFIX = "orch-job-"
+WATCHDOG_POLL_S = 1.0  # how often the runner's watchdog looks for a stall
 
 
-_STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.ENGINE_READY, EventKind.STOPPED,
-                           EventKind.SUCCEEDED, EventKind.FAILED})
+_STATE_EVENTS = frozenset({EventKind.ATTEMPT_STARTED, EventKind.RESTART_DECIDED, EventKind.ENGINE_READY,
+                           EventKind.STOPPED, EventKind.SUCCEEDED, EventKind.FAILED})
 
 
 def _engine_ready(r: EngineReady, attempt: int) -> tuple[EventKind, dict]:
@@ -62,9 +65,13 @@ def _metrics(r: Progress | Evaluated, attempt: int) -> tuple[EventKind, dict]:
     return EventKind.PROGRESS, dict(metrics={f.name: getattr(r, f.name) for f in dataclasses.fields(r)})
 
 
+def _straggler(r: StragglerFound, attempt: int) -> tuple[EventKind, dict]:
+    return EventKind.STRAGGLER, dict(rank=r.rank, ratio=r.ratio, step=r.step, window=r.window)
+
+
 # Rank 0's report (orchestrator.train.reports) -> the event the controller applies: one handler per class.
 REPORT_EVENTS = {EngineReady: _engine_ready, CheckpointCommitted: _checkpoint_committed, Progress: _metrics,
-                 Evaluated: _metrics}
+                 Evaluated: _metrics, StragglerFound: _straggler}
 
 
 def report_event(report: Report, attempt: int) -> tuple[EventKind, dict]:
@@ -159,7 +166,13 @@ class JobRunner:
         self.stop: dict | None = None  # the pending request: {"action": "cancel" | "preempt" | "scale", "id", "job"}
         self.seen_requests: set[str] = set()
         self.placement_groups: list = []
+        self.coordinator_requests: list[str] = []  # "train-<run id>" of each Ray Train run
         self.feed: _Feed | None = None  # the W&B run, fed from the history (tracking on)
+        self.watchdog: Watchdog | None = None  # every rank's heartbeat -> a stall (once the job's config is built)
+        self.ended = threading.Event()
+        self.seen = failures_of_this_run(self.record)  # the judge's memory (a relaunched runner keeps it)
+        self.stalled: Failure | None = None  # the stall just handled: the next failure Ray Train sees is it
+        self.refusal: str | None = None  # why the judge refused a restart (the job's one-line reason)
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
 
@@ -168,6 +181,9 @@ class JobRunner:
         """One typed report of rank 0 (orchestrator.train.reports) becomes one event for the
         controller (a new worker group calls `begin_attempt` first)."""
         kind, data = report_event(report, self.attempts)
+        if kind is EventKind.STRAGGLER:  # (rank 0 does not know the other ranks' nodes; their heartbeats do)
+            with self.lock:
+                data["node"] = self.watchdog.last_seen()[1].get(data["rank"]) if self.watchdog is not None else None
         self.log.emit(kind, **data)
 
     def begin_attempt(self, world_size: int) -> str:
@@ -186,6 +202,12 @@ class JobRunner:
         self.log.emit(EventKind.ATTEMPT_STARTED, attempt=attempt, reason=reason.value, world_size=world_size)
         return reason
 
+    def heartbeat(self, beat: Beat) -> None:
+        """Every rank's step and phase, about once a second (orchestrator.train.heartbeat)."""
+        with self.lock:
+            if self.watchdog is not None:
+                self.watchdog.beat(beat, time.time())
+
     def control(self) -> str | None:
         """'stop' once a stop was requested: every rank checkpoints the current step and returns."""
         return "stop" if self.stop else None
@@ -195,10 +217,20 @@ class JobRunner:
         """Why Ray Train starts the next worker group: 'failure' (a retry) or 'resize'. A resize
         decision also starts every group we start ourselves; then the reason is already set."""
         with self.lock:
+            if self.watchdog is not None:
+                self.watchdog.disarm()  # the group is being replaced: the next one is watched from its first beat
             if kind == "failure":
                 self.next_reason = AttemptReason.FAILURE
+                last = self.seen[-1] if self.seen else None
+                self.log.emit(EventKind.RESTART_DECIDED, **({"class": last.cls.value, "ranks": list(last.ranks),
+                                                             "nodes": list(last.nodes)} if last else {}))
             elif self.next_reason is None:
                 self.next_reason = AttemptReason.RESIZE
+
+    def coordinator_request(self, requester: str) -> None:
+        """The run's request to Ray's AutoscalingCoordinator (from a Ray Train callback)."""
+        self.coordinator_requests.append(requester)
+        self.log.emit(EventKind.COORDINATOR_REQUEST, requester=requester)
 
     def placement_group(self, pg) -> None:
         """The placement group of the worker group now running (from a Ray Train callback)."""
@@ -235,6 +267,8 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - already removed
                 pass
         self.placement_groups.clear()
+        cancel_coordinator_requests(self.coordinator_requests)
+        self.coordinator_requests.clear()
         return freed
 
     # ------------------------------------------------------------------------------ the run
@@ -256,6 +290,7 @@ class JobRunner:
         threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True).start()
         try:
             job = self._job(self.record.config)
+            self._start_watchdog(job)
             self._start_feed(job)
             self._prepare(job)
             if job.kind == "eval":
@@ -268,9 +303,66 @@ class JobRunner:
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's reason
             log.debug("job %s failed", self.record.id, exc_info=True)
             self._close_feed(exit_code=1)
-            retryable = failure_retryable(e)
-            self.log.emit(EventKind.FAILED, reason=worker_error_message(e), retryable=retryable,
+            retryable = failure_retryable(e) and not self.refusal
+            self.log.emit(EventKind.FAILED, reason=self.refusal or worker_error_message(e), retryable=retryable,
                           traceback=traceback.format_exc())
+        finally:
+            self.ended.set()
+
+    # ----------------------------------------------------------------------------- hangs
+    def _start_watchdog(self, job: JobConfig) -> None:
+        """The watchdog over the ranks' heartbeats, and the thread that asks it every second."""
+        tr = job.trainer
+        self.watchdog = Watchdog(StallPolicy(
+            timeout_s=tr.stall_timeout_s, floor_s=tr.stall_floor_s, factor=tr.stall_factor,
+            checkpoint_timeout_s=job.checkpoint.commit_timeout_s, silence_s=max(3 * tr.heartbeat_interval_s, 2.0)))
+        threading.Thread(target=self._watch, args=(job,), name="orch-watchdog", daemon=True).start()
+
+    def _watch(self, job: JobConfig) -> None:
+        while not self.ended.wait(WATCHDOG_POLL_S):
+            with self.lock:
+                stall = self.watchdog.check(time.time())
+                if stall is not None:
+                    self.watchdog.disarm()  # handled once
+            if stall is not None:
+                try:
+                    self._handle_stall(job, stall)
+                except Exception:  # noqa: BLE001 - the watchdog goes on for the next group
+                    log.exception("could not handle the stall of job %s", self.record.id)
+
+    def _judge(self, error: BaseException) -> str | None:
+        """Ray Train's failure policy asks (orchestrator.execution.train_extensions.FailFast): the failure
+        is classified and recorded; a line when the job must not restart (a storm, a class over budget)."""
+        with self.lock:
+            stalled, self.stalled = self.stalled, None
+            steps, nodes = self.watchdog.last_seen() if self.watchdog is not None else ({}, {})
+            failure = classify(error, steps, nodes, stalled)
+            tr = self._job(self.record.config).trainer
+            budget = RestartBudget({k: v for k, v in tr.max_restarts_per_class.items() if v is not None},
+                                   tr.same_failure_limit)
+            refusal = budget.refusal(self.seen, failure)
+            self.seen.append(failure)
+            self.refusal = self.refusal or refusal
+        if failure.cls is not FailureClass.STALL:  # (a stall was told when it was found)
+            self.log.emit(EventKind.WORKER_FAILED, **failure.to_json(time.time()))
+        return refusal
+
+    def _handle_stall(self, job: JobConfig, stall) -> None:
+        """Name the stuck ranks, keep every rank's stacks, kill the stuck ones: Ray Train restarts the
+        group from the last commit (a failure like a crash)."""
+        from orchestrator.execution.hangs import handle_stall
+
+        line = stall.line()
+        self._say(f"stall: {line}")
+        folder = join_uri(run_uri(job.storage.root, self.record.id), "hangs", stall.group)
+        stuck = sorted(stall.stuck, key=lambda r: r.rank)
+        with self.lock:
+            nodes = tuple(sorted({r.node for r in stuck}))
+            self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, stall.step, line)
+        killed = handle_stall(stall, open_job_store(job), folder)
+        self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
+                      ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}),
+                      step=stall.step, phase=stuck[0].phase)
 
     # --------------------------------------------------------------------------------- W&B
     def _start_feed(self, job: JobConfig) -> None:
@@ -339,7 +431,9 @@ class JobRunner:
                 with self.lock:
                     self.next_reason = AttemptReason.SCALE
                 self._say(f"restarting at {job.workers} workers from the last checkpoint")
-            fit(self.record, job, self.init_from, self.ray_storage, self.coordinator)
+            fit(self.record, job, self.init_from, self.ray_storage, self.coordinator, judge=self._judge)
+            with self.lock:
+                self.watchdog.disarm()
             state = self._final_state(job)
             if state.get("step") == job.trainer.max_steps:
                 self._finish(job, state)
@@ -399,6 +493,35 @@ class JobRunner:
         self._close_feed((ArtifactRef(f"model-{rid}", "model", export, meta),
                           ArtifactRef(f"checkpoint-{rid}", "checkpoint", state["uri"], meta)))
         self.log.emit(EventKind.SUCCEEDED, export=export, checkpoint=state["uri"], metrics=metrics)
+
+
+def cancel_coordinator_requests(requesters: list[str]) -> None:
+    """Cancel these requests to Ray's AutoscalingCoordinator (best effort: else they expire)."""
+    if not requesters:
+        return
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get([coordinator.cancel_request.remote(requester_id=r) for r in requesters], timeout=10)
+    except Exception:  # noqa: BLE001 - they expire after 180 s
+        log.warning("could not cancel the AutoscalingCoordinator requests %s", requesters, exc_info=True)
+
+
+def failure_from_json(d: dict) -> Failure:
+    """A failure as the job's record keeps it (`JobRecord.failures`)."""
+    return Failure(FailureClass(d["class"]), tuple(d.get("ranks") or ()), tuple(d.get("nodes") or ()), d.get("step"),
+                   d.get("line") or "")
+
+
+def failures_of_this_run(record: JobRecord) -> list[Failure]:
+    """The job's failures since its latest run was admitted: those before an `orch retry` (or `orch
+    run --resume`) are not counted again (the user changed something); those before a relaunch of
+    the runner in the same run are."""
+    since = record.started_at() or 0.0
+    return [failure_from_json(f) for f in record.failures if f.get("at", 0.0) >= since]
 
 
 def _import_ray_train() -> None:

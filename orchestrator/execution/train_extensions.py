@@ -62,17 +62,36 @@ class ReportDecisions(ControllerCallback):
         self._tell("resize")
 
 
+class ReportCoordinatorRequest(ControllerCallback):
+    """Tells the job's runner the requester id under which Ray Train's scaling policy registers the
+    run's workers with the AutoscalingCoordinator (`train-<run id>`, from `ScalingPolicy.after_controller_start`
+    in Ray 2.60): the runner, or the launcher for a dead runner, cancels it when the job is stopped at
+    once; else it holds the workers' room for AUTOSCALING_REQUESTS_EXPIRE_TIME_S (180 s), during which
+    an elastic job cannot start or grow into it."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def after_controller_start(self, train_run_context) -> None:
+        try:
+            self.runner.coordinator_request.remote(f"train-{train_run_context.run_id}")
+        except Exception:  # noqa: BLE001 - best effort: the request still expires
+            log.warning("could not report the run's AutoscalingCoordinator request", exc_info=True)
+
+
 class FailFast(FailurePolicy):
     """Ray Train's own policy, except that a worker error no restart can fix (an `OrchError` with
     `retryable=False`: a corrupt shard, revoked credentials, a full disk) fails the run at once
-    instead of using up `max_failures`."""
+    instead of using up `max_failures`, and so does a failure the job's `judge` refuses to restart
+    (the runner: it classifies every failure, and stops a restart storm or a class over its budget)."""
 
-    def __init__(self, inner: FailurePolicy):
+    def __init__(self, inner: FailurePolicy, judge=None):
         super().__init__(inner.failure_config)
-        self.inner = inner
+        self.inner, self.judge = inner, judge
 
     def make_decision(self, training_failed_error):
-        if not retryable(training_failed_error):
+        refusal = self.judge(training_failed_error) if self.judge is not None else None
+        if refusal or not retryable(training_failed_error):
             return FailureDecision.RAISE
         return self.inner.make_decision(training_failed_error)
 
@@ -131,8 +150,8 @@ class OrchTrainer(TorchTrainer):
     our feet (seen on a 3-raylet cluster on 2 cores). The runner learns each worker group's
     placement group instead and removes it itself when the job is stopped at once."""
 
-    def __init__(self, *args, runner, accelerator: str, coordinator: bool = True, **kwargs):
-        self.runner, self.accelerator, self.coordinator = runner, accelerator, coordinator
+    def __init__(self, *args, runner, accelerator: str, coordinator: bool = True, judge=None, **kwargs):
+        self.runner, self.accelerator, self.coordinator, self.judge = runner, accelerator, coordinator, judge
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):
@@ -141,10 +160,10 @@ class OrchTrainer(TorchTrainer):
         dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
         callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
         return [*callbacks, *WarmImports.for_accelerator(self.accelerator), ReportPlacementGroup(self.runner),
-                ReportDecisions(self.runner)]
+                ReportDecisions(self.runner), *([ReportCoordinatorRequest(self.runner)] if self.coordinator else [])]
 
     def _initialize_and_run_controller(self, **kwargs):
-        kwargs["failure_policy"] = FailFast(kwargs["failure_policy"])
+        kwargs["failure_policy"] = FailFast(kwargs["failure_policy"], self.judge)
         if not self.coordinator:
             kwargs["scaling_policy"] = without_coordinator(kwargs["scaling_policy"])
         return run_controller_here(kwargs)

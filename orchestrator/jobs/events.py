@@ -17,8 +17,21 @@ class EventKind(str, enum.Enum):
     ATTEMPT_STARTED = "attempt_started"  # a worker group starts: {"attempt", "reason", "world_size"}
     ENGINE_READY = "engine_ready"  # it built (and restored) its engine: {"attempt", "resumed_from", "step", ...}
     WORKER_GROUP_PLACED = "worker_group_placed"  # its placement group: {"placement_group": hex id}
+    # the run's request to Ray's AutoscalingCoordinator ({"requester": "train-<run id>"}): cancelled when the
+    # job is stopped at once, so that it does not hold its workers' room until it expires
+    COORDINATOR_REQUEST = "coordinator_request"
     CHECKPOINT_COMMITTED = "checkpoint_committed"  # {"uri", "step"}
     PROGRESS = "progress"  # {"metrics": {...}} and/or {"wandb": {...}}
+    # Ray Train decided to restart the worker group after a failure (the job is RESTARTING from now,
+    # before the new group starts): {"class", "ranks", "nodes"} of the failure, as classified
+    RESTART_DECIDED = "restart_decided"
+    # a worker group failed, classified (orchestrator.errors.FailureClass):
+    # {"at", "class", "ranks", "nodes", "step", "line"}
+    WORKER_FAILED = "worker_failed"
+    # a stall: {"line", "ranks", "nodes", "step", "phase", "dumps": the folder of every rank's stacks, "killed"}
+    STALLED = "stalled"
+    # a rank persistently slower than the others: {"rank", "node", "ratio", "step", "window"}
+    STRAGGLER = "straggler"
     STOPPED = "stopped"  # stopped on request (cancel) after committing a checkpoint: {"checkpoint"}
     SUCCEEDED = "succeeded"  # trained to max_steps and exported: {"export", "checkpoint", "metrics"}
     FAILED = "failed"  # {"reason", "retryable", "traceback"}

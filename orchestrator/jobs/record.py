@@ -35,6 +35,12 @@ class JobRecord:
     user: str = ""  # who submitted it: what the submitter said (--user, ORCH_USER, the OS user); not authenticated
     queue: str = "default"  # the queue (team) whose quota and fair share it counts against
     preemptions: int = 0  # times it was stopped to make room for another job (the restart ledger's preempted)
+    # the worker-group failures seen, oldest first: {"at", "class", "line", "ranks", "nodes", "step", ...}
+    failures: list[dict] = field(default_factory=list)
+    # every restart after a failure: {"at", "class", "ranks", "nodes", "failed_at_step", "resumed_from_step",
+    # "steps_lost", "seconds_lost"} (the last two once the new group is ready)
+    restart_log: list[dict] = field(default_factory=list)
+    stragglers: list[dict] = field(default_factory=list)  # ranks found persistently slow: {"at", "rank", "node", ...}
 
     @property
     def workers(self) -> int:

@@ -29,6 +29,7 @@ from orchestrator.data.manifest import load_manifest
 from orchestrator.data.reader import SplitReader
 from orchestrator.errors import OrchError
 from orchestrator.storage import join_uri
+from orchestrator.train.heartbeat import EVAL
 from orchestrator.train.loop import Trainer, TrainerState, run_worker
 from orchestrator.train.reports import Evaluated
 
@@ -72,6 +73,8 @@ class Evaluator(Trainer):
         log.info("rank %d of %d on %s: evaluating %s (step %d): %s", self.rank, self.world, self.device,
                  self.spec.init_from or "random weights", step, ", ".join(job.trainer.eval_metrics))
         self._open_history(TrainerState(step=step), "first")
+        self.hb.start(step)  # (the runner's watchdog sees an eval that hangs too)
+        self.hb.phase(EVAL)
         try:
             results: dict = {"step": step, "weights": self.spec.init_from or "random", "at": time.time()}
             for name in job.trainer.eval_metrics:
@@ -81,6 +84,7 @@ class Evaluator(Trainer):
             if results.get("eval_loss") is not None:
                 self._report(Evaluated(eval_loss=results["eval_loss"]))
         finally:
+            self.hb.close()
             self.val.close()
             self.history.finish()
 

@@ -38,13 +38,23 @@ from orchestrator.storage import join_uri
 from orchestrator.train.cadence import CheckpointCadence
 from orchestrator.train.deepspeed_config import deepspeed_config, lr_factor
 from orchestrator.train.extensions import import_deepspeed, use_prebuilt
+from orchestrator.train.heartbeat import CHECKPOINT, COLLECTIVE, DATA, EVAL, FORWARD_BACKWARD, OPTIMIZER_STEP, Heartbeat
 from orchestrator.train.history import HistoryWriter, NullHistory
 from orchestrator.train.metrics import IntervalMetrics, grad_norm, system_metrics
 from orchestrator.train.mfu import peak_flops
 from orchestrator.train.output import WorkerOutput
 from orchestrator.train.prefetch import BatchPrefetcher
 from orchestrator.train.qa_eval import QAScore, ask, heldout_questions, rank_share
-from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, Report
+from orchestrator.train.reports import (
+    REPORTS,
+    CheckpointCommitted,
+    EngineReady,
+    Evaluated,
+    Progress,
+    Report,
+    StragglerFound,
+)
+from orchestrator.train.stragglers import MAX_RANK_COLUMNS, ForwardTimer, StragglerDetector
 from orchestrator.train.vote import all_mean, all_sum, step_vote
 from orchestrator.workspace import local_scratch, open_job_store
 
@@ -76,10 +86,16 @@ class TrainerState:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
 
+WATCHDOG_KEYS = ("stall_timeout_s", "stall_floor_s", "stall_factor", "heartbeat_interval_s", "collective_timeout_s",
+                 "max_restarts_per_class", "same_failure_limit", "straggler_factor", "straggler_window")
+
+
 def config_hash(job: JobConfig) -> str:
     """sha256 of the settings a resume must share with its checkpoint to continue the same curve
     (model, data, trainer); worker count, ZeRO stage, cluster and storage may change."""
     keep = {k: to_dict(job)[k] for k in ("model", "data", "trainer")}
+    for key in WATCHDOG_KEYS:  # (how hangs are watched and failures retried does not change the curve)
+        keep["trainer"].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,13 +125,14 @@ def run_worker(args: dict, worker_class: type) -> None:
     rank = ray.train.get_context().get_world_rank()
     output = WorkerOutput(local_scratch(spec.job_id) / "logs" / f"rank-{rank}-{os.getpid()}.log").start()
     try:
-        output.upload_to(open_job_store(job), rank_logs_uri(spec.run_uri, _attempt_name(), rank))
+        group = _attempt_name()
+        output.upload_to(open_job_store(job), rank_logs_uri(spec.run_uri, group, rank))
         # DeepSpeed picks its accelerator when first imported: decide it from the config, never assume.
         os.environ["DS_ACCELERATOR"] = job.cluster.accelerator
         use_prebuilt()  # DeepSpeed's ops built at setup, not compiled in this worker
         torch.set_num_threads(job.trainer.threads_per_worker)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        worker_class(job, spec, entered).run()
+        worker_class(job, spec, entered, group).run()
     except Exception:
         output.failed(f"rank {rank} failed:\n{traceback.format_exc()}")
         raise
@@ -143,7 +160,7 @@ def _process_start() -> float:
 class Trainer:
     """One worker's training run: builds everything, runs the loop, closes everything."""
 
-    def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None):
+    def __init__(self, job: JobConfig, spec: RunSpec, entered: float | None = None, group: str = "0"):
         ctx = ray.train.get_context()
         # Where this attempt's start-up time goes (rank 0 records it in the history at its first step).
         self.startup = {"process_start": _process_start(), "entered": entered or time.time()}
@@ -155,6 +172,9 @@ class Trainer:
         self._control = None  # rank 0's pending question to the runner: stop?
         self._asked_at = float("-inf")  # when it was asked (time.monotonic)
         self.history: HistoryWriter | NullHistory = NullHistory()  # rank 0's, once restored
+        # this rank's step and phase, which a thread sends to the runner's watchdog (from the first step on)
+        self.hb = Heartbeat.of_this_worker(spec.reporter, group, self.rank, self.world,
+                                           job.trainer.heartbeat_interval_s)
 
     # ------------------------------------------------------------------------------ building
     def _build_engine(self, load_universal: bool = False, fresh_weights: bool = True):
@@ -367,12 +387,44 @@ class Trainer:
         and steps the optimizer at the last); their losses, as tensors on the device (read once per
         step, in the step's vote: no wait for the device per micro-batch)."""
         losses = []
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
+            self.hb.phase(FORWARD_BACKWARD)
+            self.forward_timer.start()
             _, loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            self.forward_timer.stop()
             engine.backward(loss)
+            if i == len(micro) - 1:
+                self.hb.phase(OPTIMIZER_STEP)
             engine.step()
             losses.append(loss.detach())
         return losses
+
+    def _compute_shares(self, meter: IntervalMetrics, step: int) -> list[float]:
+        """At a logged step: this rank's mean forward time per step of the interval, in its own slot of
+        a vector every rank sends with the step's vote (so rank 0 gets all of them); else nothing."""
+        if not meter.due(step):
+            return []
+        shares = [0.0] * self.world
+        shares[self.rank] = self.forward_timer.take() / max(1, meter.steps)
+        return shares
+
+    def _compute_metrics(self, vote, step: int) -> dict[str, float]:
+        """Rank 0, at a logged step: the ranks' compute times (the slowest rank and its ratio to the
+        others' median; each rank's up to MAX_RANK_COLUMNS ranks), and a report for each rank found to
+        be persistently slower (trainer.straggler_factor over trainer.straggler_window logged steps)."""
+        shares = list(vote.shares)
+        if len(shares) < 2:
+            return {}
+        ratios = StragglerDetector.ratios(shares)
+        slowest = max(range(len(shares)), key=ratios.__getitem__)
+        metrics = {"perf/slowest_rank": slowest, "perf/slowest_rank_ratio": ratios[slowest]}
+        if len(shares) <= MAX_RANK_COLUMNS:
+            metrics.update({f"perf/compute_s/rank_{r}": s for r, s in enumerate(shares)})
+        for found in self.stragglers.add(step, shares):
+            log.warning("rank %d is a straggler: %.2fx the other ranks' compute time over %d logged steps",
+                        found.rank, found.ratio, found.window)
+            self._report(StragglerFound(rank=found.rank, ratio=found.ratio, step=found.step, window=found.window))
+        return metrics
 
     # --------------------------------------------------------------------------------- loop
     def run(self) -> None:
@@ -383,6 +435,8 @@ class Trainer:
         job = self.job
         reason = self._begin_attempt()
         self.device = get_accelerator().current_device_name()
+        self.forward_timer = ForwardTimer(self.device)  # this rank's compute time (stragglers)
+        self.stragglers = StragglerDetector(job.trainer.straggler_factor, job.trainer.straggler_window)
         manifest = load_manifest(self.store, job.data.uri)
         cache = self.scratch / "cache" / f"rank-{self.rank}"  # a cache folder belongs to one process
         train = SplitReader.from_config(self.store, job.data, manifest, "train", cache)
@@ -396,9 +450,11 @@ class Trainer:
                  job.deepspeed.stage, state.step, job.trainer.max_steps)
         self._stamp(state)
         self._open_history(state, reason)
+        self.hb.start(state.step + 1)
         try:
             self._loop(engine, state, train, val, ckpt)
         finally:
+            self.hb.close()
             for close in reversed(self._closers):
                 close()
             train.close()  # stops the download threads (val shares train's cache)
@@ -411,7 +467,12 @@ class Trainer:
         cadence = CheckpointCadence(self.job.checkpoint, ckpt, self.history, rank=self.rank, step=state.step,
                                     max_steps=tr.max_steps)
         batches = self._prefetcher(train, state.cursor)
+        began = None
         while state.step < tr.max_steps:
+            now = time.time()
+            self.hb.stepped(state.step + 1, now - began if began else None)
+            self.hb.phase(DATA)
+            began = now
             micro, waited = batches.next(more=state.step + 1 < tr.max_steps)
             if "first_batch" not in self.startup:
                 self.startup["first_batch"] = time.time()
@@ -427,25 +488,30 @@ class Trainer:
             # rank's clock says a checkpoint is due (so every rank decides the same).
             due = cadence.due(state.step)
             stop = self._stop_requested() and state.step < tr.max_steps  # rank 0 asks the job's runner
-            vote = step_vote(losses, due, stop, self.device)
+            self.hb.phase(COLLECTIVE)
+            vote = step_vote(losses, due, stop, self.device, self._compute_shares(meter, state.step))
             if state.first_loss is None:
                 state.first_loss = vote.loss
             state.last_loss = vote.loss
             if meter.due(state.step):
                 row = meter.row(loss=vote.loss, lr=lr, tokens_seen=state.tokens_seen, shard_wait_s=train.wait_s)
                 if self.rank == 0:
-                    row.update(grad_norm(engine), **system_metrics(self.device))
+                    row.update(grad_norm(engine), **system_metrics(self.device),
+                               **self._compute_metrics(vote, state.step))
                 self.history.log(row, step=state.step)
                 self._report(Progress(step=state.step, loss=vote.loss, first_loss=state.first_loss,
                                       tokens=state.tokens_seen, tokens_per_s=row["perf/tokens_per_s"],
                                       step_time_s=row["perf/step_time_s"], mfu=row.get("perf/mfu")))
             if tr.eval_interval and state.step % tr.eval_interval == 0 and state.step < tr.max_steps:
+                self.hb.phase(EVAL)
                 self._report(Evaluated(eval_loss=self._logged_eval(engine, val, state.step)))
             if vote.checkpoint_due:
+                self.hb.phase(CHECKPOINT)
                 cadence.save(engine, state)  # (its blocking time goes to the history: ckpt/blocking_s)
             if vote.stop:
                 # A requested stop (cancel, or a new worker count): commit this step and leave; the
                 # runner restarts from it or ends the job (it reads the step from that checkpoint).
+                self.hb.phase(CHECKPOINT)
                 cadence.save_at_stop(engine, state)
                 dist.barrier()
                 return
@@ -453,11 +519,13 @@ class Trainer:
 
     def _finish(self, engine, state: TrainerState, val: SplitReader, cadence: CheckpointCadence) -> None:
         """After the last step: the final evaluation and checkpoint, then every rank waits for the commit."""
+        self.hb.phase(EVAL)
         eval_loss = self._logged_eval(engine, val, state.step)
         state.eval_loss = eval_loss
         qa = self._heldout_qa(engine.module, state.step, val.manifest.eot_id)
         if qa is not None:
             state.qa_correct, state.qa_questions = qa.correct, qa.questions
+        self.hb.phase(CHECKPOINT)
         cadence.save_final(engine, state)
         self._report(Evaluated(eval_loss=eval_loss))
         dist.barrier()  # rank 0's commit is in the store before any rank leaves

@@ -52,5 +52,16 @@ class Evaluated:
     eval_loss: float
 
 
-Report = EngineReady | CheckpointCommitted | Progress | Evaluated  # (the runner dispatches on the class)
-REPORTS: tuple[type, ...] = (EngineReady, CheckpointCommitted, Progress, Evaluated)
+@dataclass(frozen=True)
+class StragglerFound:
+    """A rank persistently slower than the others (orchestrator.train.stragglers); the runner adds its node."""
+
+    rank: int
+    ratio: float  # its compute time over the other ranks' median, over the window
+    step: int
+    window: int  # logged intervals compared
+
+
+# (the runner dispatches on the class)
+Report = EngineReady | CheckpointCommitted | Progress | Evaluated | StragglerFound
+REPORTS: tuple[type, ...] = (EngineReady, CheckpointCommitted, Progress, Evaluated, StragglerFound)

@@ -366,3 +366,93 @@ def test_node_lost_in_its_own_network_namespace(tmp_path, reliability_tries, ref
     assert resumed and int(resumed[0].rsplit("step-", 1)[1].split()[0]) >= before, (resumed, before)
     assert job.metrics["loss"] == pytest.approx(ref_job.metrics["loss"], rel=1e-6, abs=1e-7)
     reliability_tries(1)
+
+
+def _rank_of(pid: int, job_id: str) -> int | None:
+    """The rank of worker process `pid` (each rank's log file in the node's scratch is rank-R-PID.log)."""
+    logs = Path(os.environ["ORCH_LOCAL_DIR"]) / job_id / "logs"
+    found = list(logs.glob(f"rank-*-{pid}.log"))
+    return int(found[0].name.split("-")[1]) if found else None
+
+
+def _slow_down(pid: int, state, steps: int) -> None:
+    """Keep worker `pid` slow (stopped half the time, 0.1 s at a time) for `steps` steps of the job."""
+    start = JobStore(state).list()[0].metrics["step"]
+    deadline = time.time() + 120
+    try:
+        while JobStore(state).list()[0].metrics["step"] < start + steps and time.time() < deadline:
+            for _ in range(10):
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _slow_then_stop_a_worker(proc, state) -> tuple[int, int]:
+    """Once the job is past step 30 with a commit: one training worker kept slow for 20 steps (a
+    straggler), then stopped with SIGSTOP (a hang). Returns (pid, rank)."""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        time.sleep(0.2)
+        jobs = JobStore(state).list() if (state / "jobs.db").exists() else []
+        if not jobs or jobs[0].metrics.get("step", 0) < 30 or not jobs[0].checkpoint:
+            continue
+        pids = _train_worker_pids(proc.pid)
+        ranks = {pid: _rank_of(pid, jobs[0].id) for pid in pids}
+        if len(pids) == 2 and None not in ranks.values():
+            victim = random.choice(pids)
+            _slow_down(victim, state, 20)
+            time.sleep(0.5)
+            os.kill(victim, signal.SIGSTOP)
+            return victim, ranks[victim]
+    raise AssertionError("the job never reached step 30 with two workers")
+
+
+@pytest.mark.reliability(category="fault: training",
+                         case="one worker kept slow (SIGSTOP/SIGCONT), then stopped with SIGSTOP (a hang, no crash)",
+                         lost="the steps after the last commit (trained again, same losses)",
+                         happened="no false stall while it was slow; then a stall after the stall timeout: every "
+                                  "rank's stacks saved, the stopped rank named with its node, its process killed, the "
+                                  "group resumed from the last commit")
+def test_a_slow_then_stopped_worker_is_a_named_stall(tmp_path, reference):
+    """One worker kept slow, then `kill -STOP`: no crash, so only the heartbeats show it. Slow is no
+    stall; stopped, the watchdog names it, keeps every rank's stacks in the store, kills it, and the
+    job ends with the reference's loss. Every rank's compute time is in the metrics history."""
+    (ref_job, _), state = reference, tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *RUN, "trainer.stall_timeout_s=8",
+                             "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    try:
+        victim, rank = _slow_then_stop_a_worker(proc, state)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if victim:
+            subprocess.run(["kill", "-9", str(victim)], capture_output=True)
+    assert proc.returncode == 0, out[-3000:]
+    (job,) = JobStore(state).list()
+    assert job.state.value == "SUCCEEDED" and job.restarts == 1, job.history
+    (stall,) = job.failures
+    assert stall["class"] == "stall" and stall["ranks"] == [rank] and stall["nodes"] == ["127.0.0.1"], stall
+    assert f"rank {rank} on node 127.0.0.1 went silent (last heartbeat " in stall["line"], stall["line"]
+    assert "stall timeout 8 s" in stall["line"]
+    assert f"rank {1 - rank} waited in " in stall["line"], stall["line"]
+    # every rank's stacks, in the run's folder in the store: the stopped one marked STUCK
+    dumps = Path(stall["dumps"].removeprefix("file://"))
+    stuck, other = (dumps / f"rank-{rank}.txt").read_text(), (dumps / f"rank-{1 - rank}.txt").read_text()
+    assert f"# rank {rank} (STUCK)" in stuck and "Thread" in stuck and "orch-heartbeat" in stuck, stuck[:2000]
+    assert f"# rank {1 - rank} (waiting)" in other and "_loop" in other, other[:2000]
+    # the restart ledger: a stall of that rank, resumed from the last commit before it
+    (restart,) = job.restart_log
+    assert restart["class"] == "stall" and restart["ranks"] == [rank], restart
+    assert restart["resumed_from_step"] % 25 == 0 and restart["steps_lost"] >= 0 and restart["seconds_lost"] > 0
+    assert restart["failed_at_step"] >= restart["resumed_from_step"], restart
+    assert "STALLED: no progress for" in out and "RESTARTING after a stall of rank" in out, out[-3000:]
+    assert job.metrics["loss"] == pytest.approx(ref_job.metrics["loss"], rel=1e-6, abs=1e-7)
+    # no stall while the rank was only slow (one failure); every rank's compute time in the history
+    rows = _history(state, job.id)
+    assert all(f"perf/compute_s/rank_{r}" in rows[-1]["metrics"] for r in (0, 1)), rows[-1]
+    assert any(r["metrics"].get("perf/slowest_rank") == rank for r in rows)

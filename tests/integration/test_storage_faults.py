@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,9 +65,11 @@ def _remount_read_only(path: Path, timeout: float = 60) -> None:
 class Run:
     """One `orch run` in a child process, watched through its job records."""
 
-    def __init__(self, state: Path, *overrides: str, env: dict | None = None):
+    def __init__(self, state: Path, *overrides: str, env: dict | None = None, max_failures: int = 2):
         self.state = state
-        cmd = [sys.executable, "-m", "orchestrator", *RUN, *overrides, "--state-dir", str(state)]
+        run = [a for a in RUN if not a.startswith("pipeline.jobs.pretrain.max_failures=")]
+        cmd = [sys.executable, "-m", "orchestrator", *run, f"pipeline.jobs.pretrain.max_failures={max_failures}",
+               *overrides, "--state-dir", str(state)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
 
@@ -265,3 +268,36 @@ def test_kill_during_a_commit_through_a_faulty_store(tmp_path, s3_server, reliab
     assert hashlib.sha256(store.get(join_uri(job.export, manifest["weights"]))).hexdigest() == manifest["sha256"]
     reliability_tries(1)
     print(f"through the proxy: {dict(proxy.counts)}")
+
+
+@pytest.mark.reliability(category="fault: storage",
+                         case="the same retryable failure at the same step, again after every restart (every PUT of "
+                              "step 40's commit marker answered 503 SlowDown)",
+                         lost="the steps after the last commit, three times; no committed state",
+                         happened="classified storage at the same step three times in a row: the job stopped with "
+                                  "one line saying so after 2 restarts, not at its max_failures")
+def test_the_same_failure_at_the_same_step_three_times_stops_the_job(tmp_path, s3_server, reliability_tries):
+    """No restart storm: a failure that comes back at the same step each time (a commit that the store
+    refuses, as an overloaded bucket prefix does) stops the job after trainer.same_failure_limit (3)
+    such failures in a row, with one line, well before its max_failures (5)."""
+    bucket = s3_server.make_bucket("storm")
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        proxy.refuse = lambda path: re.search(r"/step-0*40/COMMITTED\.json$", path) is not None
+        run = Run(tmp_path / "state", "storage=s3", f"storage.root=s3://{bucket}/orch",
+                  f"storage.endpoint_url={proxy.url}", max_failures=5)
+        try:
+            out, _ = run.proc.communicate(timeout=600)
+        finally:
+            if run.proc.poll() is None:
+                run.proc.kill()
+        assert proxy.counts["refused"] > 0
+    assert run.proc.returncode == 1, out[-3000:]
+    job = run.job()
+    assert job.state.value == "FAILED" and job.restarts == 2, job.history
+    reason = job.failure_reason
+    assert "\n" not in reason and reason.startswith("the same failure (storage) at step "), reason
+    assert "3 times in a row, not restarting again (trainer.same_failure_limit=3)" in reason, reason
+    assert len({(f["class"], f["step"]) for f in job.failures}) == 1 and len(job.failures) == 3, job.failures
+    assert [e["class"] for e in job.restart_log] == ["storage", "storage"]
+    assert all(e["resumed_from_step"] == 20 for e in job.restart_log), job.restart_log
+    reliability_tries(1)

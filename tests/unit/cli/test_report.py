@@ -129,6 +129,8 @@ def test_pipeline_page_embeds_every_plot_and_no_secret(pretrain, monkeypatch):
     fine = _record(root, "p0abc12-finetune", "finetune", t0=1100.0, t1=1130.0, seq=1)
     _train(store, run_uri(str(root), fine.id), Clock(1101.0), start=0, stop=20, world=2, reason="start", mfu=False)
     waiting = _record(root, "p0abc12-eval", "eval", state="PENDING", seq=2)
+    pre.restart_log = [{"at": 1000.0, "restart_at": 1002.0, "class": "stall", "ranks": [1], "nodes": ["10.0.0.3"],
+                        "failed_at_step": 12, "resumed_from_step": 10, "steps_lost": 2, "seconds_lost": 7.0}]
     out = tmp / "report"
     page = write_report([pre, fine, waiting], str(out), metrics_history)
     html = Path(page).read_text()
@@ -146,6 +148,8 @@ def test_pipeline_page_embeds_every_plot_and_no_secret(pretrain, monkeypatch):
     assert "<th>time lost to failures</th><td>27s</td><td>0s</td><td>27s</td>" in html
     assert "<th>worker groups started</th><td>4</td><td>1</td><td>5</td>" in html
     assert html.count("restart: resumed from step 10 at 2 workers") == 1
+    assert re.search(r"restart 1 at [0-9:]+: stall of rank 1 on 10\.0\.0\.3 at step 12, resumed from step 10 "
+                     r"\(2 steps, 7s lost\)", html)  # the restart ledger
     for needle in (pre.id, fine.id, "pipeline", "CPU-hours", pre.export,
                    "p0abc12-eval (PENDING): no metrics history yet", "How the numbers are computed"):
         assert needle in html, needle

@@ -126,3 +126,24 @@ def test_terminal_table_is_coloured_and_only_the_ids_give_way():
     assert max(len(line.rstrip()) for line in lines) <= 80
     assert "…" in lines[3] and lines[3].split()[-8:] == ["12/30", "3.2000", "12.3k", "12.3%", "2", "0", "1m00s",
                                                          "9s"]
+
+
+def test_restarts_and_the_last_stall_are_listed_under_the_table():
+    from orchestrator.cli.status_view import restart_lines
+
+    job = _job("p1-pretrain", JobState.RUNNING)
+    job.failures = [{"at": 100.0, "class": "stall", "line": "rank 1 on node 10.0.0.3 stopped in collective of step 22",
+                     "ranks": [1], "nodes": ["10.0.0.3"], "step": 22, "dumps": "s3://b/runs/p1-pretrain/hangs/17"}]
+    job.restart_log = [{"at": 100.0, "restart_at": 102.0, "class": "stall", "ranks": [1], "nodes": ["10.0.0.3"],
+                        "failed_at_step": 22, "resumed_from_step": 20, "steps_lost": 2, "seconds_lost": 9.5},
+                       {"at": 200.0, "restart_at": 202.0, "class": "worker_crash", "ranks": [], "nodes": [],
+                        "failed_at_step": 30, "resumed_from_step": None, "steps_lost": None, "seconds_lost": None}]
+    lines = restart_lines(job)
+    assert lines[0].startswith("p1-pretrain: restart 1 at ") and lines[0].endswith(
+        ": stall of rank 1 on 10.0.0.3 at step 22, resumed from step 20 (2 steps, 10s lost)"), lines[0]
+    assert lines[1].endswith(": worker_crash at step 30; not resumed (its group failed first)"), lines[1]
+    assert lines[2] == ("p1-pretrain: last stall: rank 1 on node 10.0.0.3 stopped in collective of step 22 "
+                        "(every rank's stacks: s3://b/runs/p1-pretrain/hangs/17)")
+    out = io.StringIO()
+    show(lambda width: status_view([job], width=width), file=out)
+    assert "restart 2 at" in out.getvalue() and "last stall:" in out.getvalue()

@@ -238,7 +238,7 @@ def test_legal_transitions(current, new):
 ILLEGAL = [
     (S.PENDING, S.RUNNING),
     (S.PENDING, S.STARTING),
-    (S.PENDING, S.SUCCEEDED),
+    (S.PENDING, S.FAILED),  # (PENDING -> SUCCEEDED: a checkpoint trigger ending, legal)
     (S.QUEUED, S.RUNNING),
     (S.QUEUED, S.BLOCKED),
     (S.RUNNING, S.QUEUED),

@@ -15,7 +15,7 @@ from orchestrator.execution.runner import REPORT_EVENTS, report_event
 from orchestrator.jobs.events import EventKind
 from orchestrator.jobs.lifecycle import PROGRESS_METRICS
 from orchestrator.train import reports
-from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress
+from orchestrator.train.reports import REPORTS, CheckpointCommitted, EngineReady, Evaluated, Progress, StragglerFound
 
 SAMPLES = {
     EngineReady: EngineReady(resumed_from="file:///r/runs/j/checkpoints/step-00000004", step=4,
@@ -23,6 +23,7 @@ SAMPLES = {
     CheckpointCommitted: CheckpointCommitted(uri="s3://b/runs/j/checkpoints/step-00000008", step=8),
     Progress: Progress(step=8, loss=2.5, first_loss=6.1, tokens=4096, tokens_per_s=812.5, step_time_s=0.63, mfu=None),
     Evaluated: Evaluated(eval_loss=2.75),
+    StragglerFound: StragglerFound(rank=1, ratio=2.1, step=40, window=10),
 }
 
 
@@ -122,3 +123,8 @@ def test_only_the_runner_turns_a_job_config_dict_into_its_dataclass():
                    if "job_config_from_dict" in p.read_text())
     assert users == ["execution/launcher.py", "execution/runner.py"]
     assert (root / "execution/runner.py").read_text().count("job_config_from_dict(") == 1
+
+
+def test_a_straggler_becomes_its_event():
+    assert report_event(SAMPLES[StragglerFound], 2) == (EventKind.STRAGGLER,
+                                                         {"rank": 1, "ratio": 2.1, "step": 40, "window": 10})

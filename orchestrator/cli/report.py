@@ -484,6 +484,56 @@ def plot_compared(pipeline_id: str, jobs: list[JobReport]) -> dict[str, bytes]:
     return {f"{pipeline_id}-compared.png": _png(fig)}
 
 
+def by_source_step(jobs: list[JobReport]) -> dict[str, list[JobReport]]:
+    """The jobs checkpoint triggers started, by trigger ({trigger id: its jobs, by source step})."""
+    out: dict[str, list[JobReport]] = {}
+    for j in jobs:
+        t = j.record.get("triggered") or {}
+        if t and j.summary:
+            out.setdefault(t["trigger"], []).append(j)
+    return {k: sorted(v, key=lambda j: j.record["triggered"]["step"]) for k, v in out.items()}
+
+
+def plot_by_source_step(trigger_id: str, jobs: list[JobReport], baseline: JobReport | None) -> dict[str, bytes]:
+    """{file name: PNG}: each triggered job's final eval loss (and held-out QA exact match) against
+    the step of its source's checkpoint it started from; a job of the same kind from random weights,
+    if the pipeline has one, as a dashed line (what the weights of step 0 would give)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [j.record["triggered"]["step"] for j in jobs]
+    panels = [("eval_loss", "final eval loss", 1.0)]
+    if any(j.summary.get("qa_questions") for j in jobs):
+        panels.append(("qa", "held-out QA exact match (%)", 100.0))
+
+    def value(s: dict, key: str, scale: float):
+        if key == "qa":
+            return None if not s.get("qa_questions") else scale * s["qa_correct"] / s["qa_questions"]
+        return s.get(key)
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    source = jobs[0].record["triggered"]["source"]
+    fig.suptitle(f"{trigger_id}: from the checkpoints of {source}", fontsize=12)
+    for ax, (key, label, scale) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ys = [value(j.summary, key, scale) for j in jobs]
+        ax.plot([x for x, y in zip(steps, ys) if y is not None], [y for y in ys if y is not None],
+                color=TRAIN, marker="o", linewidth=1.4, label="from the checkpoint of that step")
+        base = value(baseline.summary, key, scale) if baseline is not None else None
+        if base is not None:
+            ax.axhline(base, color=EVAL, linestyle="--", label=f"{baseline.record.get('name')} (random weights)")
+        ax.set_xlabel(f"step of {source}")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, frameon=False)
+    return {f"{trigger_id}-by-step.png": _png(fig)}
+
+
+def _baseline(jobs: list[JobReport], kind: str) -> JobReport | None:
+    return next((j for j in jobs if j.summary and j.record.get("kind") == kind
+                 and (j.record.get("config") or {}).get("from_scratch")), None)
+
+
 def render_html(title: str, jobs: list[JobReport], total: dict | None, generated: float,
                 compared_images: dict[str, bytes] | None = None) -> str:
     """The page: every value escaped, every image inline."""
@@ -505,7 +555,8 @@ def render_html(title: str, jobs: list[JobReport], total: dict | None, generated
             parts.append(f"<tr><th>{esc(label)}</th>" + "".join(f"<td{cls}>{esc(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     for name, png in (compared_images or {}).items():
-        parts.append("<h2>Compared</h2>")
+        parts.append("<h2>By the step of the checkpoint they started from</h2>" if name.endswith("-by-step.png")
+                     else "<h2>Compared</h2>")
         parts.append(f'<img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     for j in with_rows:
         r = j.record
@@ -568,6 +619,9 @@ def write_report(records: list[JobRecord], out_dir: str, read: Callable[[JobReco
                     _write(os.path.join(out_dir, name), png)
         together = compared(jobs)
         compared_images = plot_compared(together[0].record["pipeline_id"], together) if together else {}
+        for trigger_id, triggered in by_source_step(jobs).items():
+            compared_images.update(plot_by_source_step(trigger_id, triggered,
+                                                       _baseline(jobs, triggered[0].record.get("kind"))))
         for name, png in compared_images.items():
             _write(os.path.join(out_dir, name), png)
     except OSError as e:

@@ -370,14 +370,20 @@ class JobRunner:
         if job.tracking.backend == "none" or job.tracking.mode == "disabled":
             return
         rid = self.record.id
-        parent = export_job_id(self.init_from)
+        parent, triggered = export_job_id(self.init_from), self.record.triggered
         uses = (ArtifactRef(f"model-{parent}", "model", self.init_from, {"job_id": parent}),) if parent else ()
+        if triggered:  # started by a checkpoint of its source: that checkpoint (a version of its artifact)
+            uses = (ArtifactRef(f"checkpoint-{triggered['source']}", "checkpoint", self.init_from,
+                                {"job_id": triggered["source"], "step": triggered["step"]}),)
         facts = {"workers": job.workers, "max_workers": job.max_workers, "nodes": _alive_nodes(),
                  "accelerator": job.cluster.accelerator, "backend": job.cluster.backend,
                  "devices_per_worker": job.cluster.gpus_per_worker or job.cluster.cpus_per_worker,
                  "zero_stage": job.deepspeed.stage, "precision": job.deepspeed.precision}
         config = redact({**to_dict(job), "job_id": rid, "pipeline_id": self.record.pipeline_id,
-                         "init_from": self.init_from, "cluster_facts": facts})
+                         "init_from": self.init_from, "cluster_facts": facts,
+                         # (W&B charts a trigger's jobs against `source_step`: what pretraining had done)
+                         **({"source_step": triggered["step"], "source_job": triggered["source"]}
+                            if triggered else {})})
         sink = WandbSink(job.tracking, run_id=rid, name=f"{job.name}-{rid}", group=wandb_group(self.record),
                          job_type=job.kind, config=config, root_dir=job.tracking.dir or job.state_dir, uses=uses,
                          say=self._say)

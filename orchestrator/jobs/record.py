@@ -35,6 +35,8 @@ class JobRecord:
     user: str = ""  # who submitted it: what the submitter said (--user, ORCH_USER, the OS user); not authenticated
     queue: str = "default"  # the queue (team) whose quota and fair share it counts against
     preemptions: int = 0  # times it was stopped to make room for another job (the restart ledger's preempted)
+    # started by a checkpoint trigger (orchestrator.jobs.triggers): {"trigger", "source", "step"}
+    triggered: dict = field(default_factory=dict)
     # the worker-group failures seen, oldest first: {"at", "class", "line", "ranks", "nodes", "step", ...}
     failures: list[dict] = field(default_factory=list)
     # every restart after a failure: {"at", "class", "ranks", "nodes", "failed_at_step", "resumed_from_step",

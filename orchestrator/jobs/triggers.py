@@ -58,7 +58,7 @@ def instance(trigger: JobRecord, source: JobRecord, step: int, checkpoint: str, 
     return JobRecord(id=instance_id(trigger.id, step), pipeline_id=trigger.pipeline_id, name=config["name"],
                      kind=trigger.kind, state=JobState.QUEUED, priority=priority, depends_on=[], config=config,
                      created_at=now, wandb=dict(trigger.wandb), sweep=dict(trigger.sweep), user=trigger.user,
-                     queue=trigger.queue)
+                     queue=trigger.queue, triggered={"trigger": trigger.id, "source": source.id, "step": step})
 
 
 def trigger_end(trigger: JobRecord, source: JobRecord, started: list[int]) -> Decision | None:

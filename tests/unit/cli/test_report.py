@@ -202,3 +202,25 @@ def test_the_fine_tunes_are_compared_with_their_qa_scores(pretrain):
     # A single job, or one fine-tune, has nothing to compare with.
     single = Path(write_report([pre, tuned], str(tmp / "one"), metrics_history)).read_text()
     assert "<h2>Compared</h2>" not in single and not list((tmp / "one").glob("*-compared.png"))
+
+
+def test_jobs_started_by_checkpoints_are_charted_by_the_step_they_started_from(pretrain):
+    """The curve people want: each triggered fine-tune's QA score against its source's step, beside
+    the fine-tune from random weights."""
+    tmp, store, pre = pretrain
+    root = tmp / "store"
+    tuned = []
+    for step, correct in ((10, 4), (20, 9), (40, 17)):
+        r = _qa_scored(store, root, f"p0abc12-ft-s{step}", f"ft-s{step}", correct)
+        r.kind, r.triggered = "finetune", {"trigger": "p0abc12-ft", "source": pre.id, "step": step}
+        tuned.append(r)
+    scratch = _qa_scored(store, root, "p0abc12-finetune_scratch", "finetune_scratch", 0, from_scratch=True)
+    scratch.kind = "finetune"
+    out = tmp / "report"
+    html = Path(write_report([pre, *tuned, scratch], str(out), metrics_history)).read_text()
+    chart = out / "p0abc12-ft-by-step.png"
+    assert chart.exists() and chart.read_bytes() in _pngs(html)
+    assert _not_blank(chart.read_bytes()).width >= 1000
+    assert "<h2>By the step of the checkpoint they started from</h2>" in html
+    for correct in (4, 9, 17):
+        assert f"<td>{correct}/20 (" in html

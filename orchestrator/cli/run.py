@@ -138,7 +138,8 @@ def print_jobs(jobs) -> None:
                         priority=j.priority, depends_on=list(j.depends_on), config=to_dict(j), created_at=0)
         per = ", ".join(f"{k}: {v:g}" for k, v in j.resources_per_worker().items())
         total = ", ".join(f"{k}: {v:g}" for k, v in job_demand(rec).items())
-        after = f", after {', '.join(j.depends_on)}" if j.depends_on else ""
+        after = (f", at each checkpoint of {j.depends_on[0]}@{j.trigger}" if j.trigger
+                 else f", after {', '.join(j.depends_on)}" if j.depends_on else "")
         count = (f"{j.workers} workers" if not j.max_workers
                  else f"{j.workers}-{j.max_workers} workers (elastic; the gang admitted is {j.workers})")
         if j.kind == "eval":  # no optimizer, no steps: what it computes, on how much

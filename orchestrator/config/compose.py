@@ -312,7 +312,24 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             jobs.append(JobConfig(**fields))
         except ValueError as e:
             raise ConfigError(f"job '{name}': {e}") from None
+        _check_commits(root, jobs[-1], spec.depends_on)
     return jobs
+
+
+def _check_commits(root: RootConfig, job: JobConfig, deps: Sequence[str]) -> None:
+    """A trigger on a job of this pipeline whose checkpoints never land on its steps is refused:
+    `pretrain@every:100` needs a commit at each multiple of 100 (checkpoint.interval a divisor of
+    100); with interval 0 (the final checkpoint only) it would start once, or never."""
+    interval = root.checkpoint.interval
+    if not job.trigger or job.depends_on[0] not in root.pipeline.jobs or not isinstance(interval, int):
+        return
+    kind, n = job.trigger.split(":")
+    if interval == 0 or int(n) % interval:
+        source = job.depends_on[0]
+        raise ConfigError(f"job '{job.name}': {deps[0]} needs a checkpoint of {source} at "
+                          f"{'each multiple of ' if kind == 'every' else 'step '}{n}, but {source} commits "
+                          + ("only its final one" if interval == 0 else f"every {interval} steps")
+                          + f" (checkpoint.interval={interval}); set checkpoint.interval={n} or a divisor of it")
 
 
 def job_config_from_dict(data: dict) -> JobConfig:

@@ -63,9 +63,13 @@ ONLY_IN_COMBINATION = {
     ("data", "qa"): "job 'pretrain': a pretrain job needs a text dataset, got data 'qa' of kind 'sft'",
     ("pipeline", "finetune"): "job 'finetune': a finetune job needs weights: depends_on a job that trains them "
                               "(or `orch submit --after JOB_ID`), or init_from=MODEL",
+    ("pipeline", "pretrain_curve"): "job 'finetune': pretrain@every:100 needs a checkpoint of pretrain at each "
+                                    "multiple of 100, but pretrain commits only its final one "
+                                    "(checkpoint.interval=0); set checkpoint.interval=100 or a divisor of it",
 }
 # Settings that complete an option that is only valid in combination.
-COMPLETIONS = {("pipeline", "finetune"): ("pipeline.jobs.finetune.init_from=/models/hf-gpt",)}
+COMPLETIONS = {("pipeline", "finetune"): ("pipeline.jobs.finetune.init_from=/models/hf-gpt",),
+               ("pipeline", "pretrain_curve"): ("checkpoint.interval=100",)}
 
 
 def _scalars(path: Path) -> dict:

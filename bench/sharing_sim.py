@@ -211,7 +211,7 @@ class SharingSim:
         held = {q: u.get("workers", 0.0) for q, u in queue_in_use(jobs).items()}
         t0 = time.perf_counter()
         self.usage = advance_usage(self.usage, held, self.now, self.queues.half_life_s)
-        result = self.admit(jobs, self.cluster.capacity, self.queues, self.usage, self.now)
+        result = self.admit(jobs, self.cluster.capacity, self.queues, self.usage, self.now, explain=False)
         self.stats.policy_s += time.perf_counter() - t0
         self.stats.decisions += len(result.decisions)
         for d in result.decisions:

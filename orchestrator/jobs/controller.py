@@ -162,7 +162,7 @@ class Controller:
             jobs = self.store.get_many(job_ids)
         usage = self._usage(jobs, queues, now)
         autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
-        result = admit(jobs, self.capacity(), queues, usage, now, autoscaling=autoscaling)
+        result = admit(jobs, self.capacity(), queues, usage, now, autoscaling=autoscaling, explain=False)
         for d in result.decisions:
             record = self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: STARTING" + (f" ({d.reason})" if d.reason.startswith("backfilled") else ""))

@@ -47,7 +47,7 @@ def admission_decisions(jobs: list[JobRecord], capacity: dict[str, float], autos
     placement group asks the autoscaler for the nodes. `orchestrator.jobs.sharing.admit` decides."""
     from orchestrator.jobs.sharing import admit  # (it builds on this module's resource arithmetic)
 
-    return admit(jobs, capacity, autoscaling=autoscaling).decisions
+    return admit(jobs, capacity, autoscaling=autoscaling, explain=False).decisions
 
 
 def never_fits(job: JobRecord, capacity: dict[str, float]) -> str | None:

@@ -247,11 +247,15 @@ class _Pass:
 
 
 def admit(jobs: list[JobRecord], capacity: dict[str, float], queues: QueuesConfig = UNLIMITED,
-          usage: Usage = Usage(), now: float = 0.0, autoscaling: bool = False) -> Admission:
-    """Which QUEUED jobs start now, and why each other one waits (see the module docstring)."""
+          usage: Usage = Usage(), now: float = 0.0, autoscaling: bool = False, explain: bool = True) -> Admission:
+    """Which QUEUED jobs start now, and why each other one waits (see the module docstring).
+    `explain=False` (the controller's loop): once nothing more can start (a blocker and no backfill
+    possible), the jobs after it are not visited, and `waits` names only those seen."""
     p = _Pass(jobs, capacity, queues, usage, now)
     idle = not p.running
     while (job := p.next_job()) is not None:
+        if not explain and p.blocker is not None and p.shadow is None:
+            break
         quota = quota_check(job.queue, queues.teams[job.queue], p.in_use.get(job.queue, {}), charge(job))
         if quota.verdict == "over":
             p.waits[job.id] = quota.why

@@ -101,7 +101,7 @@ def test_the_sharing_simulation_drains_its_bursts_within_every_quota():
 def test_the_sharing_checks_catch_a_policy_that_ignores_quotas():
     from orchestrator.jobs.sharing import UNLIMITED, admit
 
-    def no_quota(jobs, capacity, queues, usage, now):
+    def no_quota(jobs, capacity, queues, usage, now, explain=True):
         return admit(jobs, capacity, QueuesConfig(teams={q: UNLIMITED.teams["default"] for q in queues.teams}),
                      usage, now)
 

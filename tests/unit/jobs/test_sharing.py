@@ -198,3 +198,21 @@ def test_the_single_unlimited_queue_is_the_old_order():
     assert started(result) == ["high"]
     assert result.waits == {"mid": "needs 1 worker, 0 free", "low": "behind mid (priority 1), needs 1 worker, 0 free"}
     assert result.blocker == "mid"
+
+
+def test_the_controllers_pass_without_explanations_decides_the_same():
+    import random
+
+    rng = random.Random(4)
+    cfg = teams(a=Resources(workers=6), b=Resources(workers=4), borrow=Resources(workers=2))
+    for trial in range(200):
+        jobs = [job(f"r{i}", S.RUNNING, queue=rng.choice(["team-a", "team-b"]), workers=rng.randint(1, 3),
+                    steps=100, step=rng.randint(0, 99), step_time=1.0)
+                for i in range(rng.randint(0, 3))]
+        jobs += [job(f"q{i}", queue=rng.choice(["team-a", "team-b"]), workers=rng.randint(1, 6),
+                     priority=rng.choice([0, 0, 5]), steps=rng.randint(1, 200),
+                     step_time=rng.choice([None, 0.5, 2.0])) for i in range(rng.randint(1, 12))]
+        usage = Usage(0.0, {"team-a": rng.uniform(0, 1e4), "team-b": rng.uniform(0, 1e4)})
+        full = admit(jobs, {"CPU": 12.0}, cfg, usage, now=0.0)
+        quick = admit(jobs, {"CPU": 12.0}, cfg, usage, now=0.0, explain=False)
+        assert quick.decisions == full.decisions and quick.blocker == full.blocker, trial

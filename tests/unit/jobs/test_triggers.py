@@ -23,8 +23,9 @@ from orchestrator.jobs.triggers import instance, steps_to_start, trigger_end
 from orchestrator.storage import join_uri, open_store
 
 
-def _jobs(root: str, rule: str = "every:10") -> dict:
+def _jobs(root: str, rule: str = "every:10", interval: int = 10) -> dict:
     cfg = compose_root(["pipeline=pretrain", "model=gpt_tiny", f"storage.root={root}", "checkpoint.keep_last=1",
+                        f"checkpoint.interval={interval}",
                         f"+pipeline.jobs.ev={{kind:eval,depends_on:['pretrain@{rule}'],workers:1}}"])
     return {j.name: j for j in resolve_jobs(cfg)}
 
@@ -40,6 +41,9 @@ def test_a_trigger_is_composed_from_job_at_rule_and_refused_when_malformed(tmp_p
     assert _jobs(f"file://{tmp_path}", "step:30")["ev"].trigger == "step:30"
     with pytest.raises(ConfigError, match="not a checkpoint trigger; write JOB@every:N"):
         _jobs(f"file://{tmp_path}", "each:10")
+    with pytest.raises(ConfigError, match="but pretrain commits every 20 steps .checkpoint.interval=20.; set "
+                                          "checkpoint.interval=30 or a divisor of it"):
+        _jobs(f"file://{tmp_path}", "step:30", interval=20)
     with pytest.raises(ConfigError, match="depends on exactly one job, the one whose checkpoints start it; it names 2"):
         resolve_jobs(compose_root(["pipeline=pretrain_finetune",
                                    "pipeline.jobs.finetune.depends_on=[pretrain@every:5,finetune_scratch]"]))

@@ -96,6 +96,15 @@ def test_eval_jobs_and_jobs_triggered_by_checkpoints(orch, tmp_path):
         assert got["state"] == "SUCCEEDED" and got["metrics"]["step"] == step
         assert got["metrics"]["eval_loss"] == pytest.approx(pre_evals[step], rel=1e-5), step
     assert pre_evals[10] != pytest.approx(pre_evals[20], rel=1e-3)
+    # W&B: each run says the source's step it started from, and uses that checkpoint (a version of the
+    # source's checkpoint artifact: lineage from the checkpoint to the job that used it).
+    for step in (10, 20):
+        run_file = wandb_files.run_file(triggered[f"every-s{step}"]["wandb"]["dir"])
+        config = wandb_files.run_info(run_file)["config"]
+        assert config["source_step"] == step and config["source_job"] == pre["id"]
+        used = [a for a in wandb_files.artifacts(run_file) if a["use_after_commit"]]
+        assert [a["name"] for a in used] == [f"checkpoint-{pre['id']}"]
+        assert used[0]["refs"] and all(f"/{pre['id']}/checkpoints/step-{step}/" in r for r in used[0]["refs"]), used
     # keep_last=1 would have deleted step 10 at step 20's commit: kept until its job ended, then deleted
     ckpts = f"{job.storage.root.rstrip('/')}/runs/{pre['id']}"
     assert [c.step for c in list_checkpoints(store, ckpts)] == [20]

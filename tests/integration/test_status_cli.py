@@ -66,7 +66,7 @@ def test_completion_script_sourced_by_bash(tmp_path):
     shim.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m orchestrator \"$@\"\n")
     shim.chmod(0o755)
     calls = "; ".join(f'COMP_LINE="{line}"; COMP_POINT=${{#COMP_LINE}}; _orch_complete; echo "${{COMPREPLY[*]}}"'
-                      for line in ("orch run model=gpt", "orch run deepspeed=", "orch run trainer.max_",
+                      for line in ("orch run model=gpt", "orch run deepspeed=", "orch run trainer.max_s",
                                    "orch logs p0000", "orch sta", "orch status --wa"))
     out = subprocess.run(["bash", "-c", f"source <(orch completion bash) && complete -p orch && {calls}"],
                          capture_output=True, text=True, timeout=60,

@@ -10,6 +10,7 @@ import sys
 from orchestrator.cli.queue import submitter
 from orchestrator.cli.resolve import Head, check_job_id, state_dir, where
 from orchestrator.cli.run import combinations, compose, print_dry_run, print_sweep, say
+from orchestrator.config.schema import dependency_job
 from orchestrator.config.typed import to_dict
 from orchestrator.errors import ConfigError, JobNotFound
 from orchestrator.jobs.record import JobRecord
@@ -20,7 +21,7 @@ from orchestrator.raycluster.jobs_api import decode_jobs, encode_jobs
 # --------------------------------------------------------------------------------------- submit
 def cmd_submit(args) -> int:
     for job in args.after:
-        check_job_id(job.partition("@")[0])  # (JOB@every:N: a checkpoint trigger, checked with the config)
+        check_job_id(dependency_job(job))  # (JOB@every:N: a checkpoint trigger, checked with the config)
     args.user = submitter(args.user)  # (resolved here: a command forwarded to the head keeps the user said here)
     if args.multirun or args.sweep_json:
         return _submit_sweep(args)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.conf import FOLDER as BUILTIN_CONF
-from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig
+from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig, dependency_job
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV
 from orchestrator.errors import ConfigError
@@ -288,7 +288,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             name=name,
             kind=spec.kind,
             pipeline=root.pipeline.name,
-            depends_on=tuple(d.partition("@")[0] for d in deps),
+            depends_on=tuple(map(dependency_job, deps)),
             trigger=triggers[0] if triggers else None,
             workers=spec.workers,
             max_workers=spec.max_workers,

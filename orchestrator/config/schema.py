@@ -328,10 +328,15 @@ class PipelineConfig:
 
     def job_order(self) -> list[str]:
         """The job names, each after the jobs it depends on (`JOB@every:N` depends on JOB)."""
-        return dependency_order({n: tuple(d.partition("@")[0] for d in s.depends_on) for n, s in self.jobs.items()})
+        return dependency_order({n: tuple(map(dependency_job, s.depends_on)) for n, s in self.jobs.items()})
 
 
 _TRIGGER = re.compile(r"(every|step):([1-9][0-9]*)")
+
+
+def dependency_job(dep: str) -> str:
+    """The job a dependency names: `pretrain` of `pretrain` and of the trigger `pretrain@every:200`."""
+    return dep.partition("@")[0]
 
 
 def trigger_matches(trigger: str, step: int) -> bool:

@@ -14,7 +14,7 @@ import time
 from typing import Callable, Protocol
 
 from orchestrator.checkpoint.layout import checkpoint_name
-from orchestrator.config.schema import JobConfig, QueuesConfig
+from orchestrator.config.schema import JobConfig, QueuesConfig, dependency_job
 from orchestrator.config.typed import build, to_dict
 from orchestrator.errors import CheckpointError, ClusterError, ConfigError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, RunnerPoll, RunnerStatus
@@ -112,7 +112,7 @@ class Controller:
         pipeline}): they are one sweep's combinations, sharing the sweep id as their W&B group.
         `user` (what the submitter said it is) and `queue` (one of the queues in force) go on every job."""
         self.check_queue(queue)
-        parents = [self.store.get(dep.partition("@")[0]) for dep in after]  # raises JobNotFound with the fix
+        parents = [self.store.get(dependency_job(dep)) for dep in after]  # raises JobNotFound with the fix
         pipeline_ids = pipeline_ids or [new_pipeline_id() for _ in pipelines]
         now = time.time()
         out = []
@@ -125,7 +125,7 @@ class Controller:
             out.append([
                 JobRecord(id=ids[j.name], pipeline_id=pipeline_id, name=j.name, kind=j.kind, state=JobState.PENDING,
                           priority=j.priority,
-                          depends_on=[ids.get(d, d) for d in j.depends_on] or [a.partition("@")[0] for a in after],
+                          depends_on=[ids.get(d, d) for d in j.depends_on] or [dependency_job(a) for a in after],
                           config=to_dict(j), created_at=now, wandb={"group": group}, sweep=tag, user=user,
                           queue=queue)
                 for j in jobs

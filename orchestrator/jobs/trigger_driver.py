@@ -41,6 +41,10 @@ class TriggerDriver:
         self.store, self.say, self.clock = store, say, clock
         self.seen: dict[str, tuple] = {}  # trigger id -> (source checkpoint, source state) last listed
         self.written: dict[str, list[int]] = {}  # trigger id -> the released steps its pin last said
+        # which job ids were looked at, and which of them are triggers (a job's config never changes):
+        # each pass reads the records of the triggers and of jobs new to it, not every job's again
+        self.checked: set[str] = set()
+        self.known: set[str] = set()
 
     def pin(self, records: list[JobRecord]) -> None:
         """At submit: each trigger's pin in its source's run folder, before the source commits."""
@@ -50,8 +54,11 @@ class TriggerDriver:
 
     def step(self, job_ids: list[str]) -> None:
         """One pass over the triggers among `job_ids`; the instances started join `job_ids`."""
-        for t in self.store.get_many(job_ids):
-            if not is_trigger(t) or t.state is not JobState.PENDING:
+        new = [i for i in job_ids if i not in self.checked]
+        self.known |= {r.id for r in self.store.get_many(new) if is_trigger(r)}
+        self.checked.update(new)
+        for t in self.store.get_many([i for i in job_ids if i in self.known]):
+            if t.state is not JobState.PENDING:
                 continue
             try:
                 source = self.store.get(t.depends_on[0])

@@ -26,12 +26,6 @@ from orchestrator.jobs.resources import Decision
 from orchestrator.jobs.state import JobState
 
 
-def split_dependency(dep: str) -> tuple[str, str | None]:
-    """`pretrain@every:200` -> ("pretrain", "every:200"); a plain dependency -> (name, None)."""
-    name, sep, rule = dep.partition("@")
-    return name, (rule if sep else None)
-
-
 def instance_id(trigger_id: str, step: int) -> str:
     return f"{trigger_id}-s{step}"
 

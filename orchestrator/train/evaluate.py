@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from typing import Callable
 
 import torch
 
 from model.registry import family_of
+from orchestrator.checkpoint.layout import step_of
 from orchestrator.config.schema import EVAL_METRICS
 from orchestrator.constants import EVAL_RESULT, EXPORT_MANIFEST
 from orchestrator.data.manifest import load_manifest
@@ -46,9 +46,10 @@ def weights_step(store, uri: str | None) -> int:
     manifest); 0 for other weights (a Hugging Face folder) or none."""
     if not uri:
         return 0
-    found = re.search(r"/checkpoints/step-(\d+)/?$", uri)
-    if found:
-        return int(found.group(1))
+    try:
+        return step_of(uri)  # a checkpoint folder, .../step-N
+    except OrchError:
+        pass
     try:
         return int(json.loads(store.get(join_uri(uri, EXPORT_MANIFEST))).get("step") or 0)
     except (OrchError, ValueError, TypeError):  # not an orch export

@@ -42,7 +42,9 @@ class WorkerOutput:
         self.uploader: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()  # close() wakes the pumps through it
         spool.parent.mkdir(parents=True, exist_ok=True)
-        self.out = open(spool, "wb")
+        # Unbuffered: a write the disk refuses leaves no bytes behind to fail again at close() (and
+        # replace the error that ended the worker with "No space left on device").
+        self.out = open(spool, "wb", buffering=0)
 
     # ----------------------------------------------------------------------------- capture
     def start(self) -> WorkerOutput:
@@ -97,9 +99,7 @@ class WorkerOutput:
         body = "".join(stamp(t, line.rstrip(b"\r").decode(errors="replace")) for line in lines).encode()
         with self.lock:
             try:
-                self.out.write(body)
-                self.out.flush()
-                self.written += len(body)
+                self.written += self.out.write(body) or 0
             except (OSError, ValueError):  # a full disk, or closed: the output still reached its fd
                 pass
 
@@ -178,7 +178,10 @@ class WorkerOutput:
             self.uploader.join()
         self.upload()
         with self.lock:
-            self.out.close()
+            try:
+                self.out.close()
+            except OSError:  # (nothing buffered; a file system gone bad may still refuse the close)
+                pass
         if self.store is not None and self.uploaded == self.written:
             self.spool.unlink(missing_ok=True)  # all of it is in the store
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,26 @@ def test_output_closes_at_once_when_a_copy_of_the_pipe_stays_open_and_keeps_ever
     spooled = (tmp_path / "rank-0.log").read_text()
     assert "line 1999" in spooled and "last words on fd 2" in spooled  # drained before it stopped
     assert done.stdout.count("line ") == 2000
+
+
+FULL_DISK = textwrap.dedent("""
+    from pathlib import Path
+    from orchestrator.train.output import WorkerOutput
+
+    out = WorkerOutput(Path("/dev/full")).start()  # every write to it fails: ENOSPC
+    try:
+        print("a line that cannot be spooled", flush=True)
+        raise ValueError("cannot stage the checkpoint: the disk is full")
+    finally:
+        out.close()
+""")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_full_spool_disk_never_hides_the_error_that_ends_the_worker():
+    # (CI saw a worker's staging error replaced by the spool's own "No space left on device" from
+    # close(): the bytes a failed flush left in the buffer were flushed again there, and raised.)
+    done = subprocess.run([sys.executable, "-c", FULL_DISK], capture_output=True, text=True, timeout=60)
+    assert "a line that cannot be spooled" in done.stdout  # still reached the process's own stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "ValueError: cannot stage the checkpoint: the disk is full", done.stderr[-2000:]

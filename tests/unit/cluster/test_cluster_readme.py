@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[3]
 # modules `python -m` may run without an install line: the standard library's and orch's own
 PRESENT = {"venv", "pip", "orchestrator", "json", "http"}
 PACKAGE_OF = {"build": "build"}  # module -> the distribution that brings it
+# commands that orch's client install does not bring -> the distribution that does
+COMMAND_OF = {"ray": "ray", "aws": "awscli"}
 
 
 def _section(text: str, title: str) -> str:
@@ -45,6 +47,10 @@ def test_each_python_m_tool_is_installed_before_it_runs(name):
     for cmd in _commands(_pages()[name]):
         if re.match(r"^pip install\b", cmd):
             installed |= {re.split(r"[=<>\[]", a)[0].strip('"') for a in cmd.split()[2:] if not a.startswith("-")}
+        tool = cmd.split()[0] if cmd.split() else ""
+        if tool in COMMAND_OF:  # (the client is orch's wheel alone: no Ray, no AWS CLI)
+            assert COMMAND_OF[tool] in installed, (
+                f"{name}: `{cmd}` runs {tool}, which no earlier line installs (pip install {COMMAND_OF[tool]})")
         for module in re.findall(r"python -m ([\w.]+)", cmd):
             top = module.split(".")[0]
             if top not in PRESENT:

@@ -22,7 +22,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.conf import FOLDER as BUILTIN_CONF
-from orchestrator.config.schema import DataConfig, JobConfig, JobSpec, RootConfig, TrainerConfig, dependency_job
+from orchestrator.config.schema import (
+    DataConfig,
+    DeepSpeedConfig,
+    JobConfig,
+    JobSpec,
+    RootConfig,
+    TrainerConfig,
+    dependency_job,
+)
 from orchestrator.config.typed import build, to_dict
 from orchestrator.constants import CONF_DIR_ENV
 from orchestrator.errors import ConfigError
@@ -197,6 +205,9 @@ def _translate_hydra_error(e: Exception, overrides: Sequence[str]) -> ConfigErro
     return ConfigError(f"cannot compose the configuration: {first}")
 
 
+_PER_JOB = {"trainer": TrainerConfig, "deepspeed": DeepSpeedConfig}  # JobSpec's dicts of per-job overrides
+
+
 def _valid_keys(path: str) -> list[str]:
     """The field names of the schema dataclass at a dotted path of RootConfig, if there is one."""
 
@@ -208,8 +219,8 @@ def _valid_keys(path: str) -> list[str]:
             continue
         if not dataclasses.is_dataclass(cls):
             return []
-        if cls is JobSpec and part == "trainer":  # per-job trainer overrides take TrainerConfig's keys
-            cls = TrainerConfig
+        if cls is JobSpec and part in _PER_JOB:  # per-job overrides take the top-level section's keys
+            cls = _PER_JOB[part]
             continue
         tp = typing.get_type_hints(cls).get(part)
         if typing.get_origin(tp) is dict:
@@ -268,12 +279,11 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
     """Each job of the pipeline as a self-contained, validated `JobConfig`, in dependency order.
     `after`: ids of jobs already submitted that every job without a dependency here waits for."""
     jobs = []
-    base_trainer = to_dict(root.trainer)
     for name in root.pipeline.job_order():
         spec = root.pipeline.jobs[name]
-        merged = dict(base_trainer)
-        merged.update(spec.trainer)
-        trainer = build(TrainerConfig, merged, f"pipeline.jobs.{name}.trainer")
+        trainer = build(TrainerConfig, {**to_dict(root.trainer), **spec.trainer}, f"pipeline.jobs.{name}.trainer")
+        deepspeed = build(DeepSpeedConfig, {**to_dict(root.deepspeed), **spec.deepspeed},
+                          f"pipeline.jobs.{name}.deepspeed")
         data: DataConfig = spec.data or root.data
         init_from = to_uri(spec.init_from) if spec.init_from else None
         if data.kind == "sft" and not data.tokenizer_uri and init_from:
@@ -296,7 +306,7 @@ def resolve_jobs(root: RootConfig, after: Sequence[str] = ()) -> list[JobConfig]
             max_failures=spec.max_failures,
             state_dir=root.state_dir,
             model=root.model,
-            deepspeed=root.deepspeed,
+            deepspeed=deepspeed,
             data=data,
             trainer=trainer,
             checkpoint=root.checkpoint,

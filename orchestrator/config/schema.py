@@ -294,6 +294,8 @@ class JobSpec:
     max_failures: int = 0  # worker-group restarts Ray Train may make before the job fails
     data: Optional[DataConfig] = None  # null: the top-level `data`
     trainer: dict = field(default_factory=dict)  # overrides of the top-level `trainer` for this job
+    # overrides of the top-level `deepspeed` for this job (a fine-tune at ZeRO-1 after a ZeRO-3 pretraining)
+    deepspeed: dict = field(default_factory=dict)
     init_from: Optional[str] = None  # weights to start from: a Hugging Face folder, or an orch export/checkpoint URI
     # continue another run's training state (a checkpoint or run URI), at any worker count
     resume_from: Optional[str] = None

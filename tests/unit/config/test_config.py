@@ -178,6 +178,17 @@ def test_new_per_job_trainer_key_needs_plus_and_is_validated():
     assert "pipeline.jobs.finetune.trainer.foo" in msg and "max_steps" in msg
 
 
+def test_per_job_deepspeed_override_applies_to_that_job_only_and_is_validated():
+    # (a fine-tune at ZeRO-1 after a ZeRO-3 pretraining; the rest of `deepspeed` is inherited)
+    root, jobs = compose("deepspeed=zero3", "+pipeline.jobs.finetune.deepspeed.stage=1")
+    assert jobs["finetune"].deepspeed.stage == 1 and jobs["pretrain"].deepspeed.stage == root.deepspeed.stage == 3
+    assert jobs["finetune"].deepspeed.precision == root.deepspeed.precision
+    msg = config_error("+pipeline.jobs.finetune.deepspeed.stag=1")
+    assert "pipeline.jobs.finetune.deepspeed.stag" in msg and "stage" in msg
+    msg = config_error("+pipeline.jobs.finetune.deepspeed.stage=4")
+    assert "pipeline.jobs.finetune.deepspeed" in msg and "stage" in msg, msg
+
+
 def test_resolve_jobs_order_and_dependencies():
     root, _ = compose()
     jobs = resolve_jobs(root)

@@ -1,5 +1,6 @@
 """DeepSpeed's compiled ops, built once at setup instead of in the user's first run; and DeepSpeed
-imported without compiling kernels orch never calls (`import_deepspeed`).
+imported without compiling kernels orch never calls, with torch's optimizers kept from importing
+TorchDynamo (`import_deepspeed`; `orchestrator.train.nodynamo`).
 
 On CPU, DeepSpeed compiles its `deepspeed_shm_comm` op with g++ the first time a worker starts
 (30-60 s on 2 cores). torch's default cache (`~/.cache/torch_extensions`) is shared by every
@@ -69,7 +70,11 @@ def import_deepspeed():
     the same; its kernels compile when (if ever) called, as torch.compile's own do on first call."""
     import deepspeed
 
+    from orchestrator.train.nodynamo import defer_dynamo, plain_steps
+
     with _muon_lock:
+        defer_dynamo()  # (torch's optimizers: no TorchDynamo import where nothing compiles)
+        plain_steps()
         if MUON not in sys.modules:
             import torch
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.cli.status_view import restart_line
+from orchestrator.cli.status_view import preemption_lines, restart_line
 from orchestrator.errors import ReportError
 from orchestrator.execution.tracking import redact
 from orchestrator.jobs.record import JobRecord
@@ -568,6 +568,7 @@ def render_html(title: str, jobs: list[JobReport], total: dict | None, generated
                          f"{esc(str(c['world_size']))} workers{esc(lost)}</p>")
         parts += [f'<p class="muted">{esc(restart_line(n, e))}</p>'  # the restart ledger: class, ranks, nodes
                   for n, e in enumerate(r.get("restart_log") or [], start=1)]
+        parts += [f'<p class="muted">{esc(line)}</p>' for line in preemption_lines(r.get("history") or [])]
         for name, png in j.images.items():
             data = base64.b64encode(png).decode()
             parts.append(f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">')

@@ -162,10 +162,19 @@ def restart_lines(r: JobRecord) -> list[str]:
     lines = [f"{r.id}: {restart_line(n, e)}" for n, e in enumerate(r.restart_log[first:], start=first + 1)]
     latest = {d["rank"]: d for d in r.stragglers}  # (the last report of each rank)
     lines += [f"{r.id}: {straggler_line(d)}" for d in sorted(latest.values(), key=lambda d: d["at"])[-RESTARTS_SHOWN:]]
+    lines += [f"{r.id}: {line}" for line in preemption_lines(r.history)[-RESTARTS_SHOWN:]]
     stall = next((f for f in reversed(r.failures) if f.get("class") == "stall"), None)
     if stall is not None:
         lines.append(f"{r.id}: last stall: {stall.get('line')} (every rank's stacks: {stall.get('dumps')})")
     return lines
+
+
+def preemption_lines(history: Sequence[dict]) -> list[str]:
+    """Each time the job was preempted (a PREEMPTED entry of its history): `preempted 1 at 19:40:29:
+    preempted for p7c1e2d after a checkpoint (.../step-75)`."""
+    entries = [h for h in history if h.get("state") == JobState.PREEMPTED.value]
+    return [f"preempted {n} at {time.strftime('%H:%M:%S', time.localtime(h['at']))}: {h.get('reason', '')}"
+            for n, h in enumerate(entries, start=1)]
 
 
 def failures(records: list[JobRecord]):

@@ -448,6 +448,7 @@ def test_preemption_stops_the_job_that_loses_least_and_it_resumes_exactly(orch, 
                                                        "STARTING", "RUNNING", "SUCCEEDED"]
     preempted = next(h for h in victim["history"] if h["state"] == "PREEMPTED")
     assert f"preempted for {high} after a checkpoint" in preempted["reason"] and victim["preemptions"] == 1
+    assert f"{low}: preempted 1 at " in cli("status").stdout  # listed under the table, with why
     assert jobs[ref]["preemptions"] == 0 and victim["user"] == "bob" and jobs[ref]["user"] == "alice"
     assert _span(jobs[high])[0] >= preempted["at"] and _span(jobs[tune])[0] >= _span(victim)[1]
     expected, got = _losses(jobs[ref]), _losses(victim)

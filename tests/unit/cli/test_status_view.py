@@ -147,3 +147,20 @@ def test_restarts_and_the_last_stall_are_listed_under_the_table():
     out = io.StringIO()
     show(lambda width: status_view([job], width=width), file=out)
     assert "restart 2 at" in out.getvalue() and "last stall:" in out.getvalue()
+
+
+def test_each_preemption_is_listed_under_the_table_with_why():
+    from orchestrator.cli.status_view import restart_lines
+
+    job = _job("p2-pretrain", JobState.RUNNING)
+    job.preemptions = 1
+    job.history = [{"state": "RUNNING", "at": 10.0, "reason": "started"},
+                   {"state": "PREEMPTED", "at": 50.0,
+                    "reason": "preempted for p9-pretrain after a checkpoint (file:///s/runs/p2-pretrain/checkpoints/step-75)"},
+                   {"state": "RUNNING", "at": 90.0, "reason": "resumed"}]
+    (line,) = restart_lines(job)
+    assert line.startswith("p2-pretrain: preempted 1 at ") and line.endswith(
+        ": preempted for p9-pretrain after a checkpoint (file:///s/runs/p2-pretrain/checkpoints/step-75)"), line
+    out = io.StringIO()
+    show(lambda width: status_view([job], width=width), file=out)
+    assert "preempted 1 at" in out.getvalue()

@@ -248,7 +248,13 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     steps = 120
     common = [*TINY, f"trainer.max_steps={steps}", "checkpoint.interval=1000"]
     (ref,) = cli.submit(*common, "pipeline=pretrain")
-    pre, fin = cli.submit(*common, "pipeline.jobs.finetune.trainer.max_steps=8", "~pipeline.jobs.finetune_scratch")
+    # ... and an evaluation of each of the job's commits at a multiple of 40 steps (a checkpoint
+    # trigger, issue 27): exactly one per step, across the scales and the controller's death below.
+    ids = cli.submit(*common, "checkpoint.interval=40", "pipeline.jobs.finetune.trainer.max_steps=8",
+                     "~pipeline.jobs.finetune_scratch", "+pipeline.jobs.ev={kind:eval,depends_on:['pretrain@every:40'],"
+                     "workers:1}")
+    names = {cli.jobs()[i]["name"]: i for i in ids}
+    pre, fin = names["pretrain"], names["finetune"]
 
     cli.wait(lambda j: j[pre]["state"] == "RUNNING" and j[pre]["metrics"].get("step", 0) >= 15, poll=0.5)
     assert "scaling to 3 workers" in cli("scale", pre, "--workers", "3").stdout
@@ -262,11 +268,16 @@ def test_scale_and_controller_kill_keep_the_loss_sequence(orch, cluster):
     os.kill(pid, signal.SIGKILL)
     cli.status()  # answers again (a new controller)
     assert "scaling to 1 workers" in cli("scale", pre, "--workers", "1").stdout
-    jobs = cli.wait(lambda j: j[fin]["state"] in ("SUCCEEDED", "FAILED") and j[ref]["state"] in ("SUCCEEDED", "FAILED"))
-    for job in (ref, pre, fin):
+    ended = ("SUCCEEDED", "FAILED", "CANCELLED")
+    jobs = cli.wait(lambda j: all(j[i]["state"] in ended for i in (fin, ref, names["ev"])))
+    evals = {j["name"]: i for i, j in jobs.items() if j["name"].startswith("ev-s")}
+    assert sorted(evals) == ["ev-s120", "ev-s40", "ev-s80"], sorted(evals)  # one per matching commit, none twice
+    for job in (ref, pre, fin, *evals.values()):
         assert jobs[job]["state"] == "SUCCEEDED", jobs[job]["failure_reason"]
         assert jobs[job]["restarts"] == 0
         assert sum(h["state"] == "STARTING" for h in jobs[job]["history"]) == 1  # never launched twice
+    for name, job in evals.items():
+        assert jobs[job]["metrics"]["step"] == int(name.rsplit("-s", 1)[1])  # from exactly that commit's weights
     assert jobs[pre]["workers"] == 1
     log = (cluster["state"] / "logs" / "controller.log").read_text()
     assert f"{pre}: re-attached to its running worker group" in log

@@ -62,6 +62,9 @@ def error_class(err: BaseException) -> FailureClass:
     """The class of one rank's error (see the module docstring)."""
     from ray.exceptions import OutOfMemoryError, RayActorError
 
+    # Ray Train's WorkerHealthCheckFailedError (Ray 2.60: a worker whose process died, e.g. `kill -9`,
+    # found by the health check) holds the actor's own error in `health_check_failure`
+    err = getattr(err, "health_check_failure", None) or err
     if isinstance(err, OrchError) and not err.retryable:
         return FailureClass.USER
     if isinstance(err, RayActorError):

@@ -180,6 +180,7 @@ class JobRunner:
         self.quarantine = threading.Condition()
         self.excluded: dict[str, float] = {}
         self.told_upto, self.blame_seq = -1, 0
+        self.group_nodes: dict[int, tuple[str, str]] = {}  # rank -> (node id, address) of the latest worker group
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
 
@@ -211,6 +212,11 @@ class JobRunner:
             attempt = self.attempts
         self.log.emit(EventKind.ATTEMPT_STARTED, attempt=attempt, reason=reason.value, world_size=world_size)
         return reason
+
+    def worker_nodes(self, nodes: dict[int, tuple[str, str]]) -> None:
+        """Each rank's (node id, address) in the worker group just started (ReportWorkerNodes)."""
+        with self.lock:
+            self.group_nodes = dict(nodes)
 
     def heartbeat(self, beat: Beat) -> None:
         """Every rank's step and phase, about once a second (orchestrator.train.heartbeat)."""
@@ -371,7 +377,12 @@ class JobRunner:
         with self.lock:
             stalled, self.stalled = self.stalled, None
             steps, nodes = self.watchdog.last_seen() if self.watchdog is not None else ({}, {})
-            failure = classify(error, steps, nodes, stalled, self.watchdog.node_ids() if self.watchdog else None)
+            # where each rank ran, as the group's start said (the heartbeats may be an older group's, when
+            # this one died before its first beat)
+            node_ids = {**(self.watchdog.node_ids() if self.watchdog is not None else {}),
+                        **{r: n for r, (n, _) in self.group_nodes.items()}}
+            nodes = {**nodes, **{r: ip for r, (_, ip) in self.group_nodes.items()}}
+            failure = classify(error, steps, nodes, stalled, node_ids)
             tr = self._job(self.record.config).trainer
             budget = RestartBudget({k: v for k, v in tr.max_restarts_per_class.items() if v is not None},
                                    tr.same_failure_limit)

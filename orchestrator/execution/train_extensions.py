@@ -42,6 +42,23 @@ class ReportPlacementGroup(WorkerGroupCallback):
             log.warning("could not report the worker group's placement group", exc_info=True)
 
 
+class ReportWorkerNodes(WorkerGroupCallback):
+    """Tells the job's runner (and waits) each rank's node, Ray id and address, as soon as a worker group
+    has started: a rank that dies before its first heartbeat still blames its node (the quarantine,
+    orchestrator.jobs.quarantine). Read from Ray 2.60's `Worker.metadata` and `.distributed_context`."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def after_worker_group_start(self, worker_group) -> None:
+        try:
+            workers = worker_group.get_worker_group_state().workers
+            nodes = {w.distributed_context.world_rank: (w.metadata.node_id, w.metadata.node_ip) for w in workers}
+            ray.get(self.runner.worker_nodes.remote(nodes), timeout=10)
+        except Exception:  # noqa: BLE001 - the heartbeats still name the nodes of the ranks that beat
+            log.warning("could not report the worker group's nodes", exc_info=True)
+
+
 class ReportDecisions(ControllerCallback):
     """Tells the runner (and waits, so it knows before the next group's rank 0 reports) why the
     next worker group starts: a retry after a failure, or a resize."""
@@ -194,6 +211,7 @@ class OrchTrainer(TorchTrainer):
         dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
         callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
         return [*callbacks, *WarmImports.for_accelerator(self.accelerator), ReportPlacementGroup(self.runner),
+                ReportWorkerNodes(self.runner),
                 ReportDecisions(self.runner), AvoidQuarantinedNodes(self.runner),
                 *([ReportCoordinatorRequest(self.runner)] if self.coordinator else [])]
 

@@ -407,9 +407,10 @@ class JobRunner:
             node_ids = tuple(sorted({r.node_id for r in stuck}))
             self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, stall.step, line, node_ids)
         killed = handle_stall(stall, open_job_store(job), folder)
-        self._blamed(self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
-                      ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}), node_ids=list(node_ids),
-                      step=stall.step, phase=stuck[0].phase))
+        seq = self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
+                            ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}),
+                            node_ids=list(node_ids), step=stall.step, phase=stuck[0].phase)
+        self._blamed(seq)
 
     # --------------------------------------------------------------------------------- W&B
     def _start_feed(self, job: JobConfig) -> None:

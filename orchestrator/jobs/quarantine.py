@@ -119,13 +119,20 @@ def needed_by(node_id: str, nodes: list[NodeSlot], out: set[str],
     many of its workers would fit then), or None."""
     left = [n for n in nodes if n.node_id not in out and n.node_id != node_id]
     with_it = [n for n in nodes if n.node_id not in out]
+    shapes: dict[tuple, JobRecord] = {}  # one job per shape: 10,000 jobs are a handful of shapes to fit
     for job in jobs:
-        if job.state.terminal:
-            continue
+        if not job.state.terminal:
+            shapes.setdefault(_shape(job), job)
+    for job in shapes.values():
         fit = workers_that_fit(job, left)
         if fit < job.workers <= workers_that_fit(job, with_it):
             return job, fit
     return None
+
+
+def _shape(job: JobRecord) -> tuple:
+    """What its fit depends on: its workers, what each needs, how they are packed."""
+    return job.workers, tuple(sorted(job_demand(job, 1).items())), job.config["cluster"].get("placement_strategy")
 
 
 def _recent(state: QuarantineState, node_id: str, config: QuarantineConfig, now: float) -> list[dict]:

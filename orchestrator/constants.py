@@ -52,3 +52,8 @@ LOCAL_DIR_ENV = "ORCH_LOCAL_DIR"  # node-local scratch for staging, restores and
 
 HISTORY_POLL_S = 10.0  # how often a job's runner feeds new metrics history rows to its W&B run
 WORKER_LOG_UPLOAD_S = 5.0  # how often each worker uploads what it printed since (orchestrator.train.output)
+
+# How long a new worker group waits for the controller to judge the failures before it (a node they
+# blame may be quarantined, orchestrator.jobs.quarantine): the controller wakes on them at once, so
+# the wait is this long only while it is away (restarting)
+QUARANTINE_WAIT_S = 10.0

@@ -87,9 +87,11 @@ def cmd_status(args) -> int:
     with where(args) as target:
         if isinstance(target, Head):
             return target.forward(args)
+        from orchestrator.cli.nodes import status_lines
         from orchestrator.cli.status import show_status
 
-        return show_status(args, lambda: target.records(args.job), target.header)
+        nodes = target.quarantined()  # (the cluster's, shown under the header and in every --json row)
+        return show_status(args, lambda: target.records(args.job), target.header + status_lines(nodes), nodes)
 
 
 def target_records(args) -> list[JobRecord]:

@@ -14,6 +14,8 @@
     orch retry JOB                          queue a FAILED or CANCELLED job again, from its last checkpoint
     orch queue [--json]                     each queue's quota, use and share; why each waiting job waits
     orch queue set [OVERRIDES...]           replace the cluster's queues (conf/queues/) on the running controller
+    orch nodes [--json]                     the nodes quarantined after repeated failures: until when, and why
+    orch nodes release NODE                 let a quarantined node take workers again now
     orch export CHECKPOINT DIR              a checkpoint as a Hugging Face folder
     orch generate CHECKPOINT --prompt TEXT  sample from a model (KV cache)
     orch data prepare [OVERRIDES...]        tokenize the pipeline's datasets into the store
@@ -44,6 +46,7 @@ from orchestrator.cli.jobs import (
     cmd_submit,
     cmd_sync,
 )
+from orchestrator.cli.nodes import cmd_nodes
 from orchestrator.cli.queue import cmd_queue
 from orchestrator.cli.resolve import state_dir
 from orchestrator.cli.run import cmd_run, overrides, say
@@ -255,6 +258,10 @@ def _add_job_commands(sub) -> None:
     rt.add_argument("job")
     rt.set_defaults(func=cmd_retry)
 
+
+def _add_sharing_commands(sub) -> None:
+    """queue and nodes: what the jobs of a cluster share (its queues, its healthy nodes)."""
+    shared = [ADDRESS, STATE_DIR]
     qu = sub.add_parser("queue", parents=[*shared, CONFIG_DIR],
                         help="each queue's quota, use, borrowing and fair share, and why each waiting job waits; "
                              "`orch queue set OVERRIDES` replaces the queues on the running controller")
@@ -265,6 +272,15 @@ def _add_job_commands(sub) -> None:
     qu.add_argument("--json", action="store_true", help="machine-readable output")
     qu.add_argument("--queues-json", help=argparse.SUPPRESS)  # the composed queues, from `orch queue set --address http://...`
     qu.set_defaults(func=cmd_queue)
+
+    nd = sub.add_parser("nodes", parents=shared,
+                        help="the nodes quarantined after repeated failures (kept out of placement until a time); "
+                             "`orch nodes release NODE` lets one back in")
+    nd.add_argument("action", nargs="?", choices=("show", "release"), default="show",
+                    help="show (default), or release NODE")
+    nd.add_argument("node", nargs="?", help="for release: the node's id (or a prefix of it, or its address)")
+    nd.add_argument("--json", action="store_true", help="machine-readable output")
+    nd.set_defaults(func=cmd_nodes)
 
 
 def _add_model_commands(sub) -> None:
@@ -335,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_model_commands, _add_data_commands,
-                _add_completion_commands):
+    for add in (_add_run, _add_cluster_commands, _add_job_commands, _add_sharing_commands, _add_model_commands,
+                _add_data_commands, _add_completion_commands):
         add(sub)
     for command in sub.choices.values():  # (the resolver rebuilds a command's arguments from its own parser)
         command.set_defaults(parser_of_command=command)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from orchestrator.config.schema import is_plain_name
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, RAY_ADDRESS_ENV, STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError
+from orchestrator.jobs.quarantine import QUARANTINE_SETTING, QuarantineState, release
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.store import JobStore
 from orchestrator.raycluster.jobs_api import is_jobs_api_address, run_on_head
@@ -85,6 +87,12 @@ class Controller:
     def events(self, job: str, offset: int) -> dict:
         return self.client.logs(job, offset)
 
+    def quarantined(self) -> list[dict]:
+        return self.client.nodes()
+
+    def release_node(self, name: str) -> dict:
+        return self.client.release_node(name)
+
 
 @dataclass
 class Local:
@@ -103,6 +111,16 @@ class Local:
         record = JobStore(self.state_dir).get(job)  # (first: the events read after a terminal state hold its line)
         text, offset = read_events(self.state_dir, job, offset)
         return {"text": text, "offset": offset, "terminal": record.state.terminal, "record": record.to_json()}
+
+    def quarantined(self) -> list[dict]:
+        return QuarantineState.from_json(JobStore(self.state_dir).get_setting(QUARANTINE_SETTING)).active(time.time())
+
+    def release_node(self, name: str) -> dict:
+        """(`orch run`'s state folder: its next run, or the one running, reads the release from the store.)"""
+        store = JobStore(self.state_dir)
+        state, node = release(QuarantineState.from_json(store.get_setting(QUARANTINE_SETTING)), name, time.time())
+        store.put_setting(QUARANTINE_SETTING, state.to_json())
+        return node
 
 
 @contextmanager

@@ -37,9 +37,11 @@ def status_rows(records, metrics: str | None = None, now: float | None = None) -
     return out
 
 
-def print_status(args, records, header: list[str]) -> None:
+def print_status(args, records, header: list[str], nodes: list[dict] = ()) -> None:
+    """`nodes`: the cluster's quarantined nodes (in --json: `quarantined_nodes` of every row)."""
     if args.json:
-        print(json.dumps(status_rows(records, metrics="rows" if args.job else "summary"), indent=1))
+        rows = status_rows(records, metrics="rows" if args.job else "summary")
+        print(json.dumps([{**row, "quarantined_nodes": list(nodes)} for row in rows], indent=1))
         return
     from orchestrator.cli.status_view import show, status_view
 
@@ -52,11 +54,11 @@ def print_status(args, records, header: list[str]) -> None:
             print(json.dumps(status_rows([r])[0], indent=1))
 
 
-def show_status(args, read, header: list[str]) -> int:
+def show_status(args, read, header: list[str], nodes: list[dict] = ()) -> int:
     """Print the jobs `read()` returns; with --watch, again every --interval seconds until every job
     shown has ended: redrawn in place on a terminal (rich Live), one block per refresh otherwise."""
     if not args.watch:
-        print_status(args, read(), header)
+        print_status(args, read(), header, nodes)
         return 0
     from orchestrator.cli.status_view import console, status_view
 
@@ -75,7 +77,7 @@ def show_status(args, read, header: list[str]) -> int:
     while True:
         records = read()
         print(f"# {time.strftime('%H:%M:%S')}")
-        print_status(args, records, header)
+        print_status(args, records, header, nodes)
         sys.stdout.flush()
         if all(r.state.terminal for r in records):
             return 0

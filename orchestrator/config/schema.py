@@ -250,6 +250,31 @@ class TrackingConfig:
     tags: tuple[str, ...] = ()
 
 
+QUARANTINE_CLASSES = ("worker_crash", "node_lost", "stall", "straggler")  # what blames a node by default
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    """Bad-node quarantine (orchestrator.jobs.quarantine): a node blamed for `failures` failures within
+    `window_s` gets no worker of a later worker group (of any job) for `ttl_s`, or until `orch nodes
+    release NODE`. The config of the job whose failure completes the count decides."""
+
+    enabled: bool = True
+    failures: int = 3  # K: blames of one node within the window that quarantine it
+    window_s: float = 3600.0  # the window the K blames must fall in
+    ttl_s: float = 3600.0  # how long the node stays out of placement (then it is let back in)
+    # the failure classes that blame the rank's node (FailureClass values, and "straggler": a rank
+    # persistently slower than the others)
+    classes: tuple[str, ...] = QUARANTINE_CLASSES
+
+    def __post_init__(self):
+        _positive(self, "failures", "window_s", "ttl_s")
+        known = [c.value for c in FailureClass] + ["straggler"]
+        bad = [c for c in self.classes if c not in known]
+        if bad:
+            raise ValueError(f"quarantine.classes has {', '.join(map(repr, bad))}: the classes are {', '.join(known)}")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where jobs run and what each worker asks for."""
@@ -271,6 +296,7 @@ class ClusterConfig:
     peak_flops_per_device: Optional[float] = None  # peak FLOP/s for MFU (null: from the GPU's name; unknown on CPU)
     autoscaling: bool = False  # nodes join on demand: admit a job alone even if it does not fit yet
     elastic_resize_interval_s: float = 60.0  # elastic jobs: how often Ray Train checks for room to grow
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)  # bad nodes kept out of placement
 
     def __post_init__(self):
         _positive(self, "num_cpus", "cpus_per_worker", "peak_flops_per_device")

@@ -62,6 +62,9 @@ def error_class(err: BaseException) -> FailureClass:
     """The class of one rank's error (see the module docstring)."""
     from ray.exceptions import OutOfMemoryError, RayActorError
 
+    # Ray Train's WorkerHealthCheckFailedError (Ray 2.60: a worker whose process died, e.g. `kill -9`,
+    # found by the health check) holds the actor's own error in `health_check_failure`
+    err = getattr(err, "health_check_failure", None) or err
     if isinstance(err, OrchError) and not err.retryable:
         return FailureClass.USER
     if isinstance(err, RayActorError):
@@ -90,6 +93,7 @@ class Failure:
     nodes: tuple[str, ...]  # their nodes, where known
     step: int | None  # the step in progress when it failed, where known
     line: str  # one line: the ranks' own errors
+    node_ids: tuple[str, ...] = ()  # their nodes' Ray ids, where known (a node's blame: orchestrator.jobs.quarantine)
 
     @property
     def retryable(self) -> bool:
@@ -97,14 +101,15 @@ class Failure:
 
     def to_json(self, at: float) -> dict:
         return {"at": at, "class": self.cls.value, "ranks": list(self.ranks), "nodes": list(self.nodes),
-                "step": self.step, "line": self.line}
+                "step": self.step, "line": self.line, "node_ids": list(self.node_ids)}
 
 
 def classify(exc: BaseException, steps: dict[int, int] | None = None, nodes: dict[int, str] | None = None,
-             stalled: Failure | None = None) -> Failure:
+             stalled: Failure | None = None, node_ids: dict[int, str] | None = None) -> Failure:
     """The failure of a Ray Train run: `stalled` when the runner's watchdog caused it, else the most
     telling class of the ranks' errors. `steps`, `nodes`: each rank's step in progress and node as its
-    heartbeats said; the failure's step is its ranks' (the furthest), else the furthest rank's."""
+    heartbeats said (`node_ids`: their Ray node ids); the failure's step is its ranks' (the furthest),
+    else the furthest rank's."""
     if stalled is not None:
         return stalled
     steps = steps or {}
@@ -117,7 +122,8 @@ def classify(exc: BaseException, steps: dict[int, int] | None = None, nodes: dic
     known = nodes or {}
     where = {r: known.get(r) or _node_of(getattr(failures[r], "cause", None) or failures[r]) for r in ranks}
     step = max((steps[r] for r in ranks if r in steps), default=max(steps.values(), default=None))
-    return Failure(cls, ranks, tuple(sorted({n for n in where.values() if n})), step, worker_error_message(exc))
+    ids = tuple(sorted({(node_ids or {}).get(r) for r in ranks} - {None}))
+    return Failure(cls, ranks, tuple(sorted({n for n in where.values() if n})), step, worker_error_message(exc), ids)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from orchestrator.errors import ClusterError
 from orchestrator.execution.runner import RUNNER_PREFIX, JobRunner, cancel_coordinator_requests
 from orchestrator.jobs.controller import Controller
 from orchestrator.jobs.events import AttemptReason, EventKind, RunnerPoll, RunnerStatus
+from orchestrator.jobs.quarantine import NodeSlot
 from orchestrator.jobs.record import JobRecord
 
 # The Ray versions the tests ran on (pyproject.toml pins the same range): Ray Train V2 internals.
@@ -123,6 +124,10 @@ class RayLauncher:
     def request_stop(self, handle: RunHandle, request: dict) -> None:
         ray.get(handle.actor.request_stop.remote(request), timeout=30)
 
+    def exclude(self, handle: RunHandle, nodes: dict[str, float], upto: int | None) -> None:
+        """Tell the runner the quarantined nodes (not waited for: a busy runner takes it when it can)."""
+        handle.actor.exclude_nodes.remote(nodes, upto)
+
     def kill(self, handle: RunHandle) -> None:
         """Stop the job now: free its worker group's placement group, then kill the runner (the
         worker group it owns goes with it, and its name is free again)."""
@@ -149,7 +154,15 @@ def new_controller(store, capacity: Callable[[], dict[str, float]], say: Callabl
     launcher = RayLauncher(**launcher_options)
     if launcher.coordinator:
         threading.Thread(target=warm_coordinator, name="warm-coordinator", daemon=True).start()
-    return Controller(store, launcher, capacity=capacity, say=say, validate=job_config_from_dict, queues=queues)
+    return Controller(store, launcher, capacity=capacity, say=say, validate=job_config_from_dict, queues=queues,
+                      nodes=alive_nodes)
+
+
+def alive_nodes() -> list[NodeSlot]:
+    """The cluster's alive nodes with their total CPU/GPU (the quarantine keeps every job able to fit)."""
+    return [NodeSlot(n["NodeID"], n.get("NodeManagerAddress", "?"),
+                     {k: float(v) for k, v in (n.get("Resources") or {}).items() if k in ("CPU", "GPU")})
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def warm_coordinator() -> None:

@@ -24,7 +24,7 @@ from orchestrator.checkpoint.layout import latest_committed, run_uri
 from orchestrator.config.compose import job_config_from_dict
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.typed import to_dict
-from orchestrator.constants import EVAL_RESULT, HISTORY_POLL_S, TRAINER_STATE
+from orchestrator.constants import EVAL_RESULT, HISTORY_POLL_S, QUARANTINE_WAIT_S, TRAINER_STATE
 from orchestrator.data.prepare import prepared_dataset
 from orchestrator.errors import CheckpointError, FailureClass, OrchError, StorageError
 from orchestrator.execution import preflight
@@ -90,10 +90,12 @@ class _EventLog:
         self.lock = threading.Condition()
         self.events: list[RunnerEvent] = []
 
-    def emit(self, kind: EventKind, **data) -> None:
+    def emit(self, kind: EventKind, **data) -> int:
+        """Append one event; its sequence number."""
         with self.lock:
             self.events.append(RunnerEvent(len(self.events) + 1, kind, data, time.time()))
             self.lock.notify_all()
+            return len(self.events)
 
     def after(self, seq: int) -> list[RunnerEvent]:
         with self.lock:
@@ -173,6 +175,12 @@ class JobRunner:
         self.seen = failures_of_this_run(self.record)  # the judge's memory (a relaunched runner keeps it)
         self.stalled: Failure | None = None  # the stall just handled: the next failure Ray Train sees is it
         self.refusal: str | None = None  # why the judge refused a restart (the job's one-line reason)
+        # the quarantined nodes as the controller last said ({node id: until}), the last of our events it
+        # had applied then, and our last event that may blame a node (a failure, a stall, a straggler)
+        self.quarantine = threading.Condition()
+        self.excluded: dict[str, float] = {}
+        self.told_upto, self.blame_seq = -1, 0
+        self.group_nodes: dict[int, tuple[str, str]] = {}  # rank -> (node id, address) of the latest worker group
         self.thread = threading.Thread(target=self._run, name=f"job-{self.record.id}", daemon=True)
         self.thread.start()
 
@@ -181,10 +189,13 @@ class JobRunner:
         """One typed report of rank 0 (orchestrator.train.reports) becomes one event for the
         controller (a new worker group calls `begin_attempt` first)."""
         kind, data = report_event(report, self.attempts)
-        if kind is EventKind.STRAGGLER:  # (rank 0 does not know the other ranks' nodes; their heartbeats do)
-            with self.lock:
-                data["node"] = self.watchdog.last_seen()[1].get(data["rank"]) if self.watchdog is not None else None
-        self.log.emit(kind, **data)
+        if kind is not EventKind.STRAGGLER:
+            self.log.emit(kind, **data)
+            return
+        with self.lock:  # (rank 0 does not know the other ranks' nodes; their heartbeats do)
+            data["node"] = self.watchdog.last_seen()[1].get(data["rank"]) if self.watchdog is not None else None
+            data["node_id"] = self.watchdog.node_ids().get(data["rank"]) if self.watchdog is not None else None
+        self._blamed(self.log.emit(kind, **data))  # (a straggler may blame its node: orchestrator.jobs.quarantine)
 
     def begin_attempt(self, world_size: int) -> str:
         """Rank 0 of a new worker group: the attempt is recorded; returns why it started."""
@@ -201,6 +212,11 @@ class JobRunner:
             attempt = self.attempts
         self.log.emit(EventKind.ATTEMPT_STARTED, attempt=attempt, reason=reason.value, world_size=world_size)
         return reason
+
+    def worker_nodes(self, nodes: dict[int, tuple[str, str]]) -> None:
+        """Each rank's (node id, address) in the worker group just started (ReportWorkerNodes)."""
+        with self.lock:
+            self.group_nodes = dict(nodes)
 
     def heartbeat(self, beat: Beat) -> None:
         """Every rank's step and phase, about once a second (orchestrator.train.heartbeat)."""
@@ -237,7 +253,32 @@ class JobRunner:
         self.placement_groups.append(pg)
         self.log.emit(EventKind.WORKER_GROUP_PLACED, placement_group=pg.id.hex())
 
+    def placement_exclusions(self, wait_s: float = QUARANTINE_WAIT_S) -> list[str]:
+        """The nodes the next worker group must avoid (AvoidQuarantinedNodes asks before each group):
+        first, up to `wait_s`, until the controller has judged our last failure, so a node that failure
+        gets quarantined is already avoided by the group that follows it."""
+        with self.quarantine:
+            judged = self.quarantine.wait_for(lambda: self.told_upto >= self.blame_seq, wait_s)
+            now = time.time()
+            nodes = sorted(k for k, until in self.excluded.items() if until > now)
+        if not judged:
+            self._say(f"the controller did not say within {wait_s:g} s whether the last failure quarantines a "
+                      f"node; the worker group is placed without that")
+        return nodes
+
+    def _blamed(self, seq: int) -> None:
+        with self.quarantine:
+            self.blame_seq = max(self.blame_seq, seq)
+
     # --------------------------------------------------------------- called by the controller
+    def exclude_nodes(self, nodes: dict[str, float], upto: int | None) -> None:
+        """The quarantined nodes ({node id: until}); `upto`: the last of our events the controller applied."""
+        with self.quarantine:
+            self.excluded = dict(nodes)
+            if upto is not None:
+                self.told_upto = max(self.told_upto, upto)
+            self.quarantine.notify_all()
+
     def events(self, after_seq: int) -> list[RunnerEvent]:
         return self.log.after(after_seq)
 
@@ -336,7 +377,12 @@ class JobRunner:
         with self.lock:
             stalled, self.stalled = self.stalled, None
             steps, nodes = self.watchdog.last_seen() if self.watchdog is not None else ({}, {})
-            failure = classify(error, steps, nodes, stalled)
+            # where each rank ran, as the group's start said (the heartbeats may be an older group's, when
+            # this one died before its first beat)
+            node_ids = {**(self.watchdog.node_ids() if self.watchdog is not None else {}),
+                        **{r: n for r, (n, _) in self.group_nodes.items()}}
+            nodes = {**nodes, **{r: ip for r, (_, ip) in self.group_nodes.items()}}
+            failure = classify(error, steps, nodes, stalled, node_ids)
             tr = self._job(self.record.config).trainer
             budget = RestartBudget({k: v for k, v in tr.max_restarts_per_class.items() if v is not None},
                                    tr.same_failure_limit)
@@ -344,7 +390,7 @@ class JobRunner:
             self.seen.append(failure)
             self.refusal = self.refusal or refusal
         if failure.cls is not FailureClass.STALL:  # (a stall was told when it was found)
-            self.log.emit(EventKind.WORKER_FAILED, **failure.to_json(time.time()))
+            self._blamed(self.log.emit(EventKind.WORKER_FAILED, **failure.to_json(time.time())))
         return refusal
 
     def _handle_stall(self, job: JobConfig, stall) -> None:
@@ -358,11 +404,13 @@ class JobRunner:
         stuck = sorted(stall.stuck, key=lambda r: r.rank)
         with self.lock:
             nodes = tuple(sorted({r.node for r in stuck}))
-            self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, stall.step, line)
+            node_ids = tuple(sorted({r.node_id for r in stuck}))
+            self.stalled = Failure(FailureClass.STALL, tuple(r.rank for r in stuck), nodes, stall.step, line, node_ids)
         killed = handle_stall(stall, open_job_store(job), folder)
-        self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
-                      ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}),
-                      step=stall.step, phase=stuck[0].phase)
+        seq = self.log.emit(EventKind.STALLED, line=line, dumps=folder, killed=killed,
+                            ranks=[r.rank for r in stuck], nodes=sorted({r.node for r in stuck}),
+                            node_ids=list(node_ids), step=stall.step, phase=stuck[0].phase)
+        self._blamed(seq)
 
     # --------------------------------------------------------------------------------- W&B
     def _start_feed(self, job: JobConfig) -> None:

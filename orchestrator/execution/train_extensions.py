@@ -20,6 +20,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision, FailurePolicy
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
+from orchestrator.constants import QUARANTINE_WAIT_S
 from orchestrator.execution.failures import retryable
 from orchestrator.train.warm import start_imports
 
@@ -39,6 +40,23 @@ class ReportPlacementGroup(WorkerGroupCallback):
             self.runner.placement_group.remote(pg)
         except Exception:  # noqa: BLE001 - best effort: only `cancel --now` uses it
             log.warning("could not report the worker group's placement group", exc_info=True)
+
+
+class ReportWorkerNodes(WorkerGroupCallback):
+    """Tells the job's runner (and waits) each rank's node, Ray id and address, as soon as a worker group
+    has started: a rank that dies before its first heartbeat still blames its node (the quarantine,
+    orchestrator.jobs.quarantine). Read from Ray 2.60's `Worker.metadata` and `.distributed_context`."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def after_worker_group_start(self, worker_group) -> None:
+        try:
+            workers = worker_group.get_worker_group_state().workers
+            nodes = {w.distributed_context.world_rank: (w.metadata.node_id, w.metadata.node_ip) for w in workers}
+            ray.get(self.runner.worker_nodes.remote(nodes), timeout=10)
+        except Exception:  # noqa: BLE001 - the heartbeats still name the nodes of the ranks that beat
+            log.warning("could not report the worker group's nodes", exc_info=True)
 
 
 class ReportDecisions(ControllerCallback):
@@ -77,6 +95,39 @@ class ReportCoordinatorRequest(ControllerCallback):
             self.runner.coordinator_request.remote(f"train-{train_run_context.run_id}")
         except Exception:  # noqa: BLE001 - best effort: the request still expires
             log.warning("could not report the run's AutoscalingCoordinator request", exc_info=True)
+
+
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its node id (Ray 2.60, ray._private.label_utils)
+
+
+class AvoidQuarantinedNodes(ControllerCallback):
+    """Keeps every worker group of the run off the quarantined nodes (orchestrator.jobs.quarantine):
+    a label selector `ray.io/node-id: !in(ID,...)` on each worker's placement group bundle.
+
+    Ray 2.60's `TrainController._start_worker_group` asks each ControllerCallback's
+    `on_controller_start_worker_group` for a label selector before *every* worker group it starts: the
+    first and each restart after a failure, inside the same Ray Train run. Chosen over ending the run
+    and starting a new one from the last commit (the path a controller restart takes) because the
+    restart stays Ray Train's own (its max_failures counting, its RESTARTING state, its seconds: no
+    new run, no second controller start) and because it runs right after the failure policy judged the
+    failure: the runner waits there until the orch controller has applied that failure (and maybe
+    quarantined its node; JobRunner.placement_exclusions), so the very next group avoids the node."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def on_controller_start_worker_group(self, *, scaling_config, num_workers: int) -> dict[str, str] | None:
+        try:
+            nodes = ray.get(self.runner.placement_exclusions.remote(QUARANTINE_WAIT_S), timeout=QUARANTINE_WAIT_S + 20)
+        except Exception:  # noqa: BLE001 - placed as Ray likes rather than not at all
+            log.warning("could not ask the job's runner for the quarantined nodes", exc_info=True)
+            return None
+        return node_selector(nodes)
+
+
+def node_selector(node_ids: list[str]) -> dict[str, str] | None:
+    """The label selector that keeps a worker off the nodes `node_ids` (None: no node to avoid)."""
+    return {NODE_ID_LABEL: f"!in({','.join(node_ids)})"} if node_ids else None
 
 
 class FailFast(FailurePolicy):
@@ -160,7 +211,9 @@ class OrchTrainer(TorchTrainer):
         dropped = (PlacementGroupCleanerCallback, DatasetsCallback)
         callbacks = [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
         return [*callbacks, *WarmImports.for_accelerator(self.accelerator), ReportPlacementGroup(self.runner),
-                ReportDecisions(self.runner), *([ReportCoordinatorRequest(self.runner)] if self.coordinator else [])]
+                ReportWorkerNodes(self.runner),
+                ReportDecisions(self.runner), AvoidQuarantinedNodes(self.runner),
+                *([ReportCoordinatorRequest(self.runner)] if self.coordinator else [])]
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = FailFast(kwargs["failure_policy"], self.judge)

@@ -139,6 +139,10 @@ class Watchdog:
         """Each rank's step in progress and node, in the group watched last (from its last beat)."""
         return {r: v[0].step for r, v in self.latest.items()}, {r: v[0].node for r, v in self.latest.items()}
 
+    def node_ids(self) -> dict[int, str]:
+        """Each rank's Ray node id, in the group watched last (the quarantine blames nodes by it)."""
+        return {r: v[0].node_id for r, v in self.latest.items()}
+
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_times) if self.step_times else None
 

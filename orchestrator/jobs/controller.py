@@ -14,13 +14,22 @@ import time
 from typing import Callable, Protocol
 
 from orchestrator.checkpoint.layout import checkpoint_name
-from orchestrator.config.schema import JobConfig, QueuesConfig, dependency_job
+from orchestrator.config.schema import JobConfig, QuarantineConfig, QueuesConfig, dependency_job
 from orchestrator.config.typed import build, to_dict
 from orchestrator.errors import CheckpointError, ClusterError, ConfigError, OrchError
 from orchestrator.jobs.events import Action, AttemptReason, RunnerPoll, RunnerStatus
 from orchestrator.jobs.lifecycle import Change, apply_events
 from orchestrator.jobs.policy import dependency_decisions, never_fits, restart_decision, scale_refusal
 from orchestrator.jobs.preemption import choose_victims
+from orchestrator.jobs.quarantine import (
+    QUARANTINE_SETTING,
+    NodeSlot,
+    QuarantineState,
+    blames_of,
+    decide,
+    excluded,
+    release,
+)
 from orchestrator.jobs.record import JobRecord, wandb_group
 from orchestrator.jobs.retry import ORPHANED, blocked_dependents, retry_refusal
 from orchestrator.jobs.sharing import (
@@ -48,6 +57,9 @@ class Launcher(Protocol):
     def wait(self, polls: list, timeout: float) -> None: ...  # sleep until an event after (handle, seq), or timeout
     def request_stop(self, handle, request: dict) -> None: ...  # idempotent per request["id"]
     def kill(self, handle) -> None: ...
+    # the quarantined nodes ({node id: until}) the runner's next worker groups avoid; `upto`: the last
+    # event of the runner the controller has applied (the runner waits for its failures to be judged)
+    def exclude(self, handle, nodes: dict[str, float], upto: int) -> None: ...
 
 
 def new_pipeline_id() -> str:
@@ -61,7 +73,8 @@ def new_sweep_id() -> str:
 class Controller:
     def __init__(self, store: JobStore, launcher: Launcher, capacity: Callable[[], dict[str, float]],
                  say: Callable[[str], None] = print, validate: Callable[[dict], object] | None = None,
-                 queues: QueuesConfig | None = None, clock: Callable[[], float] = time.time):
+                 queues: QueuesConfig | None = None, clock: Callable[[], float] = time.time,
+                 nodes: Callable[[], list[NodeSlot]] | None = None):
         self.store = store
         self.launcher = launcher
         self.capacity = capacity
@@ -69,6 +82,7 @@ class Controller:
         self.validate = validate  # checks a changed job config (a scale's), raising OrchError/ValueError
         self.default_queues = queues or UNLIMITED  # until `orch queue set` stores others
         self.clock = clock
+        self.nodes = nodes  # the alive nodes; None (no view of them): no node is ever quarantined
         self.handles: dict[str, object] = {}
         self.triggers = TriggerDriver(store, say, clock)
 
@@ -162,7 +176,7 @@ class Controller:
             jobs = self.store.get_many(job_ids)
         usage = self._usage(jobs, queues, now)
         autoscaling = any(j.config["cluster"].get("autoscaling") for j in jobs)
-        result = admit(jobs, self.capacity(), queues, usage, now, autoscaling=autoscaling, explain=False)
+        result = admit(jobs, self._room(now), queues, usage, now, autoscaling=autoscaling, explain=False)
         for d in result.decisions:
             record = self.store.transition(d.job_id, d.state, d.reason)
             self.say(f"{d.job_id}: STARTING" + (f" ({d.reason})" if d.reason.startswith("backfilled") else ""))
@@ -185,7 +199,7 @@ class Controller:
         if any((j.requested or {}).get("action") == Action.PREEMPT for j in jobs):
             return
         blocker = next(j for j in jobs if j.id == blocker_id)
-        chosen = choose_victims(blocker, jobs, self.capacity(), queues, now)
+        chosen = choose_victims(blocker, jobs, self._room(now), queues, now)
         if chosen is None or any(v not in self.handles for v in chosen.victims):
             return
         self.say(f"{blocker_id}: {chosen.reason}")
@@ -244,6 +258,7 @@ class Controller:
             return
         record = self.store.update(record.id, launches=record.launches + 1, last_event_seq=0)
         self.handles[record.id] = self.launcher.start(record, init_from, reason)
+        self._tell_runner(record.id, 0)
 
     def recover(self) -> None:
         """After a controller (re)start: re-attach to the runners of the jobs that were active (and
@@ -258,6 +273,7 @@ class Controller:
                 continue
             self.handles[record.id] = handle
             self.say(f"{record.id}: re-attached to its running worker group")
+            self._tell_runner(record.id, record.last_event_seq)
             if record.requested:
                 self.launcher.request_stop(handle, record.requested)  # the runner ignores one it has seen
 
@@ -381,11 +397,19 @@ class Controller:
             self._drop(record.id)  # frees what its worker group still holds
             self._relaunch(record, poll.reason or "the job's runner died")
             return True
+        blamed: list[dict] = []  # the failures and stragglers these events added: they may blame nodes
+        last = record.last_event_seq
         for change in apply_events(record, poll.events):
             self._apply(record.id, change)
+            last = change.seq
+            blamed += [change.fields[k][-1] for k in ("failures", "stragglers") if change.fields.get(k)]
             if change.ends or change.state is JobState.PREEMPTED:  # (a preempted job's runner has stopped)
                 self._drop(record.id)
+                self._blame(record, blamed)
                 return True
+        if blamed:
+            self._blame(record, blamed)
+            self._tell_runner(record.id, last)  # its next worker group waits for this word
         return False
 
     def _apply(self, job_id: str, change: Change) -> JobRecord:
@@ -417,3 +441,58 @@ class Controller:
             if not going:
                 return [self.store.get(i) for i in job_ids]
             self.wait(poll_s)
+
+    # -------------------------------------------------------------------------- quarantine
+    def quarantine_state(self) -> QuarantineState:
+        return QuarantineState.from_json(self.store.get_setting(QUARANTINE_SETTING))
+
+    def quarantined(self) -> list[dict]:
+        """The nodes kept out of placement now (`orch nodes`, `orch status`)."""
+        return self.quarantine_state().active(self.clock())
+
+    def _room(self, now: float) -> dict[str, float]:
+        """The cluster's capacity without its quarantined nodes (admission counts only where workers go)."""
+        capacity, state = self.capacity(), self.quarantine_state()
+        if self.nodes is None or not state.active(now):
+            return capacity
+        out = excluded(state, self.nodes(), now)
+        return {k: max(0.0, v - out.get(k, 0.0)) for k, v in capacity.items()}
+
+    def _blame(self, record: JobRecord, failures: list[dict]) -> None:
+        """The nodes the job's new failures name: each may be quarantined now (orchestrator.jobs.quarantine),
+        under the quarantine config of this job; the runners are told at once."""
+        if self.nodes is None:
+            return
+        config = build(QuarantineConfig, record.config["cluster"].get("quarantine") or {}, "cluster.quarantine")
+        new = [b for f in failures for b in blames_of(f, record.id, config)]
+        if not new:
+            return
+        jobs = [j for j in self.store.list() if not j.state.terminal]
+        verdict = decide(self.quarantine_state(), new, config, self.clock(), self.nodes(), jobs)
+        self.store.put_setting(QUARANTINE_SETTING, verdict.state.to_json())  # persisted before it is acted on
+        for line in verdict.lines:
+            self.say(f"{record.id}: {line}")
+        if verdict.quarantined:
+            for job_id in list(self.handles):
+                self._tell_runner(job_id, None)
+
+    def release_node(self, name: str) -> dict:
+        """`orch nodes release NODE`: the node may take workers again; the runners are told at once."""
+        state, node = release(self.quarantine_state(), name, self.clock())
+        self.store.put_setting(QUARANTINE_SETTING, state.to_json())
+        self.say(f"node {node['node_id'][:8]} ({node['node']}) released from quarantine by the user")
+        for job_id in list(self.handles):
+            self._tell_runner(job_id, None)
+        return node
+
+    def _tell_runner(self, job_id: str, upto: int | None) -> None:
+        """Send the job's runner the quarantined nodes ({node id: until}); `upto`: the last of its events
+        applied (None: unchanged)."""
+        handle = self.handles.get(job_id)
+        if self.nodes is None or handle is None:
+            return
+        nodes = {n["node_id"]: n["until"] for n in self.quarantined()}
+        try:
+            self.launcher.exclude(handle, nodes, upto)
+        except Exception as e:  # noqa: BLE001 - a runner gone: the next poll finds it lost
+            self.say(f"{job_id}: could not tell its runner the quarantined nodes ({e})")

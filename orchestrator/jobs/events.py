@@ -26,11 +26,12 @@ class EventKind(str, enum.Enum):
     # before the new group starts): {"class", "ranks", "nodes"} of the failure, as classified
     RESTART_DECIDED = "restart_decided"
     # a worker group failed, classified (orchestrator.errors.FailureClass):
-    # {"at", "class", "ranks", "nodes", "step", "line"}
+    # {"at", "class", "ranks", "nodes", "node_ids", "step", "line"}
     WORKER_FAILED = "worker_failed"
-    # a stall: {"line", "ranks", "nodes", "step", "phase", "dumps": the folder of every rank's stacks, "killed"}
+    # a stall: {"line", "ranks", "nodes", "node_ids", "step", "phase", "dumps": the folder of every rank's stacks,
+    # "killed"}
     STALLED = "stalled"
-    # a rank persistently slower than the others: {"rank", "node", "ratio", "step", "window"}
+    # a rank persistently slower than the others: {"rank", "node", "node_id", "ratio", "step", "window"}
     STRAGGLER = "straggler"
     STOPPED = "stopped"  # stopped on request (cancel) after committing a checkpoint: {"checkpoint"}
     SUCCEEDED = "succeeded"  # trained to max_steps and exported: {"export", "checkpoint", "metrics"}

@@ -195,7 +195,8 @@ def _stalled(record: JobRecord, e: RunnerEvent) -> Change:
     """A stall the runner's watchdog handled: a failure of class `stall`, named in the job's log."""
     d = e.data
     failure = {"at": e.at, "class": "stall", "line": d.get("line"), "ranks": d.get("ranks", []),
-               "nodes": d.get("nodes", []), "step": d.get("step"), "phase": d.get("phase"), "dumps": d.get("dumps")}
+               "nodes": d.get("nodes", []), "node_ids": d.get("node_ids", []), "step": d.get("step"),
+               "phase": d.get("phase"), "dumps": d.get("dumps")}
     return Change(e.seq, fields={"failures": [*record.failures, failure][-FAILURES_KEPT:]},
                   say=f"STALLED: {d.get('line')}; every rank's stacks in {d.get('dumps')}")
 
@@ -204,7 +205,7 @@ def _worker_failed(record: JobRecord, e: RunnerEvent) -> Change:
     """A failure of the worker group, classified by the runner: kept in the record, named in the log."""
     d = e.data
     failure = {"at": d.get("at", e.at), "class": d.get("class"), "line": d.get("line"), "ranks": d.get("ranks", []),
-               "nodes": d.get("nodes", []), "step": d.get("step")}
+               "nodes": d.get("nodes", []), "node_ids": d.get("node_ids", []), "step": d.get("step")}
     where = "".join([f" of rank {', '.join(map(str, failure['ranks']))}" if failure["ranks"] else "",
                      f" on {', '.join(failure['nodes'])}" if failure["nodes"] else "",
                      f" at step {failure['step']}" if failure["step"] is not None else ""])
@@ -214,7 +215,7 @@ def _worker_failed(record: JobRecord, e: RunnerEvent) -> Change:
 
 def _straggler(record: JobRecord, e: RunnerEvent) -> Change:
     """A rank persistently slower than the others (rank 0 found it; the runner added its node)."""
-    d = {"at": e.at, **{k: e.data.get(k) for k in ("rank", "node", "ratio", "step", "window")}}
+    d = {"at": e.at, **{k: e.data.get(k) for k in ("rank", "node", "node_id", "ratio", "step", "window")}}
     return Change(e.seq, fields={"stragglers": [*record.stragglers, d][-FAILURES_KEPT:]},
                   say=straggler_line(d))
 

@@ -159,6 +159,16 @@ class ControllerService:
         return self.controller.scale(job_id, workers).to_json()
 
     @_answer(locked=False)
+    def nodes(self) -> list[dict]:
+        """`orch nodes`: the nodes quarantined now (orchestrator.jobs.quarantine)."""
+        return self.controller.quarantined()
+
+    @_answer
+    def release_node(self, name: str) -> dict:
+        """`orch nodes release NODE`: the node takes workers again."""
+        return self.controller.release_node(name)
+
+    @_answer(locked=False)
     def logs(self, job_id: str, offset: int = 0) -> dict:
         """The job's events from byte `offset` of its event file on, and where to read next."""
         record = self.store.get(job_id)

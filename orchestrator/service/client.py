@@ -75,6 +75,12 @@ class Client:
     def logs(self, job_id: str, offset: int) -> dict:
         return self._call("logs", job_id, offset)
 
+    def nodes(self) -> list[dict]:
+        return self._call("nodes")
+
+    def release_node(self, name: str) -> dict:
+        return self._call("release_node", name)
+
 
 @contextmanager
 def connect_controller(address: str, state_dir: str, start: bool = True):

@@ -467,3 +467,78 @@ def test_preemption_stops_the_job_that_loses_least_and_it_resumes_exactly(orch, 
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
     assert len(_runs(victim)) == 1
+
+
+# Bad-node quarantine (issue 25, part 5): the training worker on one raylet of the three is killed
+# with SIGKILL in worker group after worker group, on the node already killed on whenever the group
+# has a worker there; with cluster.quarantine.failures=2 that node is quarantined after its second
+# failure, the next group is placed on the other two, the job succeeds there, and `orch nodes release`
+# lets the node back. (SPREAD is soft: a group may leave a node out, so a third kill may be needed.)
+QUARANTINE_JOB = [*TINY, "pipeline=pretrain", "pipeline.jobs.pretrain.workers=3", "cluster.placement_strategy=SPREAD",
+                  "trainer.max_steps=20", "checkpoint.interval=10", "pipeline.jobs.pretrain.max_failures=4",
+                  "cluster.quarantine.failures=2", "cluster.quarantine.window_s=600", "cluster.quarantine.ttl_s=600"]
+
+
+def _node_of(worker: psutil.Process) -> str | None:
+    """The Ray node id of a worker process: its raylet parent's --node_id."""
+    for parent in worker.parents():
+        try:
+            found = [a.split("=", 1)[1] for a in parent.cmdline() if a.startswith("--node_id=")]
+        except psutil.Error:
+            return None
+        if found:
+            return found[0]
+    return None
+
+
+def _workers(cluster: dict, skip: set[int], count: int, timeout: float = 120) -> dict[int, str]:
+    """pid -> node id of this cluster's `count` training workers, none of them in `skip` (a new group)."""
+    deadline, found = time.time() + timeout, {}
+    while time.time() < deadline:
+        found = {p.pid: _node_of(p) for p in _processes(cluster, "RayTrainWorker") if p.pid not in skip}
+        if len(found) == count and None not in found.values():
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"never {count} new training workers (found {found})")
+
+
+def _quarantined(cli: Cli) -> list[str]:
+    from orchestrator.jobs.quarantine import QUARANTINE_SETTING, QuarantineState
+    from orchestrator.jobs.store import JobStore
+
+    return [n["node_id"] for n in QuarantineState.from_json(JobStore(cli.state).get_setting(QUARANTINE_SETTING))
+            .active(time.time())]
+
+
+@pytest.mark.reliability(category="fault: node", case="kill -9 of the training worker on one node, group after group",
+                         lost="the steps since the last commit, at each kill (trained again on the other nodes)",
+                         happened="the node was quarantined after its second failure, the next worker group was "
+                                  "placed on the other two nodes, the job succeeded; `orch nodes release` let it back")
+def test_a_node_that_keeps_failing_is_quarantined_and_released(orch, cluster):
+    cli = Cli(orch, cluster)
+    (job,) = cli.submit(*QUARANTINE_JOB)
+    killed: set[int] = set()
+    kills: list[str] = []  # the node of each kill
+    for restarts in range(4):
+        cli.wait(lambda j, n=restarts: j[job]["state"] == "RUNNING" and j[job]["restarts"] == n, poll=0.3)
+        workers = _workers(cluster, killed, 3)
+        if _quarantined(cli):
+            break
+        bad = max(set(workers.values()), key=lambda n: (kills.count(n), n))
+        os.kill(next(pid for pid, node in workers.items() if node == bad), signal.SIGKILL)
+        killed |= set(workers)
+        kills.append(bad)
+    (bad,) = _quarantined(cli)
+    assert kills.count(bad) == 2 and kills[-1] == bad, (kills, bad)
+    assert bad not in workers.values()  # the group after the quarantine avoids it
+    nodes = json.loads(cli("nodes", "--json").stdout)["quarantined"]
+    assert [n["node_id"] for n in nodes] == [bad] and [b["class"] for b in nodes[0]["blames"]] == ["worker_crash"] * 2
+    jobs = cli.wait(lambda j: j[job]["state"] in ("SUCCEEDED", "FAILED"))
+    assert jobs[job]["state"] == "SUCCEEDED", jobs[job]["failure_reason"]
+    assert [f["node_ids"] for f in jobs[job]["failures"]] == [[n] for n in kills]
+    assert [n["node_id"] for n in cli.status()[job]["quarantined_nodes"]] == [bad]
+    assert f"quarantined: node {bad[:8]} " in cli("status").stdout
+    assert cli("nodes", "release", bad[:8]).stdout.startswith(f"node {bad[:8]} (127.0.0.1) released")
+    assert json.loads(cli("nodes", "--json").stdout) == {"quarantined": []}
+    again = cli("nodes", "release", bad[:8], ok=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "is no quarantined node" in again.stderr

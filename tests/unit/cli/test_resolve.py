@@ -28,6 +28,9 @@ FORWARDED = [
     ["queue"],
     ["queue", "--json"],
     ["queue", "set", "--queues-json", "{}"],
+    ["nodes"],
+    ["nodes", "--json"],
+    ["nodes", "release", "1a2b3c4d"],
 ]
 
 

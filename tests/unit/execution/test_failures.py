@@ -37,6 +37,14 @@ def test_the_most_telling_class_wins_and_names_its_ranks_and_nodes():
     assert classify(GroupFailed({1: StorageError("endpoint down", retryable=True)})).cls is C.STORAGE
     assert classify(GroupFailed({1: MemoryError()})).cls is C.OOM
     assert classify(GroupFailed({0: ValueError("x")}), nodes={0: "10.0.0.9"}).nodes == ("10.0.0.9",)
+    # a worker killed with `kill -9`, as Ray Train's health check reports it: a crash of that rank alone,
+    # with its node's Ray id (the quarantine blames that node)
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    killed = WorkerHealthCheckFailedError("The actor is dead because its worker process has died.", _died())
+    f = classify(GroupFailed({0: RuntimeError("Connection reset by peer"), 1: killed, 2: RuntimeError("reset")}),
+                 node_ids={0: "n0", 1: "n1", 2: "n2"})
+    assert (f.cls, f.ranks, f.node_ids) == (C.WORKER_CRASH, (1,), ("n1",))
     stalled = Failure(C.STALL, (1,), ("10.0.0.3",), 12, "rank 1 stopped")
     assert classify(GroupFailed({1: _died()}), stalled=stalled) is stalled  # the watchdog killed it
 

@@ -158,7 +158,8 @@ def test_two_jobs_needing_one_dataset_prepare_it_once(tmp_path):
                          "tracking=none"])
     job = resolve_jobs(root)[0]
     lines: list[list[str]] = []
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2,  # (a new cluster even while another test's runs)
+             include_dashboard=False, configure_logging=False)
     try:
         start = threading.Barrier(2)
 

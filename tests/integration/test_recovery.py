@@ -181,17 +181,21 @@ def test_kill_a_worker_resumes_from_the_last_commit(tmp_path, reference):
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
-@pytest.mark.reliability(category="fault: training", case="kill -9 of a worker while a checkpoint uploads",
+@pytest.mark.reliability(category="fault: training",
+                         case="kill -9 of a worker while a checkpoint uploads (throttled saves longer than the stall "
+                              "timeout)",
                          lost="the unfinished upload (removed); training went on from the last committed checkpoint",
                          happened="resumed from the last committed checkpoint, never from the partial one; no "
-                                  "uncommitted folder left")
+                                  "uncommitted folder left; no save taken for a stall")
 def test_kill_during_an_upload_never_loads_the_partial_checkpoint(tmp_path):
     """Uploads are slowed down (checkpoint.upload_limit_mbps) so that a worker can be killed while
     step 60 is being uploaded: the restarted group resumes from step 30, the last committed one,
-    and the partial upload leaves nothing behind."""
+    and the partial upload leaves nothing behind. The uploads are synchronous and take longer than
+    the stall timeout (rank 0's ~1.4 MB at 0.2 MB/s, 7 s, against 4 s): a long save is no stall."""
     state = tmp_path / "state"
     run = ["run", "pipeline=pretrain", "model=gpt_tiny", "trainer.max_steps=90", "trainer.log_interval=5",
-           "checkpoint.interval=30", "checkpoint.keep_last=5", "checkpoint.upload_limit_mbps=0.25",
+           "checkpoint.interval=30", "checkpoint.keep_last=5", "checkpoint.upload_limit_mbps=0.2",
+           "checkpoint.async_upload=false", "trainer.stall_timeout_s=4",
            "data.num_documents=600", "pipeline.jobs.pretrain.max_failures=2", "--state-dir", str(state)]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *run], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -220,6 +224,7 @@ def test_kill_during_an_upload_never_loads_the_partial_checkpoint(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     (job,) = JobStore(state).list()
     assert job.state.value == "SUCCEEDED" and job.restarts == 1
+    assert [f["class"] for f in job.failures] == ["worker_crash"], job.failures  # the kill; no save was a stall
     resumed = [h["reason"] for h in job.history if h["reason"].startswith("worker group restarted")]
     assert resumed and resumed[0].endswith("/checkpoints/step-30"), job.history  # not the partial step 60
     ckpts = state / "store" / "runs" / job.id / "checkpoints"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from orchestrator.config.schema import is_plain_name
 from orchestrator.constants import DEFAULT_STATE_DIR, JOBS_DB, RAY_ADDRESS_ENV, STATE_DIR_ENV
 from orchestrator.errors import ClusterError, ConfigError
-from orchestrator.jobs.quarantine import QUARANTINE_SETTING, QuarantineState, release
+from orchestrator.jobs.controller import release_stored, stored_quarantine
 from orchestrator.jobs.record import JobRecord
 from orchestrator.jobs.store import JobStore
 from orchestrator.raycluster.jobs_api import is_jobs_api_address, run_on_head
@@ -113,14 +113,11 @@ class Local:
         return {"text": text, "offset": offset, "terminal": record.state.terminal, "record": record.to_json()}
 
     def quarantined(self) -> list[dict]:
-        return QuarantineState.from_json(JobStore(self.state_dir).get_setting(QUARANTINE_SETTING)).active(time.time())
+        return stored_quarantine(JobStore(self.state_dir)).active(time.time())
 
     def release_node(self, name: str) -> dict:
         """(`orch run`'s state folder: its next run, or the one running, reads the release from the store.)"""
-        store = JobStore(self.state_dir)
-        state, node = release(QuarantineState.from_json(store.get_setting(QUARANTINE_SETTING)), name, time.time())
-        store.put_setting(QUARANTINE_SETTING, state.to_json())
-        return node
+        return release_stored(JobStore(self.state_dir), name, time.time())
 
 
 @contextmanager

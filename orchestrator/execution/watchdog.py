@@ -166,8 +166,6 @@ class Watchdog:
         else:
             low = min(_order(r) for r in seen)
             stuck = [r for r in seen if _order(r) == low]
-            if len(stuck) == len(seen) and silent:
-                stuck = seen
         world = next(iter(watched.values()))[0].world_size
         missing = tuple(r for r in range(world) if r not in self.latest)
         waiting = [r for r in seen if r not in stuck]

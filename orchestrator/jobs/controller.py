@@ -444,7 +444,7 @@ class Controller:
 
     # -------------------------------------------------------------------------- quarantine
     def quarantine_state(self) -> QuarantineState:
-        return QuarantineState.from_json(self.store.get_setting(QUARANTINE_SETTING))
+        return stored_quarantine(self.store)
 
     def quarantined(self) -> list[dict]:
         """The nodes kept out of placement now (`orch nodes`, `orch status`)."""
@@ -473,26 +473,42 @@ class Controller:
         for line in verdict.lines:
             self.say(f"{record.id}: {line}")
         if verdict.quarantined:
-            for job_id in list(self.handles):
-                self._tell_runner(job_id, None)
+            self._tell_runners()
 
     def release_node(self, name: str) -> dict:
         """`orch nodes release NODE`: the node may take workers again; the runners are told at once."""
-        state, node = release(self.quarantine_state(), name, self.clock())
-        self.store.put_setting(QUARANTINE_SETTING, state.to_json())
+        node = release_stored(self.store, name, self.clock())
         self.say(f"node {node['node_id'][:8]} ({node['node']}) released from quarantine by the user")
-        for job_id in list(self.handles):
-            self._tell_runner(job_id, None)
+        self._tell_runners()
         return node
 
-    def _tell_runner(self, job_id: str, upto: int | None) -> None:
-        """Send the job's runner the quarantined nodes ({node id: until}); `upto`: the last of its events
-        applied (None: unchanged)."""
+    def _tell_runners(self) -> None:
+        """Every running job's runner: the quarantined nodes changed (read once for all of them)."""
+        nodes = {n["node_id"]: n["until"] for n in self.quarantined()}
+        for job_id in list(self.handles):
+            self._tell_runner(job_id, None, nodes)
+
+    def _tell_runner(self, job_id: str, upto: int | None, nodes: dict[str, float] | None = None) -> None:
+        """Send the job's runner the quarantined nodes ({node id: until}; read now unless given); `upto`:
+        the last of its events applied (None: unchanged)."""
         handle = self.handles.get(job_id)
         if self.nodes is None or handle is None:
             return
-        nodes = {n["node_id"]: n["until"] for n in self.quarantined()}
+        if nodes is None:
+            nodes = {n["node_id"]: n["until"] for n in self.quarantined()}
         try:
             self.launcher.exclude(handle, nodes, upto)
         except Exception as e:  # noqa: BLE001 - a runner gone: the next poll finds it lost
             self.say(f"{job_id}: could not tell its runner the quarantined nodes ({e})")
+
+
+def stored_quarantine(store: JobStore) -> QuarantineState:
+    """The quarantine as the job store keeps it (shared by every job; `orch run`'s state folder too)."""
+    return QuarantineState.from_json(store.get_setting(QUARANTINE_SETTING))
+
+
+def release_stored(store: JobStore, name: str, now: float) -> dict:
+    """Release a node (its id, a prefix or its address) in the stored quarantine; the node released."""
+    state, node = release(stored_quarantine(store), name, now)
+    store.put_setting(QUARANTINE_SETTING, state.to_json())
+    return node

@@ -64,7 +64,7 @@ class TriggerDriver:
                 source = self.store.get(t.depends_on[0])
             except OrchError:
                 continue  # (dependency_decisions blocks it and names the missing id)
-            mine = {r.id: r for r in self.store.list(t.pipeline_id) if r.id.startswith(t.id + "-s")}
+            mine = {r.id: r for r in self.store.list(t.pipeline_id) if r.triggered.get("trigger") == t.id}
             key = (source.checkpoint, source.state.value)
             if self.seen.get(t.id) != key:
                 self._start(t, source, mine)
@@ -82,14 +82,13 @@ class TriggerDriver:
             self.say(f"{rec.id}: QUEUED (checkpoint step {step} of {source.id} committed; {t.id})")
 
     def _release(self, t: JobRecord, source: JobRecord, mine: dict[str, JobRecord]) -> None:
-        ended = {int(i.rsplit("-s", 1)[1]): r for i, r in mine.items() if r.state.terminal}
-        released = sorted(ended)
+        released = sorted(r.triggered["step"] for r in mine.values() if r.state.terminal)
         if released != self.written.get(t.id):
             self._write_pin(t, source, released)
             if source.state.terminal:
                 self._retain(source)
-        if source.state.terminal and len(ended) == len(mine):
-            decision = trigger_end(t, source, sorted(int(i.rsplit("-s", 1)[1]) for i in mine))
+        if source.state.terminal and len(released) == len(mine):  # (every instance ended: `released` is all)
+            decision = trigger_end(t, source, released)
             if decision is not None:
                 self.store.transition(t.id, decision.state, decision.reason)
                 self.say(f"{t.id}: {decision.state.value} ({decision.reason})")

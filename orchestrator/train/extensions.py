@@ -73,9 +73,9 @@ def import_deepspeed():
     from orchestrator.train.nodynamo import defer_dynamo, plain_steps
 
     with _muon_lock:
-        defer_dynamo()  # (torch's optimizers: no TorchDynamo import where nothing compiles)
-        plain_steps()
-        if MUON not in sys.modules:
+        if MUON not in sys.modules:  # (once per process)
+            defer_dynamo()  # (torch's optimizers: no TorchDynamo import where nothing compiles)
+            plain_steps()
             import torch
 
             real = torch.compile
